@@ -1,0 +1,207 @@
+"""Great Expectations suites for the raw event window and the extracted features.
+
+A suite that fails raises :class:`DataValidationError`, whose message names each failed
+expectation, its column, how many rows broke it and a few examples; GX's HTML Data Docs
+are written to the given directory either way, so a failed night can be inspected.
+Works on Spark and pandas DataFrames alike (GX picks the engine from the frame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.config import FeatureConfig
+from pipeline.data.contract import EVENT_TYPES
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectationFailure:
+    """One failed expectation, with the numbers a person needs to act on it."""
+
+    suite: str
+    expectation: str
+    column: str | None
+    unexpected_count: int | None
+    element_count: int | None
+    examples: list[Any]
+    observed_value: Any
+
+    def describe(self) -> str:
+        """One readable line, e.g. ``raw_events: expect_column_values_to_not_be_null(user_id): 3 of 10 rows...``."""
+        target = f"({self.column})" if self.column else ""
+        if self.unexpected_count is not None:
+            share = f" ({self.unexpected_count / self.element_count:.2%})" if self.element_count else ""
+            found = f"{self.unexpected_count} of {self.element_count} rows unexpected{share}, e.g. {self.examples}"
+        else:
+            found = f"observed {self.observed_value!r}"
+        return f"{self.suite}: {self.expectation}{target}: {found}"
+
+
+class DataValidationError(RuntimeError):
+    """A Great Expectations suite failed."""
+
+    def __init__(self, failures: Sequence[ExpectationFailure], docs_dir: str | Path | None):
+        self.failures = list(failures)
+        self.docs_dir = str(docs_dir) if docs_dir else None
+        lines = [f"data validation failed ({len(self.failures)} expectation(s)):"]
+        lines += [f"  - {failure.describe()}" for failure in self.failures]
+        if self.docs_dir:
+            lines.append(f"  Data Docs: {self.docs_dir}/index.html")
+        super().__init__("\n".join(lines))
+
+
+def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureConfig) -> list:
+    """Expectations on the deduplicated raw event window.
+
+    Row-level expectations tolerate up to ``cfg.max_quarantine_share`` bad rows (``mostly``):
+    those rows are quarantined by the feature job; more than that fails the night.
+
+    Args:
+        window_start: First day of the window (inclusive).
+        window_end: Last day of the window (inclusive).
+        cfg: Feature settings (quarantine limit, minimum row count).
+
+    Returns:
+        GX expectation objects.
+    """
+    import great_expectations as gx
+
+    e = gx.expectations
+    mostly = 1.0 - cfg.max_quarantine_share
+    start = dt.datetime.combine(window_start, dt.time.min, tzinfo=dt.timezone.utc)
+    end = dt.datetime.combine(window_end, dt.time.max, tzinfo=dt.timezone.utc)
+    return [
+        e.ExpectTableRowCountToBeBetween(min_value=cfg.min_events),
+        *[e.ExpectColumnToExist(column=c) for c in ("event_id", "user_id", "item_id", "event_type", "event_ts", "value", "session_id")],
+        *[e.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in ("event_id", "user_id", "item_id", "event_ts")],
+        e.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), mostly=mostly),
+        e.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end, mostly=mostly),
+        e.ExpectColumnValuesToBeUnique(column="event_id", mostly=mostly),
+        e.ExpectColumnValuesToBeBetween(column="value", min_value=0.0, mostly=mostly),
+    ]
+
+
+def feature_suites() -> dict[str, list]:
+    """Expectations on every feature table; all are strict (no tolerance).
+
+    Returns:
+        Table name -> GX expectation objects.
+    """
+    import great_expectations as gx
+
+    e = gx.expectations
+    ids = lambda *cols: [e.ExpectColumnValuesToNotBeNull(column=c) for c in cols]  # noqa: E731
+    return {
+        "interactions": [
+            e.ExpectTableRowCountToBeBetween(min_value=1),
+            *ids("user_id", "item_id", "user_idx", "item_idx", "split", "first_ts"),
+            e.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
+            e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+            e.ExpectColumnValuesToBeBetween(column="weight", min_value=0.0, strict_min=True),
+            e.ExpectColumnValuesToBeBetween(column="user_idx", min_value=1),
+            e.ExpectColumnValuesToBeBetween(column="item_idx", min_value=1),
+        ],
+        "user_features": [
+            *ids("user_id", "user_idx", "history_item_idx"),
+            e.ExpectColumnValuesToBeUnique(column="user_id"),
+            # Every user with validation or test interactions must have train history.
+            e.ExpectColumnValuesToBeBetween(column="n_train", min_value=1),
+            e.ExpectColumnValuesToBeBetween(column="recency_days", min_value=0.0),
+        ],
+        "item_features": [
+            *ids("item_id", "item_idx", "popularity"),
+            e.ExpectColumnValuesToBeUnique(column="item_id"),
+            e.ExpectColumnValuesToBeBetween(column="popularity", min_value=0),
+        ],
+        "user_vocab": [*ids("user_id", "user_idx"), e.ExpectColumnValuesToBeUnique(column="user_id"), e.ExpectColumnValuesToBeUnique(column="user_idx")],
+        "item_vocab": [*ids("item_id", "item_idx"), e.ExpectColumnValuesToBeUnique(column="item_id"), e.ExpectColumnValuesToBeUnique(column="item_idx")],
+    }
+
+
+def validate(frames: Mapping[str, Any], suites: Mapping[str, list], docs_dir: str | Path) -> dict[str, dict]:
+    """Run each suite on its frame, build Data Docs, and raise if any expectation failed.
+
+    Args:
+        frames: Suite name -> Spark or pandas DataFrame.
+        suites: Suite name -> expectations (same keys as ``frames``).
+        docs_dir: Where GX writes the HTML Data Docs site.
+
+    Returns:
+        Suite name -> ``{"expectations": n, "rows": element count or None}`` when all pass.
+
+    Raises:
+        DataValidationError: Naming every failed expectation across all suites.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    docs_dir = Path(docs_dir)
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    ctx.add_data_docs_site(
+        site_name="pipeline",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        },
+    )
+    failures: list[ExpectationFailure] = []
+    summary: dict[str, dict] = {}
+    for name, frame in frames.items():
+        is_spark = type(frame).__module__.startswith("pyspark")
+        source = ctx.data_sources.add_spark(name=f"{name}_src") if is_spark else ctx.data_sources.add_pandas(name=f"{name}_src")
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("whole")
+        suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=list(suites[name])))
+        definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{name}_checkpoint",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["pipeline"])],
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        results = [r for run in outcome.run_results.values() for r in run.results]
+        summary[name] = {"expectations": len(results), "success": bool(outcome.success)}
+        for result in results:
+            if result.success:
+                continue
+            config, found = result.expectation_config, result.result or {}
+            failures.append(
+                ExpectationFailure(
+                    suite=name,
+                    expectation=config.type,
+                    column=config.kwargs.get("column") or (",".join(config.kwargs.get("column_list", [])) or None),
+                    unexpected_count=found.get("unexpected_count"),
+                    element_count=found.get("element_count"),
+                    examples=[_plain(v) for v in (found.get("partial_unexpected_list") or [])[:5]],
+                    observed_value=_plain(found.get("observed_value")),
+                )
+            )
+            if result.exception_info and result.exception_info.get("raised_exception"):
+                log.error("GX raised in %s: %s", name, result.exception_info.get("exception_message"))
+        log.info("validated %-14s %2d expectations: %s", name, len(results), "passed" if outcome.success else "FAILED")
+    if failures:
+        raise DataValidationError(failures, docs_dir)
+    return summary
+
+
+def _plain(value: Any) -> Any:
+    """Make a GX value printable in one line (timestamps, numpy scalars)."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return value

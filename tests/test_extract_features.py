@@ -1,0 +1,214 @@
+"""Feature extraction: hand-worked features, the split rule, quarantine, idempotence, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from pipeline.config import ConfigError, FeatureConfig, parse_ds
+from pipeline.validation import DataValidationError
+from spark_jobs import extract_features as job
+from tests.rawlogs import event, ts, write_raw
+
+DS = dt.date(2024, 1, 3)
+CFG = FeatureConfig(window_days=3, history_length=2, shuffle_partitions=2, min_user_interactions=5)
+
+# alice touches i1..i5 in time order; bob touches i1, i2 (fewer than 5: train-only).
+ALICE_BOB = [
+    event("e1", "alice", "i1", "view", ts(1, 8)),
+    event("e2", "alice", "i1", "purchase", ts(1, 9), value=10.0),
+    event("e3", "alice", "i2", "click", ts(1, 10)),
+    event("e4", "alice", "i3", "view", ts(2, 8)),
+    event("e5", "alice", "i4", "add_to_cart", ts(2, 9)),
+    event("e6", "alice", "i5", "view", ts(3, 8)),
+    event("e7", "bob", "i1", "view", ts(2, 10)),
+    event("e8", "bob", "i2", "click", ts(3, 12)),
+]
+ITEMS = ["i1", "i2", "i3", "i4", "i5", "i6"]
+
+
+def frame(spark, rows):
+    return job.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
+
+
+def job_schema():
+    return "event_id string, user_id string, item_id string, event_type string, event_ts timestamp, value double, session_id string"
+
+
+def test_transform_matches_hand_worked_features(spark):
+    items = spark.createDataFrame([(i, 2000 + n, [f"cat{n}"]) for n, i in enumerate(ITEMS)], "item_id string, year int, categories array<string>")
+    users = spark.createDataFrame([("alice", 30, "F", "engineer")], "user_id string, age int, gender string, occupation string")
+    tables = job.transform(frame(spark, ALICE_BOB), items, users, DS, CFG)
+
+    # alice: 5 interactions >= 5 -> test = max(1, floor(0.5)) = 1 latest (i5), validation = the one before (i4).
+    # i1 weight = view 1 + purchase 5 = 6.
+    interactions = {(r.user_id, r.item_id): (r.split, r.weight, r.n_events) for r in tables.interactions.collect()}
+    assert interactions == {
+        ("alice", "i1"): ("train", 6.0, 2), ("alice", "i2"): ("train", 2.0, 1), ("alice", "i3"): ("train", 1.0, 1),
+        ("alice", "i4"): ("validation", 3.0, 1), ("alice", "i5"): ("test", 1.0, 1),
+        ("bob", "i1"): ("train", 1.0, 1), ("bob", "i2"): ("train", 2.0, 1),
+    }
+    users_out = {r.user_id: r for r in tables.user_features.collect()}
+    alice, bob = users_out["alice"], users_out["bob"]
+    # alice's train events: e1 view, e2 purchase, e3 click, e4 view (e5, e6 are held out).
+    assert (alice.n_train, alice.n_validation, alice.n_test) == (3, 1, 1)
+    assert (alice.n_view, alice.n_click, alice.n_add_to_cart, alice.n_purchase, alice.n_rate) == (2, 1, 0, 1, 0)
+    # last train event Jan 2 08:00 -> window end Jan 4 00:00 = 40 h = 1.667 days.
+    assert alice.recency_days == pytest.approx(40 / 24)
+    assert alice.history_item_ids == ["i2", "i3"]  # last 2 train items, oldest first
+    assert (alice.age, alice.gender) == (30, "F")
+    assert bob.recency_days == pytest.approx(12 / 24)  # Jan 3 12:00 -> Jan 4 00:00
+    assert bob.history_item_ids == ["i1", "i2"] and bob.age is None
+    # Vocabularies: sorted ids numbered from 1; the never-seen catalogue item i6 is included.
+    assert [(r.item_id, r.item_idx) for r in tables.item_vocab.orderBy("item_idx").collect()] == [(i, n + 1) for n, i in enumerate(ITEMS)]
+    assert [(r.user_id, r.user_idx) for r in tables.user_vocab.orderBy("user_idx").collect()] == [("alice", 1), ("bob", 2)]
+    assert bob.history_item_idx == [1, 2]
+    # popularity = train interactions: i1 alice+bob = 2 (weights 6 + 1 = 7); i4, i5 held out -> 0.
+    popularity = {r.item_id: (r.popularity, r.weighted_popularity, r.year) for r in tables.item_features.collect()}
+    assert popularity == {"i1": (2, 7.0, 2000), "i2": (2, 4.0, 2001), "i3": (1, 1.0, 2002),
+                          "i4": (0, 0.0, 2003), "i5": (0, 0.0, 2004), "i6": (0, 0.0, 2005)}
+
+
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (4, {"train": 4}),  # below min_user_interactions: train-only
+        (5, {"train": 3, "validation": 1, "test": 1}),  # floor(0.5) -> at least 1 each
+        (20, {"train": 16, "validation": 2, "test": 2}),  # floor(2.0) = 2 each
+        (29, {"train": 23, "validation": 3, "test": 3}),  # floor(2.9) = 2? no: floor(29 * 0.1) = 2 -> see below
+    ],
+)
+def test_split_rule_counts(spark, n, expected):
+    if n == 29:  # floor(2.9) = 2 each, 25 train
+        expected = {"train": 25, "validation": 2, "test": 2}
+    rows = [("u", f"i{k:02d}", 1.0, 1, ts(1, 0, k), ts(1, 0, k)) for k in range(n)]
+    interactions = spark.createDataFrame(rows, "user_id string, item_id string, weight double, n_events int, first_ts timestamp, last_ts timestamp")
+    split = job.split_interactions(interactions, CFG)
+    counts = {r.split: r["count"] for r in split.groupBy("split").count().collect()}
+    assert counts == expected
+    # Chronological: every test interaction is later than every train interaction.
+    latest_train = split.where("split = 'train'").agg(F.max("first_ts")).first()[0]
+    if "test" in counts:
+        assert split.where("split = 'test'").agg(F.min("first_ts")).first()[0] > latest_train
+
+
+def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
+    rows = ALICE_BOB + [
+        ALICE_BOB[0],  # exact duplicate: at-least-once delivery
+        event("e9", None, "i1", "view", ts(2)),  # null user_id
+        event("e10", "bob", "i3", "like", ts(2)),  # unknown event_type
+        event("e11", "bob", "i3", "view", ts(5)),  # after the window
+        event("e3", "alice", "i9", "click", ts(1, 10)),  # e3 again, other content: conflict
+        event("e12", "bob", "i3", "purchase", ts(2), value=-1.0),  # negative value
+    ]
+    deduped = job.deduplicate_events(frame(spark, rows))
+    assert deduped.count() == len(rows) - 1
+    flagged = job.flag_invalid_events(deduped, dt.date(2024, 1, 1), DS)
+    reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
+    assert reasons == {
+        "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
+        "e3/i2": "conflicting_event_id", "e3/i9": "conflicting_event_id", "e12/i3": "invalid_value",
+    }
+    assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
+
+
+def read_sorted(path):
+    table = pq.read_table(path)
+    table = table.cast(pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in table.schema]))
+    return table.sort_by([(c, "ascending") for c in table.column_names if c not in ("history_item_ids", "history_item_idx", "categories")])
+
+
+def test_run_writes_validated_features_atomically_and_reruns_identically(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB + [ALICE_BOB[0], event("bad", "bob", "i3", "like", ts(2))] * 1, ITEMS, ["alice", "bob"])
+    cfg = dataclasses.replace(CFG, max_quarantine_share=0.2)
+    first = job.run(spark, raw, tmp_path / "out", DS, cfg)
+    out = tmp_path / "out" / f"ds={DS}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["interactions", "user_features", "item_features", "user_vocab", "item_vocab", "quarantine", "manifest.json"])
+    assert first["counts"]["exact_duplicates"] == 1 and first["counts"]["quarantined_by_reason"] == {"unknown_event_type": 1}
+    assert first["counts"]["interactions_by_split"] == {"train": 5, "validation": 1, "test": 1}
+    assert first["input_partitions"] == ["ds=2024-01-01", "ds=2024-01-02", "ds=2024-01-03"]
+    assert json.loads((out / "manifest.json").read_text()) == first
+    assert (tmp_path / "out" / "_validation" / f"ds={DS}" / "features" / "index.html").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+    tables = {n: read_sorted(out / n) for n in ("interactions", "user_features", "item_features", "quarantine")}
+    second = job.run(spark, raw, tmp_path / "out", DS, cfg, validate_data=False)
+    second.pop("validation"), first.pop("validation")
+    assert second == first
+    for name, table in tables.items():
+        assert read_sorted(out / name).equals(table), name
+
+
+def test_window_reads_only_its_partitions(spark, tmp_path):
+    old = event("old", "alice", "i6", "view", ts(1))
+    # An event stamped Jan 1 but stored in partition ds=2023-12-31 is outside the window's partitions.
+    raw = write_raw(tmp_path / "raw", ALICE_BOB + [old], ITEMS, partition_of=lambda e: dt.date(2023, 12, 31) if e["event_id"] == "old" else e["event_ts"].date())
+    events, _, _, partitions = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
+    assert [p.name for p in partitions] == ["ds=2024-01-01", "ds=2024-01-02", "ds=2024-01-03"]
+    assert events.where("event_id = 'old'").count() == 0
+
+
+def run_fails(spark, tmp_path, raw, match, cfg=CFG, error=job.RawDataError):
+    with pytest.raises(error, match=match):
+        job.run(spark, raw, tmp_path / "out", DS, cfg)
+    assert not (tmp_path / "out" / f"ds={DS}").exists()
+    assert not [p for p in (tmp_path / "out").glob(".tmp-*")] if (tmp_path / "out").exists() else True
+
+
+def test_missing_column_fails_with_no_output(spark, tmp_path):
+    raw = tmp_path / "raw"
+    spark.createDataFrame([("e1", "u", "i", ts(2))], "event_id string, user_id string, item_id string, event_ts timestamp").write.parquet(str(raw / "events" / "ds=2024-01-02"))
+    run_fails(spark, tmp_path, raw, r"missing column\(s\) \['event_type', 'value', 'session_id'\]")
+
+
+def test_wrong_type_fails_with_no_output(spark, tmp_path):
+    raw = tmp_path / "raw"
+    spark.createDataFrame([("e1", "u", "i", "view", "2024-01-02", None, None)], job_schema().replace("event_ts timestamp", "event_ts string")).write.parquet(str(raw / "events" / "ds=2024-01-02"))
+    run_fails(spark, tmp_path, raw, r"event_ts is string, expected timestamp")
+
+
+def test_empty_window_fails_with_no_output(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", [event("e1", "u", "i", "view", ts(20))], ["i"])
+    run_fails(spark, tmp_path, raw, r"empty window: no event partitions ds=2024-01-01..ds=2024-01-03")
+
+
+def test_corrupt_parquet_fails_with_no_output(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    (raw / "events" / "ds=2024-01-02" / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    run_fails(spark, tmp_path, raw, r"cannot read raw (data|events) under")
+
+
+def test_bad_ds_is_rejected():
+    for text in ("2024-13-01", "yesterday", "20240101", ""):
+        with pytest.raises(ConfigError, match="ds must be a date YYYY-MM-DD"):
+            parse_ds(text)
+    assert job.main(["--raw", "r", "--out", "o", "--ds", "2024-02-30"]) == 2
+
+
+def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
+    # 8 good + 1 null user + 1 unknown type = 2 of 10 quarantined (20%) > 10%.
+    rows = ALICE_BOB + [event("n1", None, "i1", "view", ts(2)), event("n2", "bob", "i1", "like", ts(2))]
+    raw = write_raw(tmp_path / "raw", rows, ITEMS)
+    run_fails(spark, tmp_path, raw, r"quarantined share 20.00% \(2 of 10 events.*null_id.*unknown_event_type.*exceeds features.max_quarantine_share=10.00%",
+              cfg=dataclasses.replace(CFG, max_quarantine_share=0.1))
+    kept = pq.read_table(tmp_path / "out" / "_validation" / f"ds={DS}" / "quarantine")
+    assert sorted(kept.column("event_id").to_pylist()) == ["n1", "n2"]
+
+
+def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
+    # 3 of 11 rows (27%) with a null user_id: above the 1% GX tolerance.
+    rows = ALICE_BOB + [event(f"n{k}", None, "i1", "view", ts(2)) for k in range(3)]
+    raw = write_raw(tmp_path / "raw", rows, ITEMS)
+    with pytest.raises(DataValidationError) as caught:
+        job.run(spark, raw, tmp_path / "out", DS, CFG)
+    message = str(caught.value)
+    assert "raw_events: expect_column_values_to_not_be_null(user_id): 3 of 11 rows unexpected" in message
+    assert (tmp_path / "out" / "_validation" / f"ds={DS}" / "raw" / "index.html").exists()
+    assert not (tmp_path / "out" / f"ds={DS}").exists()
