@@ -146,7 +146,7 @@ def validate(frames: Mapping[str, Any], suites: Mapping[str, list], docs_dir: st
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    docs_dir = Path(docs_dir)
+    docs_dir = Path(docs_dir).resolve()
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.add_data_docs_site(
