@@ -76,10 +76,128 @@ class FeatureConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """One two-tower retrieval model (teacher or student).
+
+    Attributes:
+        embedding_dim: Width of the user-id, item-id and history item embeddings.
+        side_dim: Width of each side-feature embedding (age, gender, occupation, year, category).
+        hidden_units: Hidden layers of each tower's MLP; the last hidden layer is the 'hint' layer.
+        output_dim: Width of the final user and item embeddings (their dot product is the score).
+        dropout: Dropout after each hidden layer while training.
+        l2: L2 penalty on embeddings and kernels.
+    """
+
+    embedding_dim: int = 128
+    side_dim: int = 16
+    hidden_units: tuple[int, ...] = (256, 128)
+    output_dim: int = 128
+    dropout: float = 0.1
+    l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
+        _check(self.embedding_dim >= 1 and self.side_dim >= 1 and self.output_dim >= 1, "tower dims must be >= 1")
+        _check(all(h >= 1 for h in self.hidden_units), "tower hidden_units must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "tower dropout must be in [0, 1)")
+        _check(self.l2 >= 0.0, "tower l2 must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training of the teacher and the students.
+
+    Attributes:
+        teacher: Teacher architecture.
+        student: Student architecture (at most 10% of the teacher's parameters).
+        batch_size: Interactions per step (the in-batch negatives of the hard loss).
+        learning_rate: Adam learning rate.
+        teacher_epochs: Most teacher epochs; early stopping picks the best on validation.
+        student_epochs: Student epochs, the same with and without distillation.
+        patience: Epochs without validation improvement before stopping.
+        shuffle_buffer: Interactions held by the streaming shuffle buffer.
+        seed: Seed of every random choice in training.
+        temperature: Distillation temperature T.
+        alpha: Weight of the hard (true-interaction) loss; 1 - alpha weighs the soft loss.
+        beta: Weight of the hint (intermediate-layer MSE) loss.
+        soft_loss: ``"kl"`` (softened teacher scores) or ``"ranking"`` (teacher top-K as
+            position-weighted positives, as in Ranking Distillation).
+        ranking_decay: Position-weight decay of the ranking loss, ``w_k ~ exp(-k / decay)``.
+        sampled_negatives: Uniformly sampled items added to each user's teacher candidates.
+        top_k: Teacher candidates per user in the soft targets.
+        early_stopping_k: K of the validation Recall@K that early stopping watches.
+    """
+
+    teacher: TowerConfig = dataclasses.field(default_factory=TowerConfig)
+    student: TowerConfig = dataclasses.field(
+        default_factory=lambda: TowerConfig(embedding_dim=16, side_dim=4, hidden_units=(32,), output_dim=32, dropout=0.0)
+    )
+    batch_size: int = 1024
+    learning_rate: float = 0.003
+    teacher_epochs: int = 30
+    student_epochs: int = 20
+    patience: int = 4
+    shuffle_buffer: int = 50_000
+    seed: int = 42
+    temperature: float = 2.0
+    alpha: float = 0.5
+    beta: float = 0.1
+    soft_loss: str = "kl"
+    ranking_decay: float = 10.0
+    sampled_negatives: int = 100
+    top_k: int = 100
+    early_stopping_k: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 2, "train.batch_size must be >= 2")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.teacher_epochs >= 1 and self.student_epochs >= 1, "train epochs must be >= 1")
+        _check(self.patience >= 1, "train.patience must be >= 1")
+        _check(self.temperature > 0, "train.temperature must be > 0")
+        _check(0.0 <= self.alpha <= 1.0, "train.alpha must be in [0, 1]")
+        _check(self.beta >= 0.0, "train.beta must be >= 0")
+        _check(self.soft_loss in ("kl", "ranking"), f"train.soft_loss must be 'kl' or 'ranking', got {self.soft_loss!r}")
+        _check(self.ranking_decay > 0, "train.ranking_decay must be > 0")
+        _check(self.sampled_negatives >= 0, "train.sampled_negatives must be >= 0")
+        _check(self.top_k >= 1, "train.top_k must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation harness and baselines.
+
+    Attributes:
+        ks: Cut-offs of Recall and NDCG.
+        batch_size: Users scored per batch.
+        als_rank: Spark MLlib ALS factors.
+        als_reg: ALS regularisation.
+        als_alpha: ALS implicit-feedback confidence scale.
+        als_iterations: ALS sweeps.
+        latency_batch_size: Users per batched top-K query when timing a SavedModel.
+        latency_repeats: Timed batches (after warm-up) per model.
+    """
+
+    ks: tuple[int, ...] = (10, 20)
+    batch_size: int = 512
+    als_rank: int = 64
+    als_reg: float = 0.1
+    als_alpha: float = 10.0
+    als_iterations: int = 15
+    latency_batch_size: int = 256
+    latency_repeats: int = 30
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        _check(all(k >= 1 for k in self.ks), "evaluate.ks must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Every stage's settings."""
 
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (mappings turned back into plain dicts)."""
@@ -96,21 +214,22 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+def _build(default: Any, values: Mapping[str, Any], prefix: str) -> Any:
+    """``default`` (a config dataclass instance) with ``values`` applied, checked and coerced."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{prefix} must be a JSON object, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    names = [f.name for f in dataclasses.fields(default)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(fields)}")
-    kwargs = {}
+        raise ConfigError(f"unknown setting(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(names)}")
+    changes = {}
     for name, value in values.items():
-        default = getattr(cls(), name) if dataclasses.is_dataclass(cls) else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{prefix}.{name}")
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            changes[name] = _build(current, value, f"{prefix}.{name}")
         else:
-            kwargs[name] = _coerce(value, default, f"{prefix}.{name}")
-    return cls(**kwargs)
+            changes[name] = _coerce(value, current, f"{prefix}.{name}")
+    return dataclasses.replace(default, **changes)
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
@@ -126,6 +245,10 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         return type(default)(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(value)
     if isinstance(default, Mapping) and not isinstance(value, Mapping):
         raise ConfigError(f"{name} must be an object, got {value!r}")
     return value
@@ -155,7 +278,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, path: str | Path | N
             merged[section] = {**merged[section], **values}
         else:
             merged[section] = values
-    return _build(PipelineConfig, merged, "config")
+    return _build(PipelineConfig(), merged, "config")
 
 
 def parse_ds(value: str) -> dt.date:

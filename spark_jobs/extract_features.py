@@ -332,11 +332,14 @@ def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> d
     Returns:
         Table name -> ``{"rows", "schema"}`` for the manifest.
     """
-    keys = {"interactions": ["user_idx", "item_idx"], "user_features": ["user_idx"], "item_features": ["item_idx"],
-            "user_vocab": ["user_idx"], "item_vocab": ["item_idx"], "quarantine": ["event_id", "event_ts"]}
+    # Interactions go in a hashed (pseudo-random but fixed) order so that a trainer's streaming
+    # shuffle buffer sees many users at once; the other tables are sorted by their key.
+    keys = {"interactions": [F.xxhash64("user_idx", "item_idx"), "user_idx", "item_idx"], "user_features": ["user_idx"],
+            "item_features": ["item_idx"], "user_vocab": ["user_idx"], "item_vocab": ["item_idx"], "quarantine": ["event_id", "event_ts"]}
     written = {}
     for name, frame in tables.items():
-        writer = frame.repartition(files if name == "interactions" else 1, *keys[name]).sortWithinPartitions(*keys[name]).write
+        by = ["user_idx", "item_idx"] if name == "interactions" else keys[name]
+        writer = frame.repartition(files if name == "interactions" else 1, *by).sortWithinPartitions(*keys[name]).write
         if name == "interactions":
             writer = writer.partitionBy("split")
         writer.mode("error").parquet(str(directory / name))
