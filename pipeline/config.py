@@ -209,6 +209,37 @@ class PipelineConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """Where each stage reads and writes, all under one data root."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def soft_targets(self) -> Path:
+        return self.root / "soft_targets"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

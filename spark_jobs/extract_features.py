@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` 
 
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
 from pipeline.data.contract import EVENT_TYPES  # noqa: E402
+from pipeline.io import publish_dir  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
 
 from pyspark.sql import DataFrame, SparkSession, Window  # noqa: E402
@@ -347,15 +348,6 @@ def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> d
     return written
 
 
-def publish(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap ``tmp_dir`` into ``final_dir``: renames only, so readers see old or new, never half."""
-    old = final_dir.with_name(f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}")
-    if final_dir.exists():
-        os.rename(final_dir, old)
-    os.rename(tmp_dir, final_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def spark_session(master: str | None, cfg: FeatureConfig) -> SparkSession:
     """The job's session; under spark-submit the master comes from spark-submit."""
     builder = (
@@ -450,7 +442,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             "spark_version": spark.version,
         }
         (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        publish(tmp_dir, out_root / f"ds={ds}")
+        publish_dir(tmp_dir, out_root / f"ds={ds}")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         flagged.unpersist()

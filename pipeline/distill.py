@@ -1,0 +1,172 @@
+"""Distil the teacher's soft targets into a small student:
+``python -m pipeline.distill --ds ... [--set train.alpha=0.7 ...]``.
+
+Loss per batch of interactions ``(user, item)``::
+
+    alpha * hard                          in-batch softmax on the true interactions
+  + (1 - alpha) * T^2 * KL(p_t || p_s)    over the user's teacher top-K + sampled negatives
+  + beta * hint                           MSE(P(student hidden), teacher embedding), users and items
+
+The teacher is never trained or even loaded here: its scores and embeddings come from the
+soft-target Parquet and are held as non-trainable tensors. ``P`` (the hint projections)
+belongs to :class:`DistillationModel` only, so the exported student does not carry it.
+With ``alpha=1, beta=0`` the same code trains the plain student (the no-distillation baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from pipeline import cli
+from pipeline.config import DataPaths, PipelineConfig, TrainConfig
+from pipeline.evaluate import EmbeddingScorer, evaluate_scorer
+from pipeline.features import feature_partition, load_item_table, load_user_table, read_manifest
+from pipeline.io import atomic_dir, write_json
+from pipeline.losses import SoftTargetLoss, hint_loss
+from pipeline.models import TwoTowerModel, build_student, embed_all, export_retrieval
+from pipeline.soft_targets import read_soft_targets
+from pipeline.training import fit_with_early_stopping, interaction_dataset, seed_everything, with_k
+
+log = logging.getLogger(__name__)
+
+
+class DistillationModel(tfrs.Model):
+    """A student plus the frozen teacher signal and the training-only hint projections."""
+
+    def __init__(self, student: TwoTowerModel, targets: dict[str, np.ndarray], cfg: TrainConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.student = student
+        self.cfg = cfg
+        frozen = lambda name: tf.Variable(targets[name], trainable=False, name=f"teacher_{name}")  # noqa: E731
+        self.teacher_topk = frozen("topk_item_idx")  # [users, K]
+        self.teacher_user = frozen("user_embedding")  # [users, D]
+        self.teacher_item = frozen("item_embedding")  # [items, D]
+        self.num_items = int(targets["item_embedding"].shape[0])
+        teacher_dim = int(targets["user_embedding"].shape[1])
+        self.user_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_user")
+        self.item_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_item")
+        self.soft_loss = SoftTargetLoss(cfg.temperature, cfg.soft_loss, cfg.top_k, cfg.ranking_decay)
+
+    def loss_terms(self, features: dict, training: bool = True) -> dict[str, tf.Tensor]:
+        """Every loss term of one batch by name, and their weighted ``loss``."""
+        cfg = self.cfg
+        users, items = features["user_idx"], features["item_idx"]
+        hard = self.student.hard_loss(features, training=training)
+        user_vec, user_hidden = self.student.query.embed(users, training=training)  # [B, d], [B, h]
+        # Candidates: the teacher's top-K for this user, then uniform negatives.
+        negatives = tf.random.uniform([tf.shape(users)[0], cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
+        candidates = tf.concat([tf.gather(self.teacher_topk, users), negatives], axis=1)  # [B, K+S]
+        # Score each distinct candidate once ([B, U] matmuls), then pick every row's own list.
+        unique, position = tf.unique(tf.reshape(candidates, [-1]))
+        position = tf.reshape(position, tf.shape(candidates))
+        student_all = tf.matmul(user_vec, self.student.candidate(unique, training=training), transpose_b=True)
+        student_logits = tf.gather(student_all, position, batch_dims=1)  # [B, K+S]
+        teacher_user = tf.gather(self.teacher_user, users)
+        teacher_all = tf.matmul(teacher_user, tf.gather(self.teacher_item, unique), transpose_b=True)
+        teacher_logits = tf.gather(teacher_all, position, batch_dims=1)  # [B, K+S]
+        soft = self.soft_loss(teacher_logits, student_logits)
+        _, item_hidden = self.student.candidate.embed(items, training=training)
+        hint = hint_loss(self.user_projection(user_hidden), teacher_user) + hint_loss(
+            self.item_projection(item_hidden), tf.gather(self.teacher_item, items))
+        loss = cfg.alpha * hard + (1.0 - cfg.alpha) * soft + cfg.beta * hint
+        return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "hint_loss": hint}
+
+    def compute_loss(self, features, training=False):
+        return self.loss_terms(features, training)["loss"]
+
+    def train_step(self, features):
+        with tf.GradientTape() as tape:
+            terms = self.loss_terms(features, training=True)
+            total = terms["loss"] + tf.add_n(self.losses) if self.losses else terms["loss"]
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return terms
+
+
+def student_scorer(student: TwoTowerModel, num_users: int, num_items: int) -> EmbeddingScorer:
+    return EmbeddingScorer(embed_all(student.query, num_users), embed_all(student.candidate, num_items))
+
+
+def distill_student(ds: str, paths: DataPaths, cfg: PipelineConfig, soft_targets_dir: str | Path | None = None,
+                    name: str = "student") -> dict:
+    """Train a student (by distillation, or plainly when ``alpha=1, beta=0``) and export it.
+
+    Args:
+        ds: Logical date of the features.
+        paths: Data layout.
+        cfg: Settings; ``cfg.train`` holds T, alpha, beta, the loss variant and epochs.
+        soft_targets_dir: Soft targets to learn from; the latest of ``ds`` by default.
+        name: Output name under ``<data>/models/<name>/<ds>-<config hash>/``.
+
+    Returns:
+        ``{"path", "version", "metrics", "history", "trainable_params", ...}``.
+    """
+    features_dir = feature_partition(paths.features, ds)
+    soft_targets_dir = Path(soft_targets_dir) if soft_targets_dir else _latest_soft_targets(paths, ds)
+    seed_everything(cfg.train.seed)
+    users = load_user_table(features_dir, read_manifest(features_dir)["config"]["history_length"])
+    items = load_item_table(features_dir)
+    targets = read_soft_targets(soft_targets_dir, users.size, items.size)
+    student = build_student(users, items, cfg.train)
+    model = DistillationModel(student, targets, cfg.train)
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate))
+    eval_cfg = with_k(cfg.evaluate, cfg.train.early_stopping_k)
+    watch = f"recall@{cfg.train.early_stopping_k}"
+    dataset = interaction_dataset(features_dir, "train", cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed)
+    fit = fit_with_early_stopping(
+        model, dataset, cfg.train.student_epochs, cfg.train.patience,
+        lambda m: evaluate_scorer(student_scorer(m.student, users.size, items.size), features_dir, "validation", eval_cfg)[watch],
+        label=name,
+    )
+    validation = evaluate_scorer(student_scorer(student, users.size, items.size), features_dir, "validation", eval_cfg)
+    params = int(sum(v.shape.num_elements() for v in student.trainable_variables))
+    version = f"{ds}-{cfg.config_hash()[:10]}"
+    soft_manifest = json.loads((soft_targets_dir / "manifest.json").read_text())
+    meta = {
+        "version": version, "ds": ds, "role": name, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
+        "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
+        "trainable_params": params, "metrics": {"validation": validation}, "best_epoch": fit.best_epoch,
+        "history": fit.history, "seconds": fit.seconds, "tensorflow": tf.__version__,
+    }
+    final = paths.models / name / version
+    with atomic_dir(final) as tmp:
+        export_retrieval(student, users, items, tmp / "saved_model", k=cfg.train.top_k)
+        student.save_weights(str(tmp / "checkpoint" / "weights"))
+        write_json(tmp / "metadata.json", meta)
+    log.info("%s %s: %d params, best epoch %d, validation %s=%.4f", name, version, params, fit.best_epoch, watch, fit.best_score)
+    return {"path": str(final), "version": version, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
+            "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta["teacher_version"],
+            "soft_targets": str(soft_targets_dir), "seconds": fit.seconds}
+
+
+def plain_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The no-distillation baseline: same student, epochs and seed, hard loss only."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, alpha=1.0, beta=0.0))
+
+
+def _latest_soft_targets(paths: DataPaths, ds: str) -> Path:
+    candidates = sorted((paths.soft_targets / f"ds={ds}").glob("teacher=*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no soft targets for ds={ds} under {paths.soft_targets}: run soft_targets first")
+    return candidates[-1].parent
+
+
+def _step(ds: str, paths: DataPaths, cfg: PipelineConfig) -> dict:
+    return distill_student(ds, paths, cfg)
+
+
+def main(argv=None) -> int:
+    return cli.run_step(_step, "Distil the teacher into a small student and export it.", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

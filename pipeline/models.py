@@ -1,0 +1,169 @@
+"""Two-tower retrieval models (TensorFlow Recommenders), built from a :class:`TowerConfig`.
+
+Both towers take only an index: the query tower a ``user_idx`` and the candidate tower an
+``item_idx``. Side inputs (history, age, gender, occupation; year, categories) live in
+non-trainable tables inside the towers, so the exported model needs nothing but an id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from pipeline.config import TowerConfig, TrainConfig
+from pipeline.features import ItemTable, UserTable
+
+
+def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
+    regularizer = tf.keras.regularizers.l2(l2) if l2 else None
+    return tf.keras.layers.Embedding(rows, dim, embeddings_regularizer=regularizer, name=name)
+
+
+class _MLP(tf.keras.layers.Layer):
+    """Hidden layers (ReLU, dropout) then a linear output; returns ``(output, last hidden)``."""
+
+    def __init__(self, cfg: TowerConfig, **kwargs):
+        super().__init__(**kwargs)
+        regularizer = tf.keras.regularizers.l2(cfg.l2) if cfg.l2 else None
+        self.hidden = [tf.keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer) for units in cfg.hidden_units]
+        self.dropout = tf.keras.layers.Dropout(cfg.dropout)
+        self.output_layer = tf.keras.layers.Dense(cfg.output_dim, kernel_regularizer=regularizer)
+
+    def call(self, x, training=False):
+        for layer in self.hidden:
+            x = self.dropout(layer(x), training=training)
+        return self.output_layer(x), x
+
+
+class QueryTower(tf.keras.Model):
+    """``user_idx [batch]`` -> user embedding ``[batch, output_dim]``."""
+
+    def __init__(self, users: UserTable, num_items: int, cfg: TowerConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.history = tf.constant(users.history, dtype=tf.int32)  # [num_users, history_length]
+        self.side = tf.constant(np.stack([users.age_bucket, users.gender, users.occupation], axis=1), dtype=tf.int32)
+        sizes = [int(self.side[:, i].numpy().max()) + 1 for i in range(3)]
+        self.user_embedding = _embedding(users.size, cfg.embedding_dim, cfg.l2, "user_embedding")
+        self.history_embedding = _embedding(num_items, cfg.embedding_dim, cfg.l2, "history_embedding")
+        self.side_embeddings = [_embedding(n, cfg.side_dim, 0.0, f"side_{i}") for i, n in enumerate(sizes)]
+        self.mlp = _MLP(cfg, name="query_mlp")
+
+    def embed(self, user_idx: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns ``(embedding [batch, output_dim], last hidden layer [batch, hidden])``."""
+        history = tf.gather(self.history, user_idx)
+        mask = tf.cast(history > 0, tf.float32)[..., None]
+        pooled = tf.reduce_sum(self.history_embedding(history) * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        side = tf.gather(self.side, user_idx)
+        parts = [self.user_embedding(user_idx), pooled] + [emb(side[:, i]) for i, emb in enumerate(self.side_embeddings)]
+        return self.mlp(tf.concat(parts, axis=-1), training=training)
+
+    def call(self, user_idx, training=False):
+        return self.embed(user_idx, training)[0]
+
+
+class CandidateTower(tf.keras.Model):
+    """``item_idx [batch]`` -> item embedding ``[batch, output_dim]``."""
+
+    def __init__(self, items: ItemTable, cfg: TowerConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.year = tf.constant(items.year_bucket, dtype=tf.int32)
+        self.categories = tf.constant(items.categories, dtype=tf.int32)  # [num_items, max_categories]
+        self.item_embedding = _embedding(items.size, cfg.embedding_dim, cfg.l2, "item_embedding")
+        self.year_embedding = _embedding(int(items.year_bucket.max()) + 1, cfg.side_dim, 0.0, "year_embedding")
+        self.category_embedding = _embedding(int(items.categories.max()) + 1, cfg.side_dim, 0.0, "category_embedding")
+        self.mlp = _MLP(cfg, name="candidate_mlp")
+
+    def embed(self, item_idx: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns ``(embedding [batch, output_dim], last hidden layer [batch, hidden])``."""
+        categories = tf.gather(self.categories, item_idx)
+        mask = tf.cast(categories > 0, tf.float32)[..., None]
+        pooled = tf.reduce_sum(self.category_embedding(categories) * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        parts = [self.item_embedding(item_idx), self.year_embedding(tf.gather(self.year, item_idx)), pooled]
+        return self.mlp(tf.concat(parts, axis=-1), training=training)
+
+    def call(self, item_idx, training=False):
+        return self.embed(item_idx, training)[0]
+
+
+class TwoTowerModel(tfrs.Model):
+    """Retrieval model trained with the in-batch softmax of ``tfrs.tasks.Retrieval``.
+
+    Popular items are over-represented as in-batch negatives; passing their sampling
+    probability lets the task apply the logQ correction.
+    """
+
+    def __init__(self, query: QueryTower, candidate: CandidateTower, item_probability: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.query = query
+        self.candidate = candidate
+        self.item_probability = tf.constant(item_probability, dtype=tf.float32)
+        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True)
+
+    def hard_loss(self, features: dict, training: bool = False) -> tf.Tensor:
+        """In-batch softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch."""
+        users = self.query(features["user_idx"], training=training)
+        items = self.candidate(features["item_idx"], training=training)
+        return self.task(
+            users, items, compute_metrics=False,
+            candidate_sampling_probability=tf.gather(self.item_probability, features["item_idx"]),
+            candidate_ids=features["item_idx"],
+        )
+
+    def compute_loss(self, features, training=False):
+        return self.hard_loss(features, training)
+
+
+def _item_probability(items: ItemTable) -> np.ndarray:
+    counts = np.maximum(items.popularity, 1.0)
+    counts[0] = 1.0
+    return counts / counts.sum()
+
+
+def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, name: str) -> TwoTowerModel:
+    """A two-tower model with the given architecture."""
+    return TwoTowerModel(
+        QueryTower(users, items.size, tower, name=f"{name}_query"),
+        CandidateTower(items, tower, name=f"{name}_candidate"),
+        _item_probability(items),
+        name=name,
+    )
+
+
+def build_teacher(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
+    """The large teacher: wide id embeddings, pooled history, side features, deep towers."""
+    return build_model(users, items, cfg.teacher, "teacher")
+
+
+def build_student(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
+    """The small student: same inputs, small embeddings, shallow towers."""
+    return build_model(users, items, cfg.student, "student")
+
+
+def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.ndarray:
+    """Embeddings of indices ``0..size-1`` ``[size, output_dim]`` (row 0 is padding)."""
+    out = [tower(tf.range(start, min(start + batch_size, size), dtype=tf.int32), training=False).numpy()
+           for start in range(0, size, batch_size)]
+    return np.concatenate(out, axis=0)
+
+
+def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path, k: int = 100) -> Path:
+    """Save a SavedModel that serves the top-``k`` items for a batch of user ids.
+
+    The exported model is the query tower behind a ``StringLookup`` of user ids and a
+    ``tfrs`` brute-force index over every real item; called with a 1-D string tensor of
+    user ids it returns ``(scores [batch, k], item_ids [batch, k])``. Only the towers are
+    exported: any training-only layer of a distillation model stays behind.
+    """
+    lookup = tf.keras.layers.StringLookup(vocabulary=list(users.user_ids[1:]), num_oov_indices=1)
+    query = tf.keras.Sequential([lookup, model.query])
+    index = tfrs.layers.factorized_top_k.BruteForce(query, k=min(k, items.size - 1))
+    item_vectors = embed_all(model.candidate, items.size)[1:]
+    index.index(tf.constant(item_vectors), identifiers=tf.constant(list(items.item_ids[1:])))
+    index(tf.constant(list(users.user_ids[1:2])))  # trace once so the call signature exists
+    tf.saved_model.save(index, str(path))
+    return Path(path)
