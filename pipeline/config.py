@@ -192,12 +192,45 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Validation gate between a distilled student and the model registry.
+
+    A change is ``(student - reference) / reference`` when ``mode="relative"`` and
+    ``student - reference`` when ``"absolute"``; a check passes when the change is at
+    least the (signed) minimum: ``-0.05`` lets the student be up to 5% below.
+
+    Attributes:
+        metrics: Gated test metrics.
+        mode: ``"relative"`` or ``"absolute"`` for both references.
+        min_change_vs_teacher: Signed minimum change against the teacher.
+        min_change_vs_champion: Signed minimum change against the serving champion
+            (skipped, with a warning, when there is no champion yet).
+        floors: Optional absolute minimum per metric, e.g. ``{"ndcg@10": 0.05}``.
+    """
+
+    metrics: tuple[str, ...] = ("ndcg@10", "recall@20")
+    mode: str = "relative"
+    min_change_vs_teacher: float = -0.10
+    min_change_vs_champion: float = -0.02
+    floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "floors", dict(self.floors))
+        _check(len(self.metrics) >= 1, "gate.metrics must name at least one metric")
+        _check(self.mode in ("relative", "absolute"), f"gate.mode must be 'relative' or 'absolute', got {self.mode!r}")
+        unknown = sorted(set(self.floors) - set(self.metrics))
+        _check(not unknown, f"gate.floors names metrics that are not gated: {unknown}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Every stage's settings."""
 
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able copy (mappings turned back into plain dicts)."""
