@@ -86,6 +86,7 @@ class TowerConfig:
         output_dim: Width of the final user and item embeddings (their dot product is the score).
         dropout: Dropout after each hidden layer while training.
         l2: L2 penalty on embeddings and kernels.
+        normalize: L2-normalise the output embeddings (scores become cosines).
     """
 
     embedding_dim: int = 128
@@ -94,6 +95,7 @@ class TowerConfig:
     output_dim: int = 128
     dropout: float = 0.1
     l2: float = 0.0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
@@ -126,6 +128,8 @@ class TrainConfig:
         sampled_negatives: Uniformly sampled items added to each user's teacher candidates.
         top_k: Teacher candidates per user in the soft targets.
         early_stopping_k: K of the validation Recall@K that early stopping watches.
+        logq_correction: Correct the in-batch softmax for popular items' over-sampling.
+        retrieval_temperature: Divides the in-batch logits of the hard loss.
     """
 
     teacher: TowerConfig = dataclasses.field(default_factory=TowerConfig)
@@ -147,8 +151,11 @@ class TrainConfig:
     sampled_negatives: int = 100
     top_k: int = 100
     early_stopping_k: int = 20
+    logq_correction: bool = True
+    retrieval_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        _check(self.retrieval_temperature > 0, "train.retrieval_temperature must be > 0")
         _check(self.batch_size >= 2, "train.batch_size must be >= 2")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
         _check(self.teacher_epochs >= 1 and self.student_epochs >= 1, "train epochs must be >= 1")
@@ -181,7 +188,7 @@ class EvalConfig:
     batch_size: int = 512
     als_rank: int = 64
     als_reg: float = 0.1
-    als_alpha: float = 10.0
+    als_alpha: float = 0.5
     als_iterations: int = 15
     latency_batch_size: int = 256
     latency_repeats: int = 30

@@ -153,6 +153,16 @@ def plain_config(cfg: PipelineConfig) -> PipelineConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, alpha=1.0, beta=0.0))
 
 
+def latest_model(paths: DataPaths, name: str, ds: str, required: bool = True) -> Path | None:
+    """The most recently written ``<data>/models/<name>/<ds>-*`` directory."""
+    candidates = sorted((paths.models / name).glob(f"{ds}-*/metadata.json"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        if required:
+            raise FileNotFoundError(f"no {name} model for ds={ds} under {paths.models / name}")
+        return None
+    return candidates[-1].parent
+
+
 def _latest_soft_targets(paths: DataPaths, ds: str) -> Path:
     candidates = sorted((paths.soft_targets / f"ds={ds}").glob("teacher=*/manifest.json"), key=lambda p: p.stat().st_mtime)
     if not candidates:

@@ -487,3 +487,135 @@ def _check_topk_outputs(arrays: list[np.ndarray] | None, batch_size: int, where:
 # ============================================================================= CLI
 # The command-line entry point (`python -m pipeline.evaluate ...`, `main()`) goes below this
 # line. It trains nothing: it loads the features and models and calls the functions above.
+
+
+class SavedModelScorer:
+    """Scores every item of today's vocabulary with an exported retrieval SavedModel.
+
+    Evaluates the artefact that would be served: its query model (behind its own user-id
+    lookup) and its brute-force index of item embeddings, matched to today's item ids by
+    string. Items the model does not know score ``-inf``; a champion trained on an older
+    vocabulary is thus judged on today's split like everyone else.
+    """
+
+    def __init__(self, saved_model_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        import pipeline  # noqa: F401
+        import tensorflow as tf
+
+        self._tf = tf
+        self.model = tf.saved_model.load(str(saved_model_dir))
+        # The tfrs BruteForce layer keeps its index as these two tracked variables.
+        vectors = self.model._candidates.numpy()
+        position = {item: row for row, item in enumerate(self.model._identifiers.numpy().astype(str))}
+        rows = np.array([position.get(str(item), -1) for item in item_ids])
+        self.known = rows >= 0
+        self.item_vectors = np.zeros((len(item_ids), vectors.shape[1]), np.float32)
+        self.item_vectors[self.known] = vectors[rows[self.known]]
+        self.user_ids = np.asarray(user_ids).astype(str)
+        self.num_items = len(item_ids)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        queries = self.model.query_model(self._tf.constant(self.user_ids[user_idx])).numpy()
+        scores = queries @ self.item_vectors.T
+        scores[:, ~self.known] = -np.inf
+        return scores.astype(np.float32)
+
+
+def _limit_tf_threads(threads: int = 2) -> None:
+    import pipeline  # noqa: F401
+    import tensorflow as tf
+
+    try:  # only possible before TensorFlow runs its first op
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+
+
+def evaluate_run(ds: str, paths, cfg, teacher_dir: str | Path, student_dir: str | Path,
+                 plain_student_dir: str | Path | None = None, champion_dir: str | Path | None = None,
+                 seed: int | None = None, spark: Any = None, baselines: bool = True, latency: bool = True) -> dict:
+    """Evaluate teacher, student(s), champion and baselines on the same test split.
+
+    Args:
+        ds: Logical date of the features.
+        paths: :class:`pipeline.config.DataPaths`.
+        cfg: :class:`pipeline.config.PipelineConfig`.
+        teacher_dir, student_dir, plain_student_dir: Model directories
+            (``saved_model/`` and ``metadata.json`` inside).
+        champion_dir: A registry version directory (TF Serving layout), if there is a champion.
+        seed: ALS seed (default ``cfg.train.seed``).
+        spark: A Spark session for ALS (one is started when None).
+        baselines: Also score MostPopular and ALS.
+        latency: Time batched top-K queries of the exported models, side by side.
+
+    Returns:
+        ``{"split": "test", "users": n, "models": {name: metrics + costs}}``.
+    """
+    from pipeline.features import feature_partition, load_user_table, read_manifest
+
+    _limit_tf_threads()
+    features_dir = feature_partition(paths.features, ds)
+    users = load_user_table(features_dir, read_manifest(features_dir)["config"]["history_length"])
+    items = load_item_table(features_dir)
+    exported = {"teacher": Path(teacher_dir), "student_kd": Path(student_dir)}
+    if plain_student_dir:
+        exported["student_plain"] = Path(plain_student_dir)
+    models: dict[str, dict] = {}
+    for name, directory in exported.items():
+        saved_model = directory / "saved_model"
+        metrics = evaluate_scorer(SavedModelScorer(saved_model, users.user_ids, items.item_ids), features_dir, "test", cfg.evaluate)
+        meta = _read_json(directory / "metadata.json")
+        models[name] = {**metrics, "trainable_params": meta.get("trainable_params"), "saved_model_bytes": directory_bytes(saved_model)}
+    if champion_dir:
+        champion_dir = Path(champion_dir)
+        models["champion"] = {
+            **evaluate_scorer(SavedModelScorer(champion_dir, users.user_ids, items.item_ids), features_dir, "test", cfg.evaluate),
+            "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir),
+        }
+    if baselines:
+        models["most_popular"] = evaluate_scorer(MostPopularScorer.from_features(features_dir), features_dir, "test", cfg.evaluate)
+        models["als"] = evaluate_scorer(fit_als(features_dir, cfg.evaluate, cfg.train.seed if seed is None else seed, spark),
+                                        features_dir, "test", cfg.evaluate)
+    if latency:
+        sample = users.user_ids[1:]
+        for _ in range(2):  # two interleaved rounds, the second (warm) one is kept
+            for name, directory in exported.items():
+                models[name].update(measure_latency(directory / "saved_model", sample, cfg.evaluate))
+    log.info("test metrics:\n%s", format_table(models))
+    return {"split": "test", "users": int(next(iter(models.values()))["users"]), "models": models}
+
+
+def format_table(models: dict[str, dict], columns: Sequence[str] = ("ndcg@10", "recall@20", "recall@10", "ndcg@20", "hitrate@10", "mrr", "coverage@10")) -> str:
+    """A fixed-width table of the models' metrics, for logs."""
+    header = f"{'model':14}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>10}{'p50 ms':>9}"
+    lines = [header]
+    for name, row in models.items():
+        values = "".join(f"{row[c]:12.4f}" if isinstance(row.get(c), float) else f"{'-':>12}" for c in columns)
+        params = f"{row['trainable_params']:>10,}" if row.get("trainable_params") else f"{'-':>10}"
+        latency = f"{row['latency_ms_p50']:9.1f}" if row.get("latency_ms_p50") else f"{'-':>9}"
+        lines.append(f"{name:14}{values}{params}{latency}")
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _step(ds: str, paths, cfg) -> dict:
+    from pipeline.distill import latest_model
+
+    return evaluate_run(ds, paths, cfg, latest_model(paths, "teacher", ds), latest_model(paths, "student", ds),
+                        latest_model(paths, "student_plain", ds, required=False))
+
+
+def main(argv=None) -> int:
+    from pipeline import cli
+
+    return cli.run_step(_step, "Evaluate teacher, student and baselines on the test split.", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

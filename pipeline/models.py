@@ -29,6 +29,7 @@ class _MLP(tf.keras.layers.Layer):
 
     def __init__(self, cfg: TowerConfig, **kwargs):
         super().__init__(**kwargs)
+        self.normalize = cfg.normalize
         regularizer = tf.keras.regularizers.l2(cfg.l2) if cfg.l2 else None
         self.hidden = [tf.keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer) for units in cfg.hidden_units]
         self.dropout = tf.keras.layers.Dropout(cfg.dropout)
@@ -37,7 +38,8 @@ class _MLP(tf.keras.layers.Layer):
     def call(self, x, training=False):
         for layer in self.hidden:
             x = self.dropout(layer(x), training=training)
-        return self.output_layer(x), x
+        out = self.output_layer(x)
+        return (tf.math.l2_normalize(out, axis=-1) if self.normalize else out), x
 
 
 class QueryTower(tf.keras.Model):
@@ -97,22 +99,21 @@ class TwoTowerModel(tfrs.Model):
     probability lets the task apply the logQ correction.
     """
 
-    def __init__(self, query: QueryTower, candidate: CandidateTower, item_probability: np.ndarray, **kwargs):
+    def __init__(self, query: QueryTower, candidate: CandidateTower, item_probability: np.ndarray | None,
+                 temperature: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.query = query
         self.candidate = candidate
-        self.item_probability = tf.constant(item_probability, dtype=tf.float32)
-        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True)
+        self.item_probability = None if item_probability is None else tf.constant(item_probability, dtype=tf.float32)
+        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True, temperature=temperature)
 
     def hard_loss(self, features: dict, training: bool = False) -> tf.Tensor:
         """In-batch softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch."""
         users = self.query(features["user_idx"], training=training)
         items = self.candidate(features["item_idx"], training=training)
-        return self.task(
-            users, items, compute_metrics=False,
-            candidate_sampling_probability=tf.gather(self.item_probability, features["item_idx"]),
-            candidate_ids=features["item_idx"],
-        )
+        probability = None if self.item_probability is None else tf.gather(self.item_probability, features["item_idx"])
+        return self.task(users, items, compute_metrics=False, candidate_sampling_probability=probability,
+                         candidate_ids=features["item_idx"])
 
     def compute_loss(self, features, training=False):
         return self.hard_loss(features, training)
@@ -124,24 +125,25 @@ def _item_probability(items: ItemTable) -> np.ndarray:
     return counts / counts.sum()
 
 
-def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, name: str) -> TwoTowerModel:
-    """A two-tower model with the given architecture."""
+def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, cfg: TrainConfig, name: str) -> TwoTowerModel:
+    """A two-tower model with the given architecture and hard-loss settings."""
     return TwoTowerModel(
         QueryTower(users, items.size, tower, name=f"{name}_query"),
         CandidateTower(items, tower, name=f"{name}_candidate"),
-        _item_probability(items),
+        _item_probability(items) if cfg.logq_correction else None,
+        temperature=cfg.retrieval_temperature,
         name=name,
     )
 
 
 def build_teacher(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
     """The large teacher: wide id embeddings, pooled history, side features, deep towers."""
-    return build_model(users, items, cfg.teacher, "teacher")
+    return build_model(users, items, cfg.teacher, cfg, "teacher")
 
 
 def build_student(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
     """The small student: same inputs, small embeddings, shallow towers."""
-    return build_model(users, items, cfg.student, "student")
+    return build_model(users, items, cfg.student, cfg, "student")
 
 
 def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.ndarray:

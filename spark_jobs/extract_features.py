@@ -458,6 +458,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="feature root; writes <out>/ds=<ds>/")
     parser.add_argument("--ds", required=True, help="logical date YYYY-MM-DD (the window's last day)")
     parser.add_argument("--config", help="pipeline config JSON file")
+    parser.add_argument("--config-json", help="nested settings as a JSON string, applied after --config")
     parser.add_argument("--window-days", type=int, help="override features.window_days")
     parser.add_argument("--master", help="Spark master when not run by spark-submit (default: config)")
     parser.add_argument("--no-validation", action="store_true", help="skip the GX suites (benchmarks only)")
@@ -470,9 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         ds = parse_ds(args.ds)
-        overrides = {"features": {"window_days": args.window_days}} if args.window_days else None
+        overrides = json.loads(args.config_json) if args.config_json else {}
+        if args.window_days:
+            overrides.setdefault("features", {})["window_days"] = args.window_days
         cfg = load_config(overrides, args.config).features
-    except ConfigError as err:
+    except (ConfigError, json.JSONDecodeError) as err:
         log.error("%s", err)
         return 2
     spark = spark_session(args.master, cfg)

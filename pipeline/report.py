@@ -1,0 +1,261 @@
+"""The run report: one directory a person opens to see what the nightly run did and why.
+
+:func:`write_report` turns the run's lineage, test metrics, gate decision, training
+histories and promotion into ``report.html`` and ``report.md`` (the same tables, built
+once), two figures and ``summary.json`` (the inputs, for machines). The directory is
+published atomically, so a reader never sees half a report.
+
+matplotlib is imported only when a report is written.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+from pathlib import Path
+
+from pipeline.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+MISSING = "–"
+CURVES_PNG = "training_curves.png"
+COST_PNG = "quality_vs_cost.png"
+# (key, header, format spec) in reading order; counts use ",.0f" so floats and ints both format.
+QUALITY_COLUMNS = (("ndcg@10", "NDCG@10", ".4f"), ("recall@10", "Recall@10", ".4f"), ("ndcg@20", "NDCG@20", ".4f"),
+                   ("recall@20", "Recall@20", ".4f"), ("hitrate@10", "HitRate@10", ".4f"), ("mrr", "MRR", ".4f"),
+                   ("coverage@10", "Coverage@10", ".4f"), ("users", "users", ",.0f"))
+COST_COLUMNS = (("trainable_params", "params", ",.0f"), ("saved_model_mb", "SavedModel MB", ".2f"),
+                ("latency_ms_p50", "p50 ms", ".2f"), ("latency_ms_p99", "p99 ms", ".2f"),
+                ("throughput_users_per_s", "users/s", ",.0f"), ("batch_size", "batch", ",.0f"))
+COST_KEYS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
+_NUMERIC_CELL = re.compile(r"^([+-]?[\d,.]+[×%]?|–|nan|inf|-inf)$")
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1150px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.banner{padding:.8em 1.2em;border-radius:6px;margin:1em 0}.banner h2{margin:.1em 0 .4em;font-size:1.6em}
+.blessed{background:#e3f5e6;border:2px solid #2e8b3e}.rejected{background:#fbe4e4;border:2px solid #c0392b}
+img{max-width:100%;border:1px solid #ddd}"""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _as_float(row: dict, key: str) -> float:
+    return float(row[key]) if _is_number(row.get(key)) else math.nan
+
+
+def _fmt(value, spec: str) -> str:
+    """``value`` formatted, or "–" when it is missing or not a number (NaN stays visible as "nan")."""
+    return format(value, spec) if _is_number(value) else MISSING
+
+
+def _costs(metrics: dict) -> dict:
+    """The cost keys of one model, with the SavedModel size in MB (10^6 bytes)."""
+    size = metrics.get("saved_model_bytes")
+    return {**metrics, "saved_model_mb": size / 1e6 if _is_number(size) else None}
+
+
+def _ratio_row(name: str, student: dict, teacher: dict) -> list[str]:
+    """``student / teacher`` for every cost column but the batch size (whose ratio means nothing)."""
+    cells = []
+    for key, _, _ in COST_COLUMNS[:-1]:
+        ratio = student[key] / teacher[key] if _finite(student.get(key)) and _finite(teacher.get(key)) and teacher[key] else None
+        cells.append(MISSING if ratio is None else f"{ratio:.3g}×")
+    return [f"{name} ÷ teacher"] + cells + [MISSING]
+
+
+def _tables(evaluation: dict, gate: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The quality, cost and gate tables as (title, headers, rows of strings), shared by HTML and Markdown."""
+    models = evaluation.get("models", {})
+    quality = [[name] + [_fmt(m.get(key), spec) for key, _, spec in QUALITY_COLUMNS] for name, m in models.items()]
+    exported = {name: _costs(m) for name, m in models.items() if any(m.get(k) is not None for k in COST_KEYS)}
+    cost = [[name] + [_fmt(m.get(key), spec) for key, _, spec in COST_COLUMNS] for name, m in exported.items()]
+    if "teacher" in exported:
+        cost += [_ratio_row(name, m, exported["teacher"]) for name, m in exported.items() if name.startswith("student")]
+    checks = [[c.get("name", ""), c.get("metric", ""), _fmt(c.get("value"), ".4f"), _fmt(c.get("reference"), ".4f"),
+               _fmt(c.get("change"), "+.4f"), _fmt(c.get("threshold"), "+.4f"), "pass" if c.get("passed") else "FAIL",
+               c.get("reason", "")] for c in gate.get("checks", [])]
+    split = f"{evaluation.get('split', '?')} split, {_fmt(evaluation.get('users'), ',.0f')} users"
+    return [(f"Ranking quality ({split})", ["model"] + [h for _, h, _ in QUALITY_COLUMNS], quality),
+            ("Serving cost", ["model"] + [h for _, h, _ in COST_COLUMNS], cost),
+            ("Gate checks", ["check", "metric", "value", "reference", "change", "threshold", "result", "reason"], checks)]
+
+
+def _lineage_table(run: dict, promotion: dict | None) -> tuple[str, list[str], list[list[str]]]:
+    rows = [[str(key), str(value)] for key, value in run.items()]
+    rows.append(["promotion", f"version {promotion.get('version')} in {promotion.get('registry')} "
+                              f"(champion: {promotion.get('champion')})" if promotion else "not promoted"])
+    return "Run and lineage", ["key", "value"], rows
+
+
+def _headline(gate: dict, promotion: dict | None) -> str:
+    checks = gate.get("checks", [])
+    if not gate.get("blessed"):
+        failed = sum(not c.get("passed") for c in checks)
+        return f"{failed} of {len(checks)} gate checks failed; the serving champion is unchanged"
+    promoted = f"; promoted as version {promotion.get('version')}" if promotion else ""
+    return f"the student passed all {len(checks)} gate checks{promoted}"
+
+
+def _html_table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td{" class=n" if _NUMERIC_CELL.match(c) else ""}>{html.escape(c)}</td>' for c in row)
+                   + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_section(title: str, headers: list[str], rows: list[list[str]]) -> str:
+    return f"<h2>{html.escape(title)}</h2>{_html_table(headers, rows)}"
+
+
+def _md_text(text) -> str:
+    """``text`` safe in Markdown: "<" that could open raw HTML is backslash-escaped (renders as "<")."""
+    return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", str(text))
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(_md_text(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(r) for r in rows])
+
+
+def _html_list(lines: list) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(str(line))}</li>" for line in lines) + "</ul>" if lines else ""
+
+
+def _render_html(title: str, gate: dict, headline: str, tables: list, lineage: tuple) -> str:
+    blessed = bool(gate.get("blessed"))
+    banner = (f'<div class="banner {"blessed" if blessed else "rejected"}"><h2>{html.escape(str(gate.get("decision")))}</h2>'
+              f"<p>{html.escape(headline)}</p>{_html_list(gate.get('reasons', []))}"
+              + (f"<p><b>Warnings</b></p>{_html_list(gate.get('warnings', []))}" if gate.get("warnings") else "") + "</div>")
+    figures = (f'<h2>Training curves</h2><img src="{CURVES_PNG}" alt="training curves">'
+               f'<h2>Quality vs cost</h2><img src="{COST_PNG}" alt="NDCG@10 against serving cost">')
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{banner}"
+            f"{''.join(_html_section(*t) for t in tables)}{figures}{_html_section(*lineage)}</body></html>\n")
+
+
+def _render_markdown(title: str, gate: dict, headline: str, tables: list, lineage: tuple) -> str:
+    lines = [f"# {title}", "", f"**{gate.get('decision')}**: {_md_text(headline)}"]
+    if gate.get("reasons"):
+        lines += [""] + [f"- {_md_text(reason)}" for reason in gate["reasons"]]
+    if gate.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {_md_text(warning)}" for warning in gate["warnings"]]
+    for name, headers, rows in tables:
+        lines += ["", f"## {name}", "", _md_table(headers, rows)]
+    lines += ["", "## Training curves", "", f"![training curves]({CURVES_PNG})",
+              "", "## Quality vs cost", "", f"![NDCG@10 against serving cost]({COST_PNG})"]
+    lines += ["", f"## {lineage[0]}", "", _md_table(*lineage[1:])]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_training_curves(path: Path, histories: dict[str, list[dict]], colors: dict[str, str]) -> None:
+    """Validation score of every model (left) and each model's loss terms (right, one panel per model)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    names = [name for name, rows in histories.items() if rows]
+    fig = Figure(figsize=(11, 0.6 + 2.6 * max(len(names), 1)), layout="constrained")
+    if not names:
+        fig.text(0.5, 0.5, "no training history", ha="center", va="center", fontsize=14)
+    else:
+        axes = fig.subplot_mosaic([["__val__", name] for name in names])
+        for name in names:
+            rows = histories[name]
+            epochs = [row.get("epoch", i + 1) for i, row in enumerate(rows)]
+            axes["__val__"].plot(epochs, [_as_float(r, "val_score") for r in rows], marker="o", color=colors[name], label=name)
+            terms = sorted({k for r in rows for k in r if k.endswith("loss")}, key=lambda k: (k != "loss", k))
+            for term in terms:
+                axes[name].plot(epochs, [_as_float(r, term) for r in rows], marker=".", label=term)
+            values = [_as_float(r, t) for r in rows for t in terms if _finite(r.get(t))]
+            if values and min(values) > 0 and max(values) > 10 * min(values):
+                axes[name].set_yscale("log")  # terms differ by orders of magnitude (hint vs T²-scaled soft loss)
+            axes[name].set_title(f"{name}: loss terms", fontsize=10)
+            axes[name].legend(fontsize=8)
+        axes["__val__"].set_title("validation score per epoch", fontsize=10)
+        axes["__val__"].legend(fontsize=8)
+        for ax in axes.values():
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch", fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+def _short_number(x: float, _position=None) -> str:
+    """Tick labels a person reads at a glance: 3, 20, 300k, 3M (not 3x10^5)."""
+    return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e4 else f"{x:g}"
+
+
+def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str, str]) -> None:
+    """NDCG@10 against p50 latency and against trainable parameters (log x); baselines as horizontal lines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    scored = {name: m for name, m in models.items() if _finite(m.get("ndcg@10"))}
+    for ax, (key, label) in zip(axes, (("latency_ms_p50", "latency p50 (ms)"), ("trainable_params", "trainable parameters"))):
+        points = {name: m for name, m in scored.items() if _finite(m.get(key)) and m[key] > 0}
+        for name, m in scored.items():
+            if name in points:  # a legend, not text labels: models often share a cost (student and champion)
+                ax.scatter(m[key], m["ndcg@10"], s=70, color=colors[name], edgecolor="white", zorder=3, label=name)
+            else:
+                ax.axhline(m["ndcg@10"], color=colors[name], linestyle="--", linewidth=1.2, label=f"{name} (no cost)")
+        if points:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(_short_number))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.margins(x=0.2, y=0.15)
+        else:
+            ax.text(0.5, 0.5, f"no model has {key}", transform=ax.transAxes, ha="center")
+        ax.set_xlabel(f"{label}, log scale")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("NDCG@10 (test)")
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=9)
+    fig.suptitle("quality vs serving cost")
+    fig.savefig(path, dpi=100)
+
+
+def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
+                 histories: dict[str, list[dict]], promotion: dict | None) -> dict:
+    """Write the run's report directory atomically (replacing any earlier one).
+
+    Args:
+        out_dir: The report directory, e.g. ``<data>/reports/ds=<ds>/<run_key>``.
+        run: Lineage: ``ds``, ``run_id``, ``run_key``, ``config_hash``, ``teacher_version``, ...
+        evaluation: ``{"split", "users", "models": {name: metrics and, for exported models, costs}}``.
+        gate: ``GateResult.to_dict()``.
+        histories: Per-epoch training rows by model; keys ending in "loss" are loss terms.
+        promotion: ``{"version", "registry", "champion"}``, or None when the student was not promoted.
+
+    Returns:
+        ``{"html", "markdown", "dir"}``: paths in the published directory.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    models = evaluation.get("models", {})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*models, *histories]))}
+    title = f"Distillation report {run.get('ds', '?')}: {gate.get('decision', '?')}"
+    headline, tables, lineage = _headline(gate, promotion), _tables(evaluation, gate), _lineage_table(run, promotion)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.html").write_text(_render_html(title, gate, headline, tables, lineage), encoding="utf-8")
+        (tmp / "report.md").write_text(_render_markdown(title, gate, headline, tables, lineage), encoding="utf-8")
+        _plot_training_curves(tmp / CURVES_PNG, histories, colors)
+        _plot_quality_vs_cost(tmp / COST_PNG, models, colors)
+        write_json(tmp / "summary.json", {"run": run, "evaluation": evaluation, "gate": gate,
+                                          "histories": histories, "promotion": promotion})
+    log.info("report: %s %s, %d models, written to %s", run.get("ds"), gate.get("decision"), len(models), out_dir)
+    return {"html": str(out_dir / "report.html"), "markdown": str(out_dir / "report.md"), "dir": str(out_dir)}

@@ -1,0 +1,184 @@
+"""The Airflow DAG: integrity, parameters, and end-to-end runs under ``airflow dags test``.
+
+The end-to-end runs use a tiny synthetic log and a project-free ``AIRFLOW_HOME`` in a
+temporary directory: SQLite always, and PostgreSQL at 127.0.0.1:5432 when reachable
+(a database of its own, created and dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.data.synthetic import generate_synthetic_logs
+from pipeline.registry import Registry
+from pipeline.run import resolve_run
+
+REPO = Path(__file__).resolve().parents[1]
+DS = "2024-01-31"
+EXPECTED_EDGES = {
+    ("resolve_config", t) for t in ("validate_raw", "feature_job_args", "validate_features", "train_teacher", "soft_targets",
+                                    "distill_student", "evaluate", "gate", "promote", "record_rejection", "report")
+} | {
+    ("validate_raw", "extract_features"), ("feature_job_args", "extract_features"), ("extract_features", "validate_features"),
+    ("validate_features", "train_teacher"), ("train_teacher", "soft_targets"), ("soft_targets", "distill_student"),
+    ("train_teacher", "evaluate"), ("distill_student", "evaluate"), ("evaluate", "gate"),
+    ("gate", "promote"), ("gate", "record_rejection"), ("promote", "report"), ("record_rejection", "report"),
+} | {(up, down) for up in ("train_teacher", "distill_student", "evaluate") for down in ("promote", "record_rejection", "report")}
+# Small models and few epochs: the tiny run checks wiring and safety, not quality.
+TINY = {
+    "window_days": 14, "teacher_epochs": 2, "student_epochs": 2,
+    "config_overrides": {
+        "train": {"batch_size": 256, "top_k": 20, "sampled_negatives": 20, "patience": 1,
+                  "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
+                  "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8}},
+        "evaluate": {"als_rank": 8, "als_iterations": 3, "latency_repeats": 3, "latency_batch_size": 32},
+    },
+}
+
+
+def load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["recsys_distillation"]
+
+
+def test_dag_imports_and_wires_the_expected_graph():
+    dag = load_dag()
+    edges = {(t.task_id, down) for t in dag.tasks for down in t.downstream_task_ids}
+    assert edges == EXPECTED_EDGES
+    assert (dag.catchup, dag.max_active_runs) == (False, 1)
+    assert dag.doc_md and "gate" in dag.doc_md
+    assert {"ds", "window_days", "temperature", "alpha", "beta", "min_change_vs_teacher", "reuse_teacher", "data_root"} <= set(dag.params.keys())
+    assert dag.get_task("extract_features")._conn_id == "recsys_spark"
+    assert dag.get_task("report").trigger_rule == "none_failed_min_one_success"
+
+
+def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
+    for outside in ("/etc", "../elsewhere", str(tmp_path / "data-other")):
+        with pytest.raises(ConfigError, match="outside the configured data root"):
+            resolve_run({"data_root": outside}, DS, "manual")
+    inside = resolve_run({"data_root": "nightly", "alpha": 0.7}, DS, "manual")
+    assert inside["data_root"] == str((tmp_path / "data" / "nightly").resolve())
+    assert inside["overrides"]["train"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DS}_")
+    with pytest.raises(ConfigError, match="train.alpha must be in"):
+        resolve_run({"alpha": 3}, DS, "manual")
+    with pytest.raises(ConfigError, match="ds must be a date"):
+        resolve_run({"ds": "31/01/2024"}, DS, "manual")
+
+
+@pytest.fixture(scope="module")
+def tiny_logs(tmp_path_factory):
+    data = tmp_path_factory.mktemp("dag") / "data"
+    generate_synthetic_logs(data / "raw", users=150, items=120, days=14, events=12_000, seed=3, end_date=DS)
+    return data
+
+
+def airflow_env(home: Path, data_root: Path, db_url: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update({
+        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "RECSYS_DATA_ROOT": str(data_root), "AIRFLOW_CONN_RECSYS_SPARK": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONPATH": str(REPO),
+    })
+    if db_url:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
+    return env
+
+
+def airflow(env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def task_states(env: dict, logical_date: str) -> dict[str, str]:
+    code = ("import json; from airflow.models import DagRun, TaskInstance; from airflow.utils.session import create_session\n"
+            "with create_session() as s:\n"
+            f"    run = [r for r in s.query(DagRun).filter(DagRun.dag_id == 'recsys_distillation').all() if r.logical_date.date().isoformat() == '{logical_date}'][0]\n"
+            "    print(json.dumps({t.task_id: str(t.state) for t in s.query(TaskInstance).filter(TaskInstance.run_id == run.run_id)}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_dag(env: dict, logical_date: str, conf: dict) -> subprocess.CompletedProcess:
+    return airflow(env, "dags", "test", "recsys_distillation", logical_date, "-c", json.dumps(conf))
+
+
+def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
+    migrated = airflow(env, "db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+
+    # 1. A first run: no champion yet, a lenient teacher threshold -> BLESSED and promoted.
+    first = run_dag(env, DS, {**TINY, "min_change_vs_teacher": -1.0})
+    assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
+    states = task_states(env, DS)
+    assert states["promote"].endswith("success") and states["record_rejection"].endswith("skipped"), states
+    assert states["report"].endswith("success")
+    registry = Registry(data_root / "registry")
+    assert registry.versions() == [1] and registry.champion() == 1
+    assert registry.runs()[0]["decision"] == "BLESSED"
+    reports = list((data_root / "reports" / f"ds={DS}").glob("*/report.html"))
+    assert len(reports) == 1 and "BLESSED" in reports[0].read_text()
+
+    # 2. Impossible thresholds (the student must beat the teacher by 1000%) -> NOT_BLESSED;
+    #    promote is skipped, the rejection recorded, the champion unchanged.
+    second = run_dag(env, "2024-02-01", {**TINY, "ds": DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
+    assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+    states = task_states(env, "2024-02-01")
+    assert states["promote"].endswith("skipped") and states["record_rejection"].endswith("success"), states
+    assert states["report"].endswith("success")
+    assert registry.versions() == [1] and registry.champion() == 1
+    rejected = [r for r in registry.runs() if r["decision"] == "NOT_BLESSED"]
+    assert len(rejected) == 1 and "< allowed +1000.00%" in " ".join(rejected[0]["reasons"])
+
+    # 3. A manual trigger pointing outside the data root fails at its first task.
+    outside = run_dag(env, "2024-02-02", {**TINY, "ds": DS, "data_root": "/etc"})
+    assert "outside the configured data root" in outside.stdout + outside.stderr
+    assert task_states(env, "2024-02-02")["resolve_config"].endswith("failed")
+    assert registry.versions() == [1] and registry.champion() == 1
+
+
+def test_end_to_end_on_sqlite(tiny_logs, tmp_path):
+    data_root = tiny_logs.parent / "sqlite_data"
+    (data_root).mkdir()
+    (data_root / "raw").symlink_to(tiny_logs / "raw")
+    check_blessed_then_rejected(airflow_env(tmp_path / "airflow", data_root), data_root)
+
+
+def _postgres():
+    try:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except Exception as err:  # noqa: BLE001 - any failure means: no server to test against
+        return err
+
+
+def test_end_to_end_on_postgres(tiny_logs, tmp_path):
+    conn = _postgres()
+    if isinstance(conn, Exception):
+        print(f"\nSKIPPED: PostgreSQL at 127.0.0.1:5432 not reachable ({conn})")
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {conn}")
+    name = f"recsys_airflow_test_{uuid.uuid4().hex[:8]}"
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        data_root = tiny_logs.parent / "pg_data"
+        data_root.mkdir()
+        (data_root / "raw").symlink_to(tiny_logs / "raw")
+        env = airflow_env(tmp_path / "airflow", data_root, f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+        check_blessed_then_rejected(env, data_root)
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
