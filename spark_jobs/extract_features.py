@@ -262,13 +262,15 @@ def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end:
     """
     items = items.select("item_id", "year", "categories")
     users = users.select("user_id", "age", "gender", "occupation")
-    split = split_interactions(build_interactions(events, cfg), cfg)
-    user_vocab = build_vocab(split, "user_id", "user_idx")
-    item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx")
+    # Every output table derives from these three; caching them keeps each computed once.
+    split = split_interactions(build_interactions(events, cfg), cfg).cache()
+    user_vocab = build_vocab(split, "user_id", "user_idx").cache()
+    item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx").cache()
     interactions = (
         split.join(user_vocab, on="user_id", how="inner")
         .join(item_vocab, on="item_id", how="inner")
         .select("user_id", "item_id", "user_idx", "item_idx", "weight", "n_events", "first_ts", "last_ts", "split")
+        .cache()
     )
     return FeatureTables(
         interactions=interactions,
@@ -445,8 +447,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         publish_dir(tmp_dir, out_root / f"ds={ds}")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        flagged.unpersist()
-        deduped.unpersist()
+        spark.catalog.clearCache()
     log.info("wrote %s in %.1fs: %s", out_root / f"ds={ds}", time.perf_counter() - started,
              {n: t["rows"] for n, t in manifest["tables"].items()})
     return manifest

@@ -1,0 +1,139 @@
+"""Teacher -> soft targets -> student on a tiny synthetic log: schema, determinism, the
+frozen teacher, the training-only hint projection, and the whole chain end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline  # noqa: F401
+import tensorflow as tf
+
+from pipeline.config import DataPaths, load_config
+from pipeline.data.synthetic import generate_synthetic_logs
+from spark_jobs import extract_features as job
+
+DS = "2024-01-31"
+TINY = load_config({
+    "features": {"window_days": 14, "shuffle_partitions": 2},
+    "train": {"batch_size": 256, "teacher_epochs": 2, "student_epochs": 2, "top_k": 20, "sampled_negatives": 10,
+              "patience": 1, "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
+              "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8}},
+    "evaluate": {"latency_repeats": 3, "latency_batch_size": 16},
+})
+
+
+@pytest.fixture(scope="module")
+def chain(spark, tmp_path_factory):
+    """Features, teacher, soft targets and student for one tiny synthetic log."""
+    from pipeline.distill import distill_student
+    from pipeline.soft_targets import generate_soft_targets
+    from pipeline.train_teacher import train_teacher
+
+    paths = DataPaths(tmp_path_factory.mktemp("chain") / "data")
+    generate_synthetic_logs(paths.raw, users=120, items=80, days=14, events=8_000, seed=5, end_date=DS)
+    job.run(spark, paths.raw, paths.features, dt.date.fromisoformat(DS), TINY.features, validate_data=False)
+    started = time.perf_counter()
+    teacher = train_teacher(DS, paths, TINY)
+    soft = generate_soft_targets(DS, paths, TINY, teacher["path"])
+    student = distill_student(DS, paths, TINY, soft["path"])
+    return {"paths": paths, "teacher": teacher, "soft": soft, "student": student, "seconds": time.perf_counter() - started}
+
+
+def test_chain_runs_end_to_end(chain):
+    teacher, student = chain["teacher"], chain["student"]
+    assert student["teacher_version"] == teacher["version"]
+    assert 0 < student["trainable_params"] < teacher["trainable_params"]
+    for name in ("recall@20", "ndcg@10"):
+        assert 0.0 <= student["metrics"]["validation"][name] <= 1.0
+    print(f"\ntiny teacher -> soft targets -> student: {chain['seconds']:.1f}s")
+
+
+def test_soft_target_schema_and_determinism(chain):
+    from pipeline.soft_targets import generate_soft_targets, read_soft_targets
+
+    path = chain["soft"]["path"]
+    users = pq.read_table(f"{path}/users.parquet")
+    k, dim = chain["soft"]["k"], chain["soft"]["dim"]
+    assert users.schema.names == ["user_idx", "user_id", "topk_item_idx", "topk_scores", "teacher_user_embedding"]
+    assert users.schema.field("topk_item_idx").type == pa.list_(pa.int32(), k)
+    assert users.schema.field("teacher_user_embedding").type == pa.list_(pa.float32(), dim)
+    assert users.column("user_idx").to_pylist() == sorted(users.column("user_idx").to_pylist())
+    scores = users.column("topk_scores").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    assert np.all(np.diff(scores, axis=1) <= 0)  # best first
+    # The user's train items are never among the teacher's candidates.
+    inter = pq.read_table(f"{chain['paths'].features}/ds={DS}/interactions/split=train")
+    train = set(zip(inter.column("user_idx").to_pylist(), inter.column("item_idx").to_pylist()))
+    top = users.column("topk_item_idx").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    assert not any((u, i) in train for u, row in zip(users.column("user_idx").to_pylist(), top) for i in row)
+    # Re-running with the same teacher rewrites identical rows.
+    again = generate_soft_targets(DS, chain["paths"], TINY, chain["teacher"]["path"])
+    assert again["path"] == path and pq.read_table(f"{path}/users.parquet").equals(users)
+    dense = read_soft_targets(path, 200, 100)
+    assert dense["has_targets"].sum() == users.num_rows and dense["item_embedding"].shape[1] == dim
+
+
+def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain):
+    from pipeline.distill import DistillationModel
+    from pipeline.features import load_item_table, load_user_table
+    from pipeline.models import build_student
+    from pipeline.soft_targets import read_soft_targets
+
+    features = f"{chain['paths'].features}/ds={DS}"
+    users, items = load_user_table(features, 20), load_item_table(features)
+    targets = read_soft_targets(chain["soft"]["path"], users.size, items.size)
+    model = DistillationModel(build_student(users, items, TINY.train), targets, TINY.train)
+    teacher_vars = [model.teacher_topk, model.teacher_user, model.teacher_item]
+    batch = {"user_idx": tf.constant([1, 2, 3], tf.int32), "item_idx": tf.constant([4, 5, 6], tf.int32)}
+    with tf.GradientTape(persistent=True) as tape:
+        terms = model.loss_terms(batch)
+    assert set(terms) == {"loss", "hard_loss", "soft_loss", "hint_loss"}
+    assert all(tape.gradient(terms["loss"], v) is None for v in teacher_vars)
+    assert not any(v.name.startswith("teacher_") for v in model.trainable_variables)
+    projection = [v for v in model.trainable_variables if "hint_projection" in v.name]
+    assert projection and all(tape.gradient(terms["loss"], v) is not None for v in projection)
+    before = [v.numpy().copy() for v in teacher_vars]
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    model.fit(tf.data.Dataset.from_tensors(batch).repeat(3), verbose=0)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, teacher_vars))
+
+    exported = tf.saved_model.load(f"{chain['student']['path']}/saved_model")
+    names = [v.name for v in exported.variables]
+    assert names and not any("hint_projection" in n or n.startswith("teacher_") for n in names)
+    scores, ids = exported(tf.constant(users.user_ids[1:4].astype(str)))
+    assert scores.shape == (3, TINY.train.top_k) and ids.dtype == tf.string
+
+
+def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
+    from pipeline.features import load_item_table, load_user_table
+    from pipeline.models import build_student, build_teacher
+
+    features = f"{chain['paths'].features}/ds={DS}"
+    users, items = load_user_table(features, 20), load_item_table(features)
+    defaults = load_config().train
+    sizes = {}
+    for name, build in (("teacher", build_teacher), ("student", build_student)):
+        model = build(users, items, defaults)
+        model.query(tf.constant([1])), model.candidate(tf.constant([1]))
+        sizes[name] = sum(v.shape.num_elements() for v in model.trainable_variables)
+    assert sizes["student"] <= 0.10 * sizes["teacher"], sizes
+
+
+def test_teacher_metadata_and_reuse(chain):
+    from pipeline.train_teacher import train_teacher
+
+    meta = json.loads((chain["paths"].models / "teacher" / chain["teacher"]["version"] / "metadata.json").read_text())
+    assert meta["ds"] == DS and meta["best_epoch"] >= 1 and len(meta["history"]) >= 1
+    assert {"loss", "val_score", "seconds"} <= set(meta["history"][0])
+    reused = train_teacher(DS, chain["paths"], TINY, reuse_latest=True)
+    assert reused["reused"] and reused["version"] == chain["teacher"]["version"]
+    changed = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, learning_rate=0.01))
+    from pipeline.train_teacher import teacher_version
+    assert teacher_version(DS, chain["paths"].features / f"ds={DS}", changed) != chain["teacher"]["version"]
