@@ -94,8 +94,8 @@ class TowerConfig:
     hidden_units: tuple[int, ...] = (256, 128)
     output_dim: int = 128
     dropout: float = 0.1
-    l2: float = 0.0
-    normalize: bool = False
+    l2: float = 1e-5
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
@@ -129,12 +129,13 @@ class TrainConfig:
         top_k: Teacher candidates per user in the soft targets.
         early_stopping_k: K of the validation Recall@K that early stopping watches.
         logq_correction: Correct the in-batch softmax for popular items' over-sampling.
-        retrieval_temperature: Divides the in-batch logits of the hard loss.
+        retrieval_temperature: Divides every model's scores to make logits, in the hard
+            loss and in distillation (with normalised embeddings scores are cosines).
     """
 
     teacher: TowerConfig = dataclasses.field(default_factory=TowerConfig)
     student: TowerConfig = dataclasses.field(
-        default_factory=lambda: TowerConfig(embedding_dim=16, side_dim=4, hidden_units=(32,), output_dim=32, dropout=0.0)
+        default_factory=lambda: TowerConfig(embedding_dim=16, side_dim=4, hidden_units=(32,), output_dim=32, dropout=0.0, l2=0.0)
     )
     batch_size: int = 1024
     learning_rate: float = 0.003
@@ -152,7 +153,7 @@ class TrainConfig:
     top_k: int = 100
     early_stopping_k: int = 20
     logq_correction: bool = True
-    retrieval_temperature: float = 1.0
+    retrieval_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         _check(self.retrieval_temperature > 0, "train.retrieval_temperature must be > 0")

@@ -51,6 +51,9 @@ class DistillationModel(tfrs.Model):
         self.teacher_user = frozen("user_embedding")  # [users, D]
         self.teacher_item = frozen("item_embedding")  # [items, D]
         self.num_items = int(targets["item_embedding"].shape[0])
+        # Scores -> logits, as each model was trained: its scores divided by its retrieval temperature.
+        self.teacher_scale = float(targets.get("logit_scale", 1.0))
+        self.student_scale = 1.0 / cfg.retrieval_temperature
         teacher_dim = int(targets["user_embedding"].shape[1])
         self.user_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_user")
         self.item_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_item")
@@ -69,10 +72,10 @@ class DistillationModel(tfrs.Model):
         unique, position = tf.unique(tf.reshape(candidates, [-1]))
         position = tf.reshape(position, tf.shape(candidates))
         student_all = tf.matmul(user_vec, self.student.candidate(unique, training=training), transpose_b=True)
-        student_logits = tf.gather(student_all, position, batch_dims=1)  # [B, K+S]
+        student_logits = self.student_scale * tf.gather(student_all, position, batch_dims=1)  # [B, K+S]
         teacher_user = tf.gather(self.teacher_user, users)
         teacher_all = tf.matmul(teacher_user, tf.gather(self.teacher_item, unique), transpose_b=True)
-        teacher_logits = tf.gather(teacher_all, position, batch_dims=1)  # [B, K+S]
+        teacher_logits = self.teacher_scale * tf.gather(teacher_all, position, batch_dims=1)  # [B, K+S]
         soft = self.soft_loss(teacher_logits, student_logits)
         _, item_hidden = self.student.candidate.embed(items, training=training)
         hint = hint_loss(self.user_projection(user_hidden), teacher_user) + hint_loss(

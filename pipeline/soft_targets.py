@@ -18,7 +18,8 @@ teacher_user_embedding     fixed_size_list<float32>[D]  teacher query-tower outp
 
 ``items.parquet``: ``item_idx`` int32, ``item_id`` string, ``teacher_item_embedding``
 fixed_size_list<float32>[D] for every item (the hint targets, and the teacher's score of
-any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts.
+any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts and
+``logit_scale`` (the teacher's logits are scores times it: 1 / its retrieval temperature).
 
 Users are scored in batches, so memory is bounded by ``batch x items``. Scores repeat
 exactly for the same teacher, so re-running writes the same rows.
@@ -129,7 +130,10 @@ def generate_soft_targets(ds: str, paths: DataPaths, cfg: PipelineConfig, teache
             pa.array(np.arange(items.size), pa.int32()), pa.array(items.item_ids.astype(str), pa.string()),
             _fixed_list(item_vectors.astype(np.float32), pa.float32()),
         ], names=["item_idx", "item_id", "teacher_item_embedding"]), tmp / "items.parquet")
+        # Scores are dot products; the teacher's logits are scores * logit_scale.
+        logit_scale = 1.0 / float(meta["config"]["train"]["retrieval_temperature"])
         manifest = {"ds": ds, "teacher_version": meta["version"], "teacher_dir": str(teacher_dir), "k": k, "dim": int(dim),
+                    "logit_scale": logit_scale,
                     "users": int(len(user_list)), "items": int(items.size), "features": str(features_dir)}
         write_json(tmp / "manifest.json", manifest)
     seconds = round(time.perf_counter() - started, 2)
@@ -162,6 +166,7 @@ def read_soft_targets(path: str | Path, num_users: int, num_items: int) -> dict[
     out["topk_scores"][rows] = matrix("topk_scores", k)
     out["user_embedding"][rows] = matrix("teacher_user_embedding", dim)
     out["has_targets"][rows] = True
+    out["logit_scale"] = float(manifest.get("logit_scale", 1.0))
     items = pq.read_table(path / "items.parquet")
     out["item_embedding"] = np.zeros((num_items, dim), np.float32)
     out["item_embedding"][items.column("item_idx").to_numpy()] = items.column("teacher_item_embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)

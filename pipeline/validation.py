@@ -169,7 +169,7 @@ def validate(frames: Mapping[str, Any], suites: Mapping[str, list], docs_dir: st
                 name=f"{name}_checkpoint",
                 validation_definitions=[definition],
                 actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["pipeline"])],
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
+                result_format={"result_format": "BASIC", "partial_unexpected_count": 5},
             )
         )
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})

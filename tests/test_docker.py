@@ -1,0 +1,513 @@
+"""The Docker stack, checked without Docker.
+
+No Docker engine runs on CI or in development, so ``docker/`` is only ever read: these tests check that
+the Dockerfile, the compose file and ``.env.example`` agree with each other, with ``requirements.txt``,
+with the installed Airflow and Spark provider, and with the environment variables the code reads.
+Compose's own rules (interpolation, merge keys) are reproduced here as far as the files use them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+COMPOSE_FILE = DOCKER / "docker-compose.yaml"
+DATA_ROOT = "/opt/airflow/data"
+# Named volume -> directory under the data root (the project's DataPaths layout).
+DATA_VOLUMES = {
+    "recsys-raw": "raw",
+    "recsys-features": "features",
+    "recsys-soft-targets": "soft_targets",
+    "recsys-models": "models",
+    "recsys-registry": "registry",
+    "recsys-reports": "reports",
+}
+AIRFLOW_SERVICES = ("airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
+                    "airflow-triggerer", "airflow-worker")
+SPARK_SERVICES = ("spark-master", "spark-worker")
+CELERY_SERVICES = ("redis", "airflow-worker")
+ONE_SHOT = "airflow-init"
+# Environment variables the code reads that no deployment sets, and why.
+PLATFORM_ENV = {
+    "GX_ANALYTICS_ENABLED": "pipeline/validation.py sets its own default (off)",
+    "PYSPARK_GATEWAY_PORT": "set by spark-submit for the Python driver it starts",
+}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN|(^|_)KEY($|_)")
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME, and $$ (a literal $).
+INTERPOLATION = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+                           r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)", line)
+        if match:
+            pins[match[1].lower()] = match[2]
+    return pins
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose env file; surrounding quotes removed."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def env_example() -> dict[str, str]:
+    return read_env_file(DOCKER / ".env.example")
+
+
+def secret_names() -> set[str]:
+    return {name for name in env_example() if SECRET_NAME.search(name)}
+
+
+def filled_env() -> dict[str, str]:
+    """.env.example with every secret filled in, as an operator's docker/.env would be."""
+    return {**env_example(), **{name: f"test-{name.lower()}" for name in secret_names()}}
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable interpolation of one value (recursively for lists and mappings).
+
+    Raises:
+        LookupError: A ``${NAME:?error}`` whose variable is unset or empty, as compose refuses to start.
+    """
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        name = match["braced"] or match["bare"]
+        op, arg, current = match["op"], match["arg"], env.get(name)
+        if op in (":-", "-"):
+            use_default = current is None or (op == ":-" and current == "")
+            return arg if use_default else current
+        if op in (":?", "?"):
+            if current is None or (op == ":?" and current == ""):
+                raise LookupError(f"{name}: {arg}")
+            return current
+        return current or ""
+
+    return INTERPOLATION.sub(substitute, value)
+
+
+def compose_raw() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def compose(env: dict[str, str] | None = None) -> dict:
+    """The compose file as ``docker compose config`` would resolve it with ``env`` (default: filled_env)."""
+    return interpolate(compose_raw(), filled_env() if env is None else env)
+
+
+def services(env: dict[str, str] | None = None) -> dict[str, dict]:
+    return compose(env)["services"]
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def container_ports(service: dict) -> set[int]:
+    """Container ports of ``[ip:][host:]container[/proto]`` port mappings."""
+    return {int(str(port).rsplit(":", 1)[-1].split("/")[0]) for port in service.get("ports", [])}
+
+
+def mounts(service: dict) -> set[str]:
+    return {str(volume) for volume in service.get("volumes", [])}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs: comments dropped, continuation lines joined."""
+    instructions, current = [], ""
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.strip().startswith("#"):
+            continue
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        if current.strip():
+            keyword, _, args = current.strip().partition(" ")
+            instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def dockerfile_env() -> dict[str, str]:
+    env = {}
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def env_reads(root: Path) -> dict[str, list[str]]:
+    """Environment variable name -> places in ``root``'s Python source that read it.
+
+    Finds ``os.environ.get(X)``, ``os.getenv(X)``, ``os.environ.setdefault(X, ...)``, ``os.environ[X]`` and
+    ``X in os.environ``, where X is a string literal or a module-level string constant.
+    """
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                     and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                     for target in node.targets if isinstance(target, ast.Name)}
+
+        def name_of(arg: ast.expr) -> str:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                return arg.value
+            if isinstance(arg, ast.Name) and arg.id in constants:
+                return constants[arg.id]
+            raise AssertionError(f"{path}:{arg.lineno}: environment variable name is not a constant: {ast.unparse(arg)}")
+
+        def is_environ(node: ast.expr) -> bool:
+            return ast.unparse(node) in ("os.environ", "environ")
+
+        for node in ast.walk(tree):
+            key = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                if (is_environ(node.func.value) and node.func.attr in ("get", "setdefault", "pop")) \
+                        or ast.unparse(node.func) == "os.getenv":
+                    key = node.args[0]
+            elif isinstance(node, ast.Subscript) and is_environ(node.value):
+                key = node.slice
+            elif isinstance(node, ast.Compare) and len(node.comparators) == 1 and is_environ(node.comparators[0]) \
+                    and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+                key = node.left
+            if key is not None:
+                found.setdefault(name_of(key), []).append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def code_env_reads() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for folder in ("dags", "pipeline", "spark_jobs"):
+        for name, places in env_reads(REPO / folder).items():
+            found.setdefault(name, []).extend(places)
+    return found
+
+
+# ----------------------------------------------------------------------------- the compose file
+
+
+def test_compose_parses_and_names_the_stack():
+    names = set(services())
+    assert names == {"postgres", *AIRFLOW_SERVICES, *SPARK_SERVICES, *CELERY_SERVICES}
+    for name, service in services().items():
+        assert service.get("profiles", []) == (["celery"] if name in CELERY_SERVICES else []), name
+
+
+def test_airflow_services_run_the_airflow_3_commands():
+    from airflow.cli import cli_config
+
+    airflow_commands = {command.name for command in cli_config.core_commands}
+    expected = {"airflow-api-server": "api-server", "airflow-scheduler": "scheduler",
+                "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}
+    for name, command in expected.items():
+        assert services()[name]["command"] == ["airflow", command]
+        assert command in airflow_commands
+    # The celery command comes from apache-airflow-providers-celery, not installed here.
+    assert services()["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
+
+
+def test_every_long_running_service_has_a_health_check_and_waits_for_init():
+    all_services = services()
+    for name, service in all_services.items():
+        depends_on = service.get("depends_on", {})
+        if name == ONE_SHOT:
+            assert "healthcheck" not in service and service["restart"] == "no"
+            continue
+        assert service["healthcheck"]["test"], f"{name} has no health check"
+        if name in (*AIRFLOW_SERVICES, *SPARK_SERVICES):
+            assert depends_on[ONE_SHOT] == {"condition": "service_completed_successfully"}, name
+        for dependency, spec in depends_on.items():
+            if dependency != ONE_SHOT:
+                assert spec["condition"] == "service_healthy", (name, dependency)
+                assert "healthcheck" in all_services[dependency], (name, dependency)
+                # A dependency in an inactive profile would make compose refuse the whole project.
+                assert set(all_services[dependency].get("profiles", [])) <= set(service.get("profiles", [])), (name, dependency)
+
+
+def test_health_checks_probe_what_the_installed_airflow_serves():
+    from airflow.api_fastapi.core_api.routes.public import public_router
+    from airflow.configuration import conf
+    from airflow.jobs.dag_processor_job_runner import DagProcessorJobRunner
+    from airflow.jobs.triggerer_job_runner import TriggererJobRunner
+
+    checks = {name: " ".join(service["healthcheck"]["test"]) for name, service in services().items() if name != ONE_SHOT}
+    assert "/api/v2/monitor/health" in {route.path for route in public_router.routes}
+    assert "http://localhost:8080/api/v2/monitor/health" in checks["airflow-api-server"]
+    port = conf.getint("scheduler", "scheduler_health_check_server_port")
+    assert f"http://localhost:{port}/health" in checks["airflow-scheduler"]
+    assert environment(services()["airflow-scheduler"])["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "true"
+    assert f"--job-type {DagProcessorJobRunner.job_type} --local" in checks["airflow-dag-processor"]
+    assert f"--job-type {TriggererJobRunner.job_type} --local" in checks["airflow-triggerer"]
+    assert "pg_isready" in checks["postgres"] and "redis-cli ping" in checks["redis"]
+    assert "http://localhost:8080/" in checks["spark-master"] and "http://localhost:8081/" in checks["spark-worker"]
+
+
+def test_published_ports():
+    all_services = services()
+    assert container_ports(all_services["airflow-api-server"]) == {8080}
+    assert container_ports(all_services["spark-master"]) == {7077, 8080}  # RPC and web UI
+    # Scaled services cannot publish fixed ports; the others stay on the compose network.
+    assert all(not container_ports(all_services[name]) for name in all_services
+               if name not in ("airflow-api-server", "spark-master"))
+    api = environment(all_services["airflow-scheduler"])["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]
+    assert api == "http://airflow-api-server:8080/execution/"
+
+
+def test_data_volumes_are_mounted_at_the_same_paths_in_airflow_and_spark():
+    from pipeline.config import DataPaths
+
+    layout = {name for name, value in vars(DataPaths).items() if isinstance(value, property)}
+    assert set(DATA_VOLUMES.values()) == layout
+    assert dockerfile_env()["RECSYS_DATA_ROOT"] == DATA_ROOT
+    declared = compose()["volumes"]
+    wanted = {f"{volume}:{DATA_ROOT}/{directory}" for volume, directory in DATA_VOLUMES.items()}
+    assert set(DATA_VOLUMES) <= set(declared)
+    for name in (*AIRFLOW_SERVICES, *SPARK_SERVICES):
+        data_mounts = {m for m in mounts(services()[name]) if m.split(":")[1].startswith(f"{DATA_ROOT}/")}
+        assert data_mounts == wanted, name
+    init_dirs = re.search(r"for name in ([a-z_ ]+); do", (DOCKER / "airflow-init.sh").read_text())[1].split()
+    assert set(init_dirs) == layout
+
+
+def test_the_scaled_spark_worker_service():
+    worker = services()["spark-worker"]
+    assert int(worker["deploy"]["replicas"]) == int(env_example()["SPARK_WORKERS"]) >= 2
+    assert {"SPARK_WORKER_CORES", "SPARK_WORKER_MEMORY"} <= set(environment(worker))
+
+
+def test_images_match_the_pinned_versions():
+    pins = requirement_pins()
+    (base,) = [args for keyword, args in dockerfile_instructions() if keyword == "FROM"]
+    airflow_version, python_version = re.fullmatch(r"apache/airflow:(\S+)-python(\d+\.\d+)", base).groups()
+    assert airflow_version == pins["apache-airflow"]
+    # requirements.txt: "known to resolve together on Python 3.11"
+    assert python_version == re.search(r"on Python (\d+\.\d+)", (REPO / "requirements.txt").read_text())[1]
+    for name in SPARK_SERVICES:
+        image, tag = services()[name]["image"].split(":")
+        assert (image, tag) == ("apache/spark", pins["pyspark"]) and tag == pins["pyspark-client"]
+    # The demo data's wheel, installed as the Makefile does.
+    recbole = re.search(r"--no-deps recbole==\S+", (REPO / "Makefile").read_text())[0]
+    assert any(recbole in args for keyword, args in dockerfile_instructions() if keyword == "RUN")
+
+
+# ----------------------------------------------------------------------------- settings and secrets
+
+
+def test_every_environment_variable_the_code_reads_is_configured():
+    reads = code_env_reads()
+    assert "RECSYS_DATA_ROOT" in reads and "RECSYS_SPARK_CONN_ID" in reads  # the scan sees constants too
+    example, image_env = env_example(), dockerfile_env()
+    airflow_env = environment(services()["airflow-scheduler"])
+    for name, places in reads.items():
+        if name in PLATFORM_ENV:
+            continue
+        assert name in example or name in image_env, f"{name} (read at {places}) is in neither .env.example nor the Dockerfile"
+        if name in example:  # a setting in docker/.env reaches the code only if compose passes it on
+            assert name in airflow_env, f"{name} is in .env.example but not passed to the Airflow containers"
+    unused = set(PLATFORM_ENV) - set(reads)
+    assert not unused, f"PLATFORM_ENV lists variables the code no longer reads: {unused}"
+
+
+def test_every_env_example_setting_is_used_by_the_compose_file():
+    referenced = {match["braced"] or match["bare"] for match in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
+    # COMPOSE_* variables are read by the compose CLI itself (e.g. COMPOSE_PROFILES).
+    unused = {name for name in env_example() if name not in referenced and not name.startswith("COMPOSE_")}
+    assert not unused, f".env.example settings the compose file never reads: {unused}"
+
+
+def test_env_example_ships_no_secret_values():
+    assert secret_names() >= {"POSTGRES_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET",
+                              "AIRFLOW_API_SECRET_KEY", "_AIRFLOW_WWW_USER_PASSWORD"}
+    assert {name: value for name, value in env_example().items() if name in secret_names() and value} == {}
+
+
+def test_compose_refuses_to_start_without_the_secrets():
+    text = COMPOSE_FILE.read_text()
+    for match in INTERPOLATION.finditer(text):
+        name = match["braced"] or match["bare"]
+        if name in secret_names():
+            assert match["op"] == ":?", f"{match[0]}: a secret needs ${{{name}:?...}}, no default"
+    for missing in secret_names():
+        env = {**filled_env(), missing: ""}
+        with pytest.raises(LookupError, match=missing):
+            compose(env)
+
+
+def test_no_secret_literal_in_the_compose_file():
+    for name, service in compose_raw()["services"].items():
+        for key, value in environment(service).items():
+            if SECRET_NAME.search(key) and not key.endswith("_FILE"):  # a file's path is no secret
+                assert re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}", value), f"{name}: {key} must come from ${{...:?}}"
+            for password in re.findall(r"://[^/:@\s]+:([^@\s]+)@", value):
+                assert password.startswith("${"), f"{name}: {key} has a literal password"
+    passwords_file = environment(services()["airflow-api-server"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+    assert "_AIRFLOW_WWW_USER_PASSWORD" not in environment(services()["airflow-api-server"])
+    assert {m.split(":")[1] for m in mounts(services()["airflow-api-server"])} >= {str(Path(passwords_file).parent)}
+
+
+def test_airflow_settings_exist_in_the_installed_airflow():
+    from airflow.configuration import retrieve_configuration_description
+
+    options = {(section, option) for section, spec in retrieve_configuration_description(include_providers=True).items()
+               for option in spec["options"]}
+    for name, service in services().items():
+        for key in environment(service):
+            if key.startswith("AIRFLOW__"):
+                section, option = key[len("AIRFLOW__"):].lower().split("__", 1)
+                if section == "celery":  # apache-airflow-providers-celery's section; not installed here
+                    continue
+                assert (section, option) in options, f"{name}: {key} is no Airflow setting"
+
+
+# ----------------------------------------------------------------------------- the Spark connection
+
+
+def dag_spark_conn_id(monkeypatch) -> str:
+    monkeypatch.delenv("RECSYS_SPARK_CONN_ID", raising=False)
+    spec = importlib.util.spec_from_file_location("recsys_distillation_for_docker_test", REPO / "dags" / "recsys_distillation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SPARK_CONN_ID
+
+
+def connection_from_env(value: str, conn_id: str, connection_class: str):
+    """Deserialize an ``AIRFLOW_CONN_*`` value as Airflow does: JSON if it starts with ``{``, else a URI."""
+    if connection_class == "airflow.models.Connection":
+        from airflow.models import Connection
+
+        return Connection.from_json(value, conn_id=conn_id) if value.startswith("{") else Connection(conn_id=conn_id, uri=value)
+    from airflow.sdk import Connection  # what a task process gets
+
+    return Connection.from_json(value, conn_id=conn_id) if value.startswith("{") else Connection.from_uri(value, conn_id=conn_id)
+
+
+@pytest.mark.parametrize("connection_class", ["airflow.models.Connection", "airflow.sdk.Connection"])
+def test_the_spark_connection_submits_to_the_cluster_master(monkeypatch, connection_class):
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+
+    conn_id = dag_spark_conn_id(monkeypatch)
+    assert conn_id == env_example()["RECSYS_SPARK_CONN_ID"]
+    airflow_env = environment(services()["airflow-scheduler"])
+    assert airflow_env["RECSYS_SPARK_CONN_ID"] == conn_id
+    value = airflow_env[f"AIRFLOW_CONN_{conn_id.upper()}"]
+    connection = connection_from_env(value, conn_id, connection_class)
+    monkeypatch.setattr(SparkSubmitHook, "get_connection", classmethod(lambda cls, requested: connection))
+
+    # As the DAG's SparkSubmitOperator builds it: env_vars are allowed in client mode only.
+    hook = SparkSubmitHook(conn_id=conn_id, name="recsys_extract_features",
+                           env_vars={"PYSPARK_PYTHON": "/home/airflow/.local/bin/python"})
+    command = hook._build_spark_submit_command("app.py")
+
+    master = command[command.index("--master") + 1]
+    assert master == "spark://spark-master:7077"
+    assert command[command.index("--deploy-mode") + 1] == "client"
+    assert not hook._should_track_driver_status  # client mode: spark-submit itself waits for the job
+    # The master the spark-master service starts, and the one its workers join.
+    script = (DOCKER / "spark-node.sh").read_text()
+    assert "--host spark-master --port 7077" in script and f" {master}\n" in script
+
+
+# ----------------------------------------------------------------------------- the image and its scripts
+
+
+def test_dockerfile_sets_the_runtime_environment():
+    env = dockerfile_env()
+    assert env["TF_USE_LEGACY_KERAS"] == "1"
+    assert env["PYTHONPATH"] == "/opt/airflow/project"
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/airflow/project/dags"
+    assert env["JAVA_HOME"]
+
+
+def test_dockerfile_runs_as_a_non_root_user_with_no_secrets():
+    instructions = dockerfile_instructions()
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users[-1] not in ("root", "0", "0:0")
+    for keyword, args in instructions:
+        if keyword in ("ENV", "ARG"):
+            for item in shlex.split(args):
+                assert not SECRET_NAME.search(item.split("=", 1)[0]), f"{keyword} {item} looks like a secret"
+
+
+def test_dockerfile_installs_the_pins_without_airflow_constraints():
+    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
+    (install,) = [run for run in runs if "-r /opt/airflow/project/requirements.txt" in run]
+    assert "--constraint" not in install and " -c " not in install
+    args = [args for keyword, args in dockerfile_instructions() if keyword == "ARG"]
+    assert "JAVA_PACKAGE=openjdk-17-jre-headless" in args  # Java 17, as in the apache/spark image
+
+
+def test_build_context_sends_what_the_dockerfile_copies():
+    build = compose_raw()["x-airflow-common"]["build"]
+    assert (DOCKER / build["context"]).resolve() == REPO and (REPO / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+    ignore = [line for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert ignore[0] == "*"  # everything out, then exceptions back in
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY":
+            *sources, _ = [arg for arg in shlex.split(args) if not arg.startswith("--")]
+            for source in sources:
+                assert (REPO / source).exists(), source
+                assert f"!{source}" in ignore, f"{source} is copied but excluded by Dockerfile.dockerignore"
+
+
+def test_scripts_the_stack_runs():
+    init = services()["airflow-init"]
+    assert init["entrypoint"][-1] == "/opt/airflow/project/docker/airflow-init.sh"
+    assert any(args.endswith("docker/airflow-init.sh /opt/airflow/project/docker/airflow-init.sh")
+               for keyword, args in dockerfile_instructions() if keyword == "COPY")
+    assert init["user"] == "0:0" and "_AIRFLOW_WWW_USER_PASSWORD" in environment(init)
+    for name in SPARK_SERVICES:
+        assert "./spark-node.sh:/opt/recsys/spark-node.sh:ro" in mounts(services()[name])
+    script = (DOCKER / "spark-node.sh").read_text()
+    assert "/opt/spark/bin/spark-class org.apache.spark.deploy.master.Master" in script
+    assert "/opt/spark/bin/spark-class org.apache.spark.deploy.worker.Worker" in script
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash to syntax-check the scripts")
+    for script_path in (DOCKER / "airflow-init.sh", DOCKER / "spark-node.sh"):
+        result = subprocess.run([bash, "-n", str(script_path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_interpolation_follows_compose_rules():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${EMPTY-d} ${UNSET-d} $$HOME $SET", env) == "x d  d $HOME x"
+    with pytest.raises(LookupError, match="EMPTY: needed"):
+        interpolate("${EMPTY:?needed}", env)
+    assert interpolate("${EMPTY?needed}", env) == ""
