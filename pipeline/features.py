@@ -111,13 +111,10 @@ class ItemTable:
 
 
 def _codes(values: pa.Array) -> np.ndarray:
-    """Strings -> ids 1..n by sorted value (0 for null), stable across runs."""
-    encoded = pc.dictionary_encode(pc.cast(values, pa.string()))
-    order = np.argsort(np.asarray(encoded.dictionary.to_pylist(), dtype=object).astype(str), kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(1, len(order) + 1)
-    indices = encoded.indices.to_numpy(zero_copy_only=False)
-    return np.where(np.isnan(indices.astype(float)), 0, rank[np.nan_to_num(indices, nan=0).astype(int)] if len(rank) else 0).astype(np.int32)
+    """Strings -> ids 1..n in sorted order (0 for null), stable across runs. One per user."""
+    strings = values.to_pylist()
+    vocabulary = {v: i + 1 for i, v in enumerate(sorted({v for v in strings if v is not None}))}
+    return np.array([vocabulary.get(v, 0) for v in strings], dtype=np.int32)
 
 
 def load_user_table(features_dir: str | Path, history_length: int) -> UserTable:

@@ -23,6 +23,19 @@ def event(event_id, user_id, item_id, event_type, when, value=None, session_id=N
                 event_ts=when, value=value, session_id=session_id)
 
 
+# Eight valid events over Jan 1-3: alice touches i1..i5, bob i1 and i2.
+ALICE_BOB_EVENTS = [
+    event("e1", "alice", "i1", "view", ts(1, 8)),
+    event("e2", "alice", "i1", "purchase", ts(1, 9), value=10.0),
+    event("e3", "alice", "i2", "click", ts(1, 10)),
+    event("e4", "alice", "i3", "view", ts(2, 8)),
+    event("e5", "alice", "i4", "add_to_cart", ts(2, 9)),
+    event("e6", "alice", "i5", "view", ts(3, 8)),
+    event("e7", "bob", "i1", "view", ts(2, 10)),
+    event("e8", "bob", "i2", "click", ts(3, 12)),
+]
+
+
 def write_raw(raw_root: Path, events: list[dict], items: list[str] = (), users: list[str] = (),
               partition_of=None) -> Path:
     """Write events one partition per UTC day (or per ``partition_of(event)``), plus side tables."""

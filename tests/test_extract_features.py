@@ -15,22 +15,13 @@ from pyspark.testing import assertDataFrameEqual
 from pipeline.config import ConfigError, FeatureConfig, parse_ds
 from pipeline.validation import DataValidationError
 from spark_jobs import extract_features as job
-from tests.rawlogs import event, ts, write_raw
+from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
 DS = dt.date(2024, 1, 3)
 CFG = FeatureConfig(window_days=3, history_length=2, shuffle_partitions=2, min_user_interactions=5)
 
 # alice touches i1..i5 in time order; bob touches i1, i2 (fewer than 5: train-only).
-ALICE_BOB = [
-    event("e1", "alice", "i1", "view", ts(1, 8)),
-    event("e2", "alice", "i1", "purchase", ts(1, 9), value=10.0),
-    event("e3", "alice", "i2", "click", ts(1, 10)),
-    event("e4", "alice", "i3", "view", ts(2, 8)),
-    event("e5", "alice", "i4", "add_to_cart", ts(2, 9)),
-    event("e6", "alice", "i5", "view", ts(3, 8)),
-    event("e7", "bob", "i1", "view", ts(2, 10)),
-    event("e8", "bob", "i2", "click", ts(3, 12)),
-]
+ALICE_BOB = ALICE_BOB_EVENTS
 ITEMS = ["i1", "i2", "i3", "i4", "i5", "i6"]
 
 
