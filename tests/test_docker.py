@@ -25,12 +25,12 @@ COMPOSE_FILE = DOCKER / "docker-compose.yaml"
 DATA_ROOT = "/opt/airflow/data"
 # Named volume -> directory under the data root (the project's DataPaths layout).
 DATA_VOLUMES = {
-    "recsys-raw": "raw",
-    "recsys-features": "features",
-    "recsys-soft-targets": "soft_targets",
-    "recsys-models": "models",
-    "recsys-registry": "registry",
-    "recsys-reports": "reports",
+    "data-raw": "raw",
+    "data-features": "features",
+    "data-soft-targets": "soft_targets",
+    "data-models": "models",
+    "data-registry": "registry",
+    "data-reports": "reports",
 }
 AIRFLOW_SERVICES = ("airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
                     "airflow-triggerer", "airflow-worker")
@@ -260,6 +260,8 @@ def test_every_long_running_service_has_a_health_check_and_waits_for_init():
                 assert set(all_services[dependency].get("profiles", [])) <= set(service.get("profiles", [])), (name, dependency)
 
 
+# Importing Airflow's API app warns about its test client's HTTP library; nothing here uses it.
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_health_checks_probe_what_the_installed_airflow_serves():
     from airflow.api_fastapi.core_api.routes.public import public_router
     from airflow.configuration import conf
@@ -331,7 +333,8 @@ def test_images_match_the_pinned_versions():
 
 def test_every_environment_variable_the_code_reads_is_configured():
     reads = code_env_reads()
-    assert "RECSYS_DATA_ROOT" in reads and "RECSYS_SPARK_CONN_ID" in reads  # the scan sees constants too
+    # pipeline/run.py reads it through a module constant (DATA_ROOT_ENV): the scan resolves those too.
+    assert any(place.startswith("pipeline/run.py:") for place in reads["RECSYS_DATA_ROOT"])
     example, image_env = env_example(), dockerfile_env()
     airflow_env = environment(services()["airflow-scheduler"])
     for name, places in reads.items():
@@ -417,30 +420,48 @@ def connection_from_env(value: str, conn_id: str, connection_class: str):
     return Connection.from_json(value, conn_id=conn_id) if value.startswith("{") else Connection.from_uri(value, conn_id=conn_id)
 
 
-@pytest.mark.parametrize("connection_class", ["airflow.models.Connection", "airflow.sdk.Connection"])
-def test_the_spark_connection_submits_to_the_cluster_master(monkeypatch, connection_class):
+def spark_submit(monkeypatch, value: str, conn_id: str, connection_class: str):
+    """The hook the DAG's SparkSubmitOperator gets from connection ``value``, and its spark-submit command."""
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
-    conn_id = dag_spark_conn_id(monkeypatch)
-    assert conn_id == env_example()["RECSYS_SPARK_CONN_ID"]
-    airflow_env = environment(services()["airflow-scheduler"])
-    assert airflow_env["RECSYS_SPARK_CONN_ID"] == conn_id
-    value = airflow_env[f"AIRFLOW_CONN_{conn_id.upper()}"]
     connection = connection_from_env(value, conn_id, connection_class)
     monkeypatch.setattr(SparkSubmitHook, "get_connection", classmethod(lambda cls, requested: connection))
-
-    # As the DAG's SparkSubmitOperator builds it: env_vars are allowed in client mode only.
+    # env_vars as the DAG passes them: the provider accepts them in client mode only.
     hook = SparkSubmitHook(conn_id=conn_id, name="recsys_extract_features",
                            env_vars={"PYSPARK_PYTHON": "/home/airflow/.local/bin/python"})
-    command = hook._build_spark_submit_command("app.py")
+    return hook, hook._build_spark_submit_command("app.py")
 
-    master = command[command.index("--master") + 1]
-    assert master == "spark://spark-master:7077"
-    assert command[command.index("--deploy-mode") + 1] == "client"
+
+def option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+@pytest.mark.parametrize("connection_class", ["airflow.models.Connection", "airflow.sdk.Connection"])
+@pytest.mark.parametrize("settings", [".env.example", "compose defaults"])
+def test_the_spark_connection_submits_to_the_cluster_master(monkeypatch, connection_class, settings):
+    conn_id = dag_spark_conn_id(monkeypatch)
+    assert conn_id == env_example()["RECSYS_SPARK_CONN_ID"]
+    env = filled_env()
+    if settings == "compose defaults":
+        env = {name: value for name, value in env.items() if not name.startswith("RECSYS_")}
+    airflow_env = environment(services(env)["airflow-scheduler"])
+    assert airflow_env["RECSYS_SPARK_CONN_ID"] == conn_id
+
+    hook, command = spark_submit(monkeypatch, airflow_env[f"AIRFLOW_CONN_{conn_id.upper()}"], conn_id, connection_class)
+
+    assert option(command, "--master") == "spark://spark-master:7077"
+    assert option(command, "--deploy-mode") == "client"
     assert not hook._should_track_driver_status  # client mode: spark-submit itself waits for the job
     # The master the spark-master service starts, and the one its workers join.
     script = (DOCKER / "spark-node.sh").read_text()
-    assert "--host spark-master --port 7077" in script and f" {master}\n" in script
+    assert "--host spark-master --port 7077" in script and " spark://spark-master:7077\n" in script
+
+
+def test_the_json_form_of_the_connection_is_equivalent(monkeypatch):
+    # docker/README.md offers it as an alternative: the host then carries the scheme.
+    value = '{"conn_type": "spark", "host": "spark://spark-master", "port": 7077, "extra": {"deploy-mode": "client"}}'
+    _, command = spark_submit(monkeypatch, value, "recsys_spark", "airflow.sdk.Connection")
+    assert (option(command, "--master"), option(command, "--deploy-mode")) == ("spark://spark-master:7077", "client")
 
 
 # ----------------------------------------------------------------------------- the image and its scripts
