@@ -58,7 +58,8 @@ def test_transform_matches_hand_worked_features(spark):
     assert bob.recency_days == pytest.approx(12 / 24)  # Jan 3 12:00 -> Jan 4 00:00
     assert bob.history_item_ids == ["i1", "i2"] and bob.age is None
     # Vocabularies: sorted ids numbered from 1; the never-seen catalogue item i6 is included.
-    assert [(r.item_id, r.item_idx) for r in tables.item_vocab.orderBy("item_idx").collect()] == [(i, n + 1) for n, i in enumerate(ITEMS)]
+    expected_vocab = spark.createDataFrame([(i, n + 1) for n, i in enumerate(ITEMS)], "item_id string, item_idx int")
+    assertDataFrameEqual(tables.item_vocab, expected_vocab)
     assert [(r.user_id, r.user_idx) for r in tables.user_vocab.orderBy("user_idx").collect()] == [("alice", 1), ("bob", 2)]
     assert bob.history_item_idx == [1, 2]
     # popularity = train interactions: i1 alice+bob = 2 (weights 6 + 1 = 7); i4, i5 held out -> 0.
