@@ -27,7 +27,6 @@ from pipeline.evaluate import (
 
 INF = float("inf")
 D2 = 1 / math.log2(3)  # discount of rank 2 = 0.63093
-ML100K = Path(__file__).resolve().parents[1] / "data" / "features" / "ds=1998-04-22"
 
 
 # ----------------------------------------------------------------------------- ranking_metrics
@@ -242,8 +241,24 @@ def test_evaluate_scorer_rejects_bad_input(tiny_features):
 # ----------------------------------------------------------------------------- ALS on ML-100K
 
 
-@pytest.mark.skipif(not (ML100K / "manifest.json").is_file(), reason="ML-100K features not built (make demo)")
-def test_als_beats_random_on_ml100k(spark):
+@pytest.fixture(scope="module")
+def ml100k_features(spark, tmp_path_factory) -> Path:
+    """Real ML-100K features, built here (the converter and the feature job, GX off for speed)."""
+    import datetime as dt
+
+    from pipeline.config import FeatureConfig
+    from pipeline.data.movielens import convert_movielens
+    from spark_jobs import extract_features as job
+
+    root = tmp_path_factory.mktemp("ml100k")
+    convert_movielens(root / "raw")
+    job.run(spark, root / "raw", root / "features", dt.date(1998, 4, 22), FeatureConfig(window_days=240, shuffle_partitions=2),
+            validate_data=False)
+    return root / "features" / "ds=1998-04-22"
+
+
+def test_als_beats_random_on_ml100k(spark, ml100k_features):
+    ML100K = ml100k_features
     cfg = dataclasses.replace(EvalConfig(), als_rank=16, als_iterations=5)
     als = fit_als(ML100K, cfg, seed=42, spark=spark)
     # 943 users and 1682 items, plus padding row 0 (all zeros: no factors).
