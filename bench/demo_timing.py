@@ -37,7 +37,11 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['task']:22}{row['state'].split('.')[-1]:10}{row['seconds']:9.1f}")
     print(f"{'sum of tasks':32}{pipeline_seconds:9.1f}\n{'airflow dags test wall':32}{args.wall:9.1f}")
-    return 0 if "success" in str(run.state) else 1
+    finished = {row["task"]: row["state"].split(".")[-1] for row in rows}
+    if not finished or any(state not in ("success", "skipped") for state in finished.values()):
+        print(f"the run did not complete: {finished or 'no task ran'}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

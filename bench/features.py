@@ -347,21 +347,28 @@ def _single_file(directory: Path, table: str) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessMeasurement:
-    """One finished process: wall time, peak RSS of its whole tree, exit code and output."""
+    """One finished process: wall time, peak RSS and CPU time of its whole tree, exit code and output."""
 
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float
     returncode: int
     stdout: str
     stderr: str
 
 
-class _TreeRssSampler(threading.Thread):
-    """Samples the summed RSS of a process and all its descendants until stopped."""
+class _TreeSampler(threading.Thread):
+    """Samples the summed RSS and CPU time of a process and all its descendants until stopped.
+
+    CPU time (user + system, summed over every process seen) is steadier than wall time on a
+    shared machine: waiting for a core counts in the one, not the other. It misses at most
+    the last ``POLL_SECONDS`` of each process.
+    """
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.peak_bytes = pid, 0
+        self.cpu_by_pid: dict[int, float] = {}
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -376,7 +383,10 @@ class _TreeRssSampler(threading.Thread):
             total = 0
             for proc in tree:
                 try:
-                    total += proc.memory_info().rss
+                    with proc.oneshot():
+                        total += proc.memory_info().rss
+                        cpu = proc.cpu_times()
+                    self.cpu_by_pid[proc.pid] = cpu.user + cpu.system
                 except psutil.Error:  # exited between listing and sampling
                     pass
             self.peak_bytes = max(self.peak_bytes, total)
@@ -388,7 +398,7 @@ class _TreeRssSampler(threading.Thread):
 
 
 def measure_process(command: Sequence[str], log_stem: Path) -> ProcessMeasurement:
-    """Run ``command`` from the repo root; time it and sample its tree's RSS every ``POLL_SECONDS``.
+    """Run ``command`` from the repo root; time it and sample its tree's RSS and CPU every ``POLL_SECONDS``.
 
     Output goes to ``<log_stem>.out`` / ``.err`` (kept for inspection) and is returned too.
     A run over ``RUN_TIMEOUT_SECONDS`` is killed (its own process group only).
@@ -398,7 +408,7 @@ def measure_process(command: Sequence[str], log_stem: Path) -> ProcessMeasuremen
     with out_path.open("w") as out, err_path.open("w") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(list(command), cwd=REPO_ROOT, stdout=out, stderr=err, start_new_session=True)
-        sampler = _TreeRssSampler(proc.pid)
+        sampler = _TreeSampler(proc.pid)
         sampler.start()
         try:
             returncode = proc.wait(timeout=RUN_TIMEOUT_SECONDS)
@@ -407,8 +417,8 @@ def measure_process(command: Sequence[str], log_stem: Path) -> ProcessMeasuremen
             returncode = proc.wait()
         wall_s = time.perf_counter() - started
         sampler.stop()
-    return ProcessMeasurement(round(wall_s, 3), round(sampler.peak_bytes / 2**20, 1), returncode,
-                              out_path.read_text(), err_path.read_text())
+    return ProcessMeasurement(round(wall_s, 3), round(sampler.peak_bytes / 2**20, 1), round(sum(sampler.cpu_by_pid.values()), 1),
+                              returncode, out_path.read_text(), err_path.read_text())
 
 
 def parse_spark_log(stderr: str, wall_s: float) -> tuple[float | None, dict[str, float]]:
@@ -450,7 +460,7 @@ def run_spark(raw_root: Path, out_root: Path, log_stem: Path, validate: bool) ->
     ] + ([] if validate else ["--no-validation"])
     measured = measure_process(command, log_stem)
     job_s, stages = parse_spark_log(measured.stderr, measured.wall_s)
-    record = {"wall_s": measured.wall_s, "job_s": job_s, "peak_rss_mb": measured.peak_rss_mb, "stages": stages,
+    record = {"wall_s": measured.wall_s, "job_s": job_s, "cpu_s": measured.cpu_s, "peak_rss_mb": measured.peak_rss_mb, "stages": stages,
               "returncode": measured.returncode, "log": str(log_stem.relative_to(REPO_ROOT)) + ".err"}
     manifest_path = out_root / f"ds={DS}" / "manifest.json"
     if measured.returncode != 0 or not manifest_path.exists():
@@ -469,7 +479,7 @@ def run_duckdb(raw_root: Path, out_root: Path, log_stem: Path) -> dict:
         "--ds", DS.isoformat(), "--window-days", str(WINDOW_DAYS), "--threads", str(DUCKDB_THREADS),
     ]
     measured = measure_process(command, log_stem)
-    record = {"wall_s": measured.wall_s, "job_s": None, "peak_rss_mb": measured.peak_rss_mb, "stages": {},
+    record = {"wall_s": measured.wall_s, "job_s": None, "cpu_s": measured.cpu_s, "peak_rss_mb": measured.peak_rss_mb, "stages": {},
               "returncode": measured.returncode, "log": str(log_stem.relative_to(REPO_ROOT)) + ".err"}
     if measured.returncode != 0:
         record["error"] = _tail(measured.stderr)
@@ -599,6 +609,7 @@ def summarize_engine(runs: list[dict], events: int) -> dict:
         "successful_runs": len(ok),
         "median_wall_s": wall,
         "median_job_s": _median([r["job_s"] for r in ok]),
+        "median_cpu_s": _median([r["cpu_s"] for r in ok]),
         "events_per_s": round(events / wall) if wall else None,
         "median_peak_rss_mb": _median([r["peak_rss_mb"] for r in ok]),
         "max_peak_rss_mb": max((r["peak_rss_mb"] for r in ok), default=None),
@@ -617,6 +628,7 @@ def size_ratios(engines: dict[str, dict]) -> dict:
         f"{engine}_over_duckdb": {
             "wall": _ratio(engines[engine]["median_wall_s"], duckdb["median_wall_s"]),
             "job": _ratio(engines[engine]["median_job_s"], duckdb["median_job_s"]),
+            "cpu": _ratio(engines[engine]["median_cpu_s"], duckdb["median_cpu_s"]),
         }
         for engine in ("spark", "spark_no_validation")
     }
@@ -632,6 +644,7 @@ def scaling_and_targets(sizes: dict[int, dict]) -> tuple[dict, dict]:
         engine: {
             "wall": _ratio(sizes[large]["engines"][engine]["median_wall_s"], sizes[small]["engines"][engine]["median_wall_s"]),
             "job": _ratio(sizes[large]["engines"][engine]["median_job_s"], sizes[small]["engines"][engine]["median_job_s"]),
+            "cpu": _ratio(sizes[large]["engines"][engine]["median_cpu_s"], sizes[small]["engines"][engine]["median_cpu_s"]),
         }
         for engine in ENGINES
     }}
@@ -693,27 +706,28 @@ def render_markdown(results: dict) -> str:
         f"ds={settings['ds']}, window {settings['window_days']} days · medians of {settings['repeats']} runs "
         f"(load average at start {machine['load_average_at_start']}, at end {results.get('load_average_at_end')}; shared machine, so noisy).",
         "",
-        "Wall: whole process incl. start-up; job: without start-up. Peak RSS: summed over the process tree.",
+        "Wall: whole process incl. start-up; job: without start-up; CPU: user + system over the process tree "
+        "(steadier than wall on a busy machine). Peak RSS: summed over the process tree.",
         "",
-        "| events | engine | median wall s | median job s | events/s (wall) | peak RSS MB | wall s, all runs |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| events | engine | median wall s | median job s | median CPU s | events/s (wall) | peak RSS MB | wall s, all runs |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for events, size in results["sizes"].items():
         for engine, summary in size["engines"].items():
             walls = ", ".join(_fmt(r["wall_s"]) if "counts" in r else "failed" for r in summary["runs"])
             lines.append(f"| {int(events):,} | {ENGINE_LABELS[engine]} | {_fmt(summary['median_wall_s'])} | {_fmt(summary['median_job_s'])} "
+                         f"| {_fmt(summary['median_cpu_s'])} "
                          f"| {_fmt(summary['events_per_s'], 0)} | {_fmt(summary['median_peak_rss_mb'], 0)} | {walls} |")
-    lines += ["", "| events | Spark / DuckDB wall | Spark --no-validation / DuckDB wall | Spark / DuckDB job | Spark --no-validation / DuckDB job |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += ["", "Spark / DuckDB, from the medians above (real job / --no-validation):", "",
+              "| events | wall | job | CPU |", "|---:|---:|---:|---:|"]
     for events, size in results["sizes"].items():
-        r = size["ratios"]
-        lines.append(f"| {int(events):,} | {_fmt(r['spark_over_duckdb']['wall'], 2)} | {_fmt(r['spark_no_validation_over_duckdb']['wall'], 2)} "
-                     f"| {_fmt(r['spark_over_duckdb']['job'], 2)} | {_fmt(r['spark_no_validation_over_duckdb']['job'], 2)} |")
+        real, same = size["ratios"]["spark_over_duckdb"], size["ratios"]["spark_no_validation_over_duckdb"]
+        lines.append(f"| {int(events):,} | " + " | ".join(f"{_fmt(real[m], 1)} / {_fmt(same[m], 1)}" for m in ("wall", "job", "cpu")) + " |")
     if results["scaling"]:
         s = results["scaling"]
         lines += ["", f"Scaling {s['from_events']:,} -> {s['to_events']:,} events (linear = {s['linear']:g}):", "",
-                  "| engine | wall ratio | job ratio |", "|---|---:|---:|"]
-        lines += [f"| {ENGINE_LABELS[e]} | {_fmt(v['wall'], 2)} | {_fmt(v['job'], 2)} |" for e, v in s["engines"].items()]
+                  "| engine | wall ratio | job ratio | CPU ratio |", "|---|---:|---:|---:|"]
+        lines += [f"| {ENGINE_LABELS[e]} | {_fmt(v['wall'], 2)} | {_fmt(v['job'], 2)} | {_fmt(v['cpu'], 2)} |" for e, v in s["engines"].items()]
     if results["targets"]:
         t3, tl = results["targets"]["spark_within_3x_of_duckdb"], results["targets"]["scaling_no_worse_than_linear"]
         verdict = lambda t: "met" if t["met"] else ("not measured" if t["met"] is None else "NOT met")  # noqa: E731
@@ -779,8 +793,8 @@ def run_benchmark(sizes: Sequence[int], repeats: int, keep_data: bool) -> dict:
                 out_root = out_dir / f"{engine}-{repeat}"
                 record = runners[engine](raw_root, out_root, WORK_DIR / "logs" / f"{events}-{engine}-{repeat}")
                 runs[engine].append(record)
-                log.info("%d events, %s run %d: wall %.1fs, job %s s, peak RSS %.0f MB%s", events, engine, repeat,
-                         record["wall_s"], record["job_s"], record["peak_rss_mb"], " FAILED" if "error" in record else "")
+                log.info("%d events, %s run %d: wall %.1fs, job %s s, CPU %.1fs, peak RSS %.0f MB%s", events, engine, repeat,
+                         record["wall_s"], record["job_s"], record["cpu_s"], record["peak_rss_mb"], " FAILED" if "error" in record else "")
                 if repeat > 0:  # the first run's output is kept for the table comparison
                     shutil.rmtree(out_root, ignore_errors=True)
         first = {e: out_dir / f"{e}-0" / f"ds={DS}" for e in ("spark", "duckdb")}

@@ -18,10 +18,10 @@ from pipeline.data import (
     EVENT_TYPES,
     ITEM_SCHEMA,
     USER_SCHEMA,
-    convert_movielens,
-    generate_synthetic_logs,
 )
 from pipeline.data import movielens, synthetic
+from pipeline.data.movielens import convert_movielens
+from pipeline.data.synthetic import generate_synthetic_logs
 
 UTC = dt.timezone.utc
 

@@ -1,4 +1,4 @@
-"""Raw event-log contract, the MovieLens converter and the synthetic log generator."""
+"""Raw event-log contract; the MovieLens converter and the synthetic generator live in their modules."""
 
 from pipeline.data.contract import (
     EVENT_SCHEMA,
@@ -8,16 +8,15 @@ from pipeline.data.contract import (
     event_partition_dir,
     write_event_partition,
 )
-from pipeline.data.movielens import convert_movielens
-from pipeline.data.synthetic import generate_synthetic_logs
+
+# The converter and the generator are run as `python -m pipeline.data.<module>`; importing
+# them here would load them twice. Import them from their modules.
 
 __all__ = [
     "EVENT_SCHEMA",
     "EVENT_TYPES",
     "ITEM_SCHEMA",
     "USER_SCHEMA",
-    "convert_movielens",
     "event_partition_dir",
-    "generate_synthetic_logs",
     "write_event_partition",
 ]
