@@ -220,7 +220,7 @@ class GateConfig:
 
     metrics: tuple[str, ...] = ("ndcg@10", "recall@20")
     mode: str = "relative"
-    min_change_vs_teacher: float = -0.10
+    min_change_vs_teacher: float = -0.05
     min_change_vs_champion: float = -0.02
     floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
