@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -152,9 +154,14 @@ def fit_als(features_dir: str | Path, cfg: EvalConfig, seed: int, spark: Any = N
             .config("spark.sql.shuffle.partitions", "4")
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
+            # ALS's iterative lineage can overflow the default JVM thread stack.
+            .config("spark.driver.extraJavaOptions", "-Xss64m")
             .getOrCreate()
         )
+    checkpoints = tempfile.mkdtemp(prefix="als-checkpoints-")
     try:
+        # Checkpointing every few iterations truncates the lineage (else StackOverflowError).
+        spark.sparkContext.setCheckpointDir(checkpoints)
         started = time.perf_counter()
         train = (
             spark.read.parquet(str(features_dir / "interactions"))
@@ -164,6 +171,7 @@ def fit_als(features_dir: str | Path, cfg: EvalConfig, seed: int, spark: Any = N
         als = ALS(
             implicitPrefs=True, rank=cfg.als_rank, regParam=cfg.als_reg, alpha=cfg.als_alpha, maxIter=cfg.als_iterations,
             seed=seed, userCol="user_idx", itemCol="item_idx", ratingCol="weight", coldStartStrategy="drop",
+            checkpointInterval=5,
         )
         model = als.fit(train)
         user_vectors = _factor_matrix(model.userFactors.collect(), n_users, cfg.als_rank)
@@ -176,6 +184,7 @@ def fit_als(features_dir: str | Path, cfg: EvalConfig, seed: int, spark: Any = N
     finally:
         if own_session:
             spark.stop()
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return EmbeddingScorer(user_vectors, item_vectors)
 
 
@@ -590,7 +599,8 @@ def format_table(models: dict[str, dict], columns: Sequence[str] = ("ndcg@10", "
     """A fixed-width table of the models' metrics, for logs."""
     header = f"{'model':14}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>10}{'p50 ms':>9}"
     lines = [header]
-    for name, row in models.items():
+    order = ["teacher", "student_kd", "student_plain", "champion", "als", "most_popular"]
+    for name, row in sorted(models.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
         values = "".join(f"{row[c]:12.4f}" if isinstance(row.get(c), float) else f"{'-':>12}" for c in columns)
         params = f"{row['trainable_params']:>10,}" if row.get("trainable_params") else f"{'-':>10}"
         latency = f"{row['latency_ms_p50']:9.1f}" if row.get("latency_ms_p50") else f"{'-':>9}"
