@@ -12,10 +12,15 @@ evenly over the engines:
 * ``duckdb``: :func:`extract_features_duckdb`, the job's aggregation written in SQL, run
   in a subprocess of this script (``--duckdb-only``) so that both are measured alike.
 
-Every engine is measured the same way: wall time of the process (start-up included) and
-peak RSS summed over its process tree (the JVM is a child of the Spark job's Python),
-sampled every ``POLL_SECONDS``. "Job time" leaves start-up out: the Spark job's own
-``wrote ... in X.Xs`` log line, DuckDB's time from connecting to the last write.
+Every engine is measured the same way: wall time of the process (start-up included), and
+peak RSS and CPU time summed over its process tree (the JVM is a child of the Spark job's
+Python), sampled every ``POLL_SECONDS``. "Job time" leaves start-up out: the Spark job's
+own ``wrote ... in X.Xs`` log line, DuckDB's time from connecting to the last write.
+Spark's stages are read off the timestamps of the job's log lines.
+
+Check: DuckDB's interactions per split must equal every Spark manifest's
+``counts.interactions_by_split``; the first run of each engine is also compared table by
+table (:func:`compare_outputs`). A mismatch is recorded in the results, not raised.
 
 Results go to ``bench/results/features.json`` (every run, medians, ratios, targets,
 output checks) and ``bench/results/features.md`` (the same tables as printed).
@@ -59,7 +64,8 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DS = dt.date(2024, 1, 31)
 WINDOW_DAYS = 30
 SEED = 20240131
-# Events -> (users, items) of the synthetic world; other sizes use DEFAULT_SHAPE's ratios.
+# Events -> (users, items) of the synthetic world; other sizes get one user per
+# EVENTS_PER_USER events and one item per EVENTS_PER_ITEM.
 WORLD_SHAPES = {1_000_000: (10_000, 5_000), 10_000_000: (50_000, 20_000)}
 EVENTS_PER_USER, EVENTS_PER_ITEM = 100, 200
 DEFAULT_SIZES = (1_000_000, 10_000_000)

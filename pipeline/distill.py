@@ -28,13 +28,12 @@ import tensorflow_recommenders as tfrs
 
 from pipeline import cli
 from pipeline.config import DataPaths, PipelineConfig, TrainConfig
-from pipeline.evaluate import EmbeddingScorer, evaluate_scorer
 from pipeline.features import feature_partition, load_item_table, load_user_table, read_manifest
 from pipeline.io import atomic_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
-from pipeline.models import TwoTowerModel, build_student, embed_all, export_retrieval
+from pipeline.models import TwoTowerModel, build_student, export_retrieval
 from pipeline.soft_targets import read_soft_targets
-from pipeline.training import fit_with_early_stopping, interaction_dataset, seed_everything, with_k
+from pipeline.training import seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +94,6 @@ class DistillationModel(tfrs.Model):
         return terms
 
 
-def student_scorer(student: TwoTowerModel, num_users: int, num_items: int) -> EmbeddingScorer:
-    return EmbeddingScorer(embed_all(student.query, num_users), embed_all(student.candidate, num_items))
-
-
 def distill_student(ds: str, paths: DataPaths, cfg: PipelineConfig, soft_targets_dir: str | Path | None = None,
                     name: str = "student") -> dict:
     """Train a student (by distillation, or plainly when ``alpha=1, beta=0``) and export it.
@@ -121,17 +116,8 @@ def distill_student(ds: str, paths: DataPaths, cfg: PipelineConfig, soft_targets
     targets = read_soft_targets(soft_targets_dir, users.size, items.size)
     student = build_student(users, items, cfg.train)
     model = DistillationModel(student, targets, cfg.train)
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate))
-    eval_cfg = with_k(cfg.evaluate, cfg.train.early_stopping_k)
-    watch = f"recall@{cfg.train.early_stopping_k}"
-    dataset = interaction_dataset(features_dir, "train", cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed)
-    fit = fit_with_early_stopping(
-        model, dataset, cfg.train.student_epochs, cfg.train.patience,
-        lambda m: evaluate_scorer(student_scorer(m.student, users.size, items.size), features_dir, "validation", eval_cfg)[watch],
-        label=name,
-    )
-    validation = evaluate_scorer(student_scorer(student, users.size, items.size), features_dir, "validation", eval_cfg)
-    params = int(sum(v.shape.num_elements() for v in student.trainable_variables))
+    fit, validation, params = train_two_tower(model, lambda m: m.student, features_dir, users.size, items.size, cfg,
+                                              cfg.train.student_epochs, name)
     version = f"{ds}-{cfg.config_hash()[:10]}"
     soft_manifest = json.loads((soft_targets_dir / "manifest.json").read_text())
     meta = {
@@ -145,7 +131,8 @@ def distill_student(ds: str, paths: DataPaths, cfg: PipelineConfig, soft_targets
         export_retrieval(student, users, items, tmp / "saved_model", k=cfg.train.top_k)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / "metadata.json", meta)
-    log.info("%s %s: %d params, best epoch %d, validation %s=%.4f", name, version, params, fit.best_epoch, watch, fit.best_score)
+    log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", name, version, params, fit.best_epoch,
+             cfg.train.early_stopping_k, fit.best_score)
     return {"path": str(final), "version": version, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
             "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta["teacher_version"],
             "soft_targets": str(soft_targets_dir), "seconds": fit.seconds}

@@ -19,11 +19,10 @@ import tensorflow as tf
 
 from pipeline import cli
 from pipeline.config import DataPaths, PipelineConfig
-from pipeline.evaluate import EmbeddingScorer, evaluate_scorer
 from pipeline.features import feature_partition, load_item_table, load_user_table, read_manifest
 from pipeline.io import atomic_dir, write_json
-from pipeline.models import build_teacher, embed_all, export_retrieval
-from pipeline.training import fit_with_early_stopping, interaction_dataset, seed_everything, with_k
+from pipeline.models import build_teacher, export_retrieval
+from pipeline.training import seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,6 @@ def teacher_version(ds: str, features_dir: Path, cfg: PipelineConfig) -> str:
     settings = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("student", "student_epochs", "temperature", "alpha", "beta", "soft_loss", "ranking_decay", "sampled_negatives", "top_k")}
     blob = json.dumps({"manifest": read_manifest(features_dir), "train": settings}, sort_keys=True, default=str).encode()
     return f"{ds}-{hashlib.sha256(blob).hexdigest()[:10]}"
-
-
-def validation_scorer(model, users_size: int, items_size: int) -> EmbeddingScorer:
-    return EmbeddingScorer(embed_all(model.query, users_size), embed_all(model.candidate, items_size))
 
 
 def train_teacher(ds: str, paths: DataPaths, cfg: PipelineConfig, reuse_latest: bool = False) -> dict:
@@ -66,17 +61,8 @@ def train_teacher(ds: str, paths: DataPaths, cfg: PipelineConfig, reuse_latest: 
     users = load_user_table(features_dir, read_manifest(features_dir)["config"][HISTORY_LENGTH_KEY])
     items = load_item_table(features_dir)
     model = build_teacher(users, items, cfg.train)
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate))
-    eval_cfg = with_k(cfg.evaluate, cfg.train.early_stopping_k)
-    watch = f"recall@{cfg.train.early_stopping_k}"
-    dataset = interaction_dataset(features_dir, "train", cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed)
-    fit = fit_with_early_stopping(
-        model, dataset, cfg.train.teacher_epochs, cfg.train.patience,
-        lambda m: evaluate_scorer(validation_scorer(m, users.size, items.size), features_dir, "validation", eval_cfg)[watch],
-        label="teacher",
-    )
-    validation = evaluate_scorer(validation_scorer(model, users.size, items.size), features_dir, "validation", eval_cfg)
-    params = int(sum(v.shape.num_elements() for v in model.trainable_variables))
+    fit, validation, params = train_two_tower(model, lambda m: m, features_dir, users.size, items.size, cfg,
+                                              cfg.train.teacher_epochs, "teacher")
     meta = {
         "version": version, "ds": ds, "role": "teacher", "features": str(features_dir),
         "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
@@ -88,7 +74,8 @@ def train_teacher(ds: str, paths: DataPaths, cfg: PipelineConfig, reuse_latest: 
         export_retrieval(model, users, items, tmp / "saved_model", k=cfg.train.top_k)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / "metadata.json", meta)
-    log.info("teacher %s: %d params, best epoch %d, validation %s=%.4f, %.0fs", version, params, fit.best_epoch, watch, fit.best_score, fit.seconds)
+    log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs", version, params, fit.best_epoch,
+             cfg.train.early_stopping_k, fit.best_score, fit.seconds)
     return {**_summary(meta, final), "reused": False}
 
 

@@ -98,6 +98,39 @@ def fit_with_early_stopping(
     return FitResult(best_epoch, float(best_score), history, round(time.perf_counter() - started, 2))
 
 
+def train_two_tower(model: tf.keras.Model, towers: Callable[[tf.keras.Model], tf.keras.Model], features_dir: str | Path,
+                    num_users: int, num_items: int, cfg, epochs: int, label: str) -> tuple[FitResult, dict, int]:
+    """Compile and fit ``model`` on the train split, early-stopping on validation Recall@K.
+
+    Args:
+        model: The model to train (a two-tower model, or a distillation model around one).
+        towers: ``model`` -> the two-tower model whose query and candidate towers are judged.
+        features_dir: The feature partition.
+        num_users, num_items: Vocabulary sizes (with padding).
+        cfg: :class:`pipeline.config.PipelineConfig`.
+        epochs: Most epochs.
+        label: Name in the log lines.
+
+    Returns:
+        ``(fit result, validation metrics of the best weights, trainable parameters of the towers)``.
+    """
+    from pipeline.evaluate import EmbeddingScorer, evaluate_scorer
+    from pipeline.models import embed_all
+
+    def validation(m: tf.keras.Model) -> dict:
+        two_tower = towers(m)
+        scorer = EmbeddingScorer(embed_all(two_tower.query, num_users), embed_all(two_tower.candidate, num_items))
+        return evaluate_scorer(scorer, features_dir, "validation", eval_cfg)
+
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate))
+    eval_cfg = with_k(cfg.evaluate, cfg.train.early_stopping_k)
+    watch = f"recall@{cfg.train.early_stopping_k}"
+    dataset = interaction_dataset(features_dir, "train", cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed)
+    fit = fit_with_early_stopping(model, dataset, epochs, cfg.train.patience, lambda m: validation(m)[watch], label)
+    params = int(sum(v.shape.num_elements() for v in towers(model).trainable_variables))
+    return fit, validation(model), params
+
+
 def with_k(cfg: EvalConfig, k: int) -> EvalConfig:
     """``cfg`` with ``k`` among its cut-offs (early stopping watches Recall@k)."""
     return dataclasses.replace(cfg, ks=tuple(sorted(set(cfg.ks) | {k})))

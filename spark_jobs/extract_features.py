@@ -113,8 +113,9 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
     UTC; a negative or NaN ``value``; an ``event_id`` seen with conflicting content.
     Expects exact duplicates already removed.
     """
-    start = dt.datetime.combine(window_start, dt.time.min)
-    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min)
+    # UTC-aware bounds: a naive datetime literal would be read in the driver's local time zone.
+    start = dt.datetime.combine(window_start, dt.time.min, tzinfo=dt.timezone.utc)
+    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
     copies = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
     reason = (
         F.when(F.col("event_id").isNull() | F.col("user_id").isNull() | F.col("item_id").isNull(), "null_id")
@@ -193,12 +194,14 @@ def build_user_features(events: DataFrame, interactions: DataFrame, users: DataF
     """
     train = interactions.where(F.col("split") == "train").select("user_id", "item_id", "first_ts")
     train_events = events.join(train.select("user_id", "item_id"), on=["user_id", "item_id"], how="inner")
-    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min)
+    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
     activity = train_events.groupBy("user_id").agg(
         *[F.sum((F.col("event_type") == t).cast("int")).alias(f"n_{t}") for t in EVENT_TYPES],
         ((F.lit(end).cast("double") - F.max("event_ts").cast("double")) / 86400.0).alias("recency_days"),
     )
-    recent = F.slice(F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx"))), -cfg.history_length, cfg.history_length)
+    ordered = F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx")))
+    # slice() with a negative start returns [] for arrays shorter than N: start from max(1, size - N + 1).
+    recent = F.slice(ordered, F.greatest(F.lit(1), F.size(ordered) - cfg.history_length + 1), cfg.history_length)
     history = (
         train.join(item_vocab, on="item_id", how="inner")
         .groupBy("user_id")

@@ -57,6 +57,9 @@ def test_transform_matches_hand_worked_features(spark):
     assert (alice.age, alice.gender) == (30, "F")
     assert bob.recency_days == pytest.approx(12 / 24)  # Jan 3 12:00 -> Jan 4 00:00
     assert bob.history_item_ids == ["i1", "i2"] and bob.age is None
+    # A user with fewer train items than history_length keeps all of them (oldest first).
+    longer = job.transform(frame(spark, ALICE_BOB), items, users, DS, dataclasses.replace(CFG, history_length=5))
+    assert {r.user_id: r.history_item_ids for r in longer.user_features.collect()} == {"alice": ["i1", "i2", "i3"], "bob": ["i1", "i2"]}
     # Vocabularies: sorted ids numbered from 1; the never-seen catalogue item i6 is included.
     expected_vocab = spark.createDataFrame([(i, n + 1) for n, i in enumerate(ITEMS)], "item_id string, item_idx int")
     assertDataFrameEqual(tables.item_vocab, expected_vocab)
@@ -204,3 +207,18 @@ def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
     assert "raw_events: expect_column_values_to_not_be_null(user_id): 3 of 11 rows unexpected" in message
     assert (tmp_path / "out" / "_validation" / f"ds={DS}" / "raw" / "index.html").exists()
     assert not (tmp_path / "out" / f"ds={DS}").exists()
+
+
+def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch):
+    import time as time_module
+
+    # 01:00 UTC on the window's first day: inside the window whatever the driver's local zone.
+    early = [event("early", "alice", "i1", "view", ts(1, 1))]
+    monkeypatch.setenv("TZ", "America/New_York")
+    time_module.tzset()
+    try:
+        flagged = job.flag_invalid_events(frame(spark, early), dt.date(2024, 1, 1), DS)
+        assert flagged.first().quarantine_reason is None
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
