@@ -267,6 +267,10 @@ def main(argv=None) -> int:
     gate = summary["gate"]
     registry = Registry(Path(args.data_root) / "registry")
     print(f"\nrun {summary['run']['run_key']}  (ds={args.ds})\n")
+    manifest = read_manifest(Path(args.data_root) / "features" / f"ds={args.ds}")
+    print("features: " + ", ".join(f"{name} {table['rows']:,}" for name, table in manifest["tables"].items()))
+    print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items() if isinstance(v, int)))
+    print("splits:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"]["interactions_by_split"].items()) + "\n")
     print(format_table(summary["evaluation"]["models"]))
     print(f"\ngate: {gate['decision']}")
     for line in gate["reasons"] + [f"warning: {w}" for w in gate["warnings"]]:
