@@ -1,8 +1,8 @@
 """Serving cost of the exported teacher and students, measured side by side.
 
-Run as ``.venv/bin/python bench/latency.py [--data-root bench/work/quality] [--rounds 5]``
-after ``bench/quality.py``: it takes the newest teacher, distilled student and plain
-student SavedModels there and times batched top-100 queries in interleaved rounds
+Run as ``.venv/bin/python bench/latency.py [--data-root bench/work/quality] [--rounds 5]
+[--set ...]`` after ``bench/quality.py``: it takes the teacher, distilled student and plain
+student that the settings identify there (the catalogue's lineage) and times batched top-100 queries in interleaved rounds
 (teacher, student, plain, teacher, ...) in one process, so that machine noise falls on
 all of them alike. Medians over rounds go to ``bench/results/latency_ml100k.json``.
 """
@@ -22,15 +22,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 import pipeline  # noqa: E402,F401
-from pipeline.config import DataPaths, load_config  # noqa: E402
-from pipeline.evaluate import _limit_tf_threads, directory_bytes, measure_latency  # noqa: E402
+from bench.quality import DS  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.catalog import Catalog  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.evaluate import run_models  # noqa: E402
+from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_latency  # noqa: E402
 from pipeline.features import load_user_table  # noqa: E402
-
-DS = "1998-04-22"
-
-
-def newest(path: Path) -> Path:
-    return sorted(path.glob(f"{DS}-*/saved_model"), key=lambda p: p.stat().st_mtime)[-1]
 
 
 def stage_times(saved_model: Path, users, batch: int = 1024, repeats: int = 20) -> dict:
@@ -68,19 +66,19 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=str(REPO_ROOT / "bench" / "work" / "quality"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON", help="the settings the models were trained with")
     args = parser.parse_args(argv)
-    _limit_tf_threads()
-    paths = DataPaths(Path(args.data_root))
-    models = {"teacher": newest(paths.models / "teacher"), "student_kd": newest(paths.models / "student"),
-              "student_plain": newest(paths.models / "student_plain")}
-    users = load_user_table(paths.features / f"ds={DS}", 20).user_ids[1:]
+    limit_tf_threads()
+    catalog, cfg = Catalog(Path(args.data_root)), load_config(cli.overrides(args.set))
+    models = {name: path / "saved_model" for name, path in run_models(DS, catalog, cfg, plain=True).items()}
+    users = load_user_table(catalog.features(DS)).user_ids[1:]
     results = {"load_average_start": os.getloadavg(), "rounds": args.rounds, "models": {}}
     for batch in args.batch_sizes:
-        cfg = dataclasses.replace(load_config().evaluate, latency_batch_size=batch, latency_repeats=30)
+        timing = dataclasses.replace(cfg.evaluate, latency_batch_size=batch, latency_repeats=30)
         runs = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, path in models.items():
-                runs[name].append(measure_latency(path, users, cfg))
+                runs[name].append(measure_latency(path, users, timing))
         for name, measured in runs.items():
             row = results["models"].setdefault(name, {"saved_model_bytes": directory_bytes(models[name]), "path": str(models[name])})
             row[f"batch_{batch}"] = {key: statistics.median(m[key] for m in measured)

@@ -1,12 +1,13 @@
 """Quality and cost of teacher, distilled student and baselines on real MovieLens-100K.
 
-Run as ``.venv/bin/python bench/quality.py [--seeds 42 43 44] [--set train.alpha=0.5 ...]``.
+Run as ``.venv/bin/python bench/quality.py [--seeds 42 43 44] [--set distill.alpha=0.5 ...]``.
 
 From a clean checkout it converts ML-100K (shipped in the recbole wheel) into raw logs,
 runs the Spark feature job once (features are deterministic), then for each seed trains
 the teacher, writes soft targets, distils the student, trains the same student without
-distillation (alpha=1, beta=0, same epochs and seed) and fits ALS, and evaluates them all
-on the same test split with ``pipeline.evaluate.evaluate_run`` (MostPopular included).
+distillation (alpha=1, beta=0, same epochs and seed) -- all through
+``pipeline.chain.run_chain`` -- and evaluates them all, with ALS and MostPopular, on the
+same test split with ``pipeline.evaluate.evaluate_run``.
 Latencies of teacher and student are measured side by side in the same process.
 
 Writes ``bench/results/quality_ml100k.json`` (every seed, mean and spread, targets, gap
@@ -33,7 +34,8 @@ if __package__ in (None, ""):
 
 import pipeline  # noqa: E402,F401
 from pipeline import cli  # noqa: E402
-from pipeline.config import DataPaths, load_config  # noqa: E402
+from pipeline.catalog import Catalog  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.data.movielens import convert_movielens  # noqa: E402
 
 log = logging.getLogger("bench.quality")
@@ -44,30 +46,28 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "hitrate@10", "mrr", 
 COSTS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
 
 
-def prepare_features(paths: DataPaths) -> None:
+def prepare_features(catalog: Catalog) -> None:
     """Raw ML-100K logs and their features (skipped when already published)."""
-    if (paths.features / f"ds={DS}" / "manifest.json").is_file():
+    try:
+        catalog.features(DS)
         return
-    convert_movielens(paths.raw)
-    subprocess.run([sys.executable, "-m", "spark_jobs.extract_features", "--raw", str(paths.raw), "--out", str(paths.features),
-                    "--ds", DS, "--window-days", str(WINDOW_DAYS)], check=True, cwd=REPO_ROOT)
+    except FileNotFoundError:
+        pass
+    convert_movielens(catalog.raw)
+    subprocess.run([sys.executable, "-m", "spark_jobs.extract_features", "--raw", str(catalog.raw), "--out",
+                    str(catalog.features_root), "--ds", DS, "--window-days", str(WINDOW_DAYS)], check=True, cwd=REPO_ROOT)
 
 
-def run_seed(paths: DataPaths, cfg, seed: int) -> dict:
-    from pipeline.distill import distill_student, plain_config
-    from pipeline.evaluate import evaluate_run
-    from pipeline.soft_targets import generate_soft_targets
-    from pipeline.train_teacher import train_teacher
+def run_seed(catalog: Catalog, cfg, seed: int) -> dict:
+    from pipeline.chain import run_chain
+    from pipeline.evaluate import evaluate_run, run_models
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))
     started = time.perf_counter()
-    teacher = train_teacher(DS, paths, cfg)
-    soft = generate_soft_targets(DS, paths, cfg, teacher["path"])
-    kd = distill_student(DS, paths, cfg, soft["path"], name="student")
-    plain = distill_student(DS, paths, plain_config(cfg), soft["path"], name="student_plain")
-    result = evaluate_run(DS, paths, cfg, teacher["path"], kd["path"], plain["path"], seed=seed)
-    result["training"] = {name: {k: run[k] for k in ("best_epoch", "epochs", "seconds")} for name, run in
-                          (("teacher", teacher), ("student_kd", kd), ("student_plain", plain))}
+    chain = run_chain(DS, catalog, cfg, plain_baseline=True)
+    result = evaluate_run(DS, catalog, cfg, run_models(DS, catalog, cfg, plain=True))
+    result["training"] = {name: {k: chain[stage][k] for k in ("best_epoch", "epochs", "seconds")} for name, stage in
+                          (("teacher", "teacher"), ("student_kd", "student"), ("student_plain", "student_plain"))}
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -137,11 +137,11 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON")
     args = parser.parse_args(argv)
     cfg = load_config(cli.overrides(args.set))
-    paths = DataPaths(Path(args.data_root))
-    prepare_features(paths)
+    catalog = Catalog(Path(args.data_root))
+    prepare_features(catalog)
     runs = []
     for seed in args.seeds:
-        runs.append({"seed": seed, **run_seed(paths, cfg, seed)})
+        runs.append({"seed": seed, **run_seed(catalog, cfg, seed)})
         log.info("seed %d done in %.0fs", seed, runs[-1]["seconds"])
     summary = summarise(runs)
     checks = targets(summary, runs)

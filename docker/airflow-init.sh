@@ -17,7 +17,7 @@ if [[ "$(id -u)" != "0" ]]; then
   exit 1
 fi
 
-# The project's DataPaths layout; docker-compose.yaml mounts one named volume on each.
+# The artifact catalogue's layout (pipeline/catalog.py); docker-compose.yaml mounts one named volume on each.
 for name in raw features soft_targets models registry reports; do
   mkdir -p "${RECSYS_DATA_ROOT}/${name}"
   chown "${AIRFLOW_UID}:0" "${RECSYS_DATA_ROOT}/${name}"

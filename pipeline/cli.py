@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.config import ConfigError, DataPaths, PipelineConfig, load_config, parse_ds
+from pipeline.catalog import Catalog
+from pipeline.config import ConfigError, PipelineConfig, load_config, parse_ds
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -19,12 +20,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline config JSON file")
     p.add_argument("--data-root", default="data", help="root of raw/, features/, models/, ... (default: data)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
-                   help='override one setting, e.g. --set train.alpha=0.7 (repeatable)')
+                   help='override one setting, e.g. --set distill.alpha=0.7 (repeatable)')
     return p
 
 
 def overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["train.alpha=0.7", "train.student.embedding_dim=8"]`` -> nested dict."""
+    """``["distill.alpha=0.7", "student.embedding_dim=8"]`` -> nested dict."""
     nested: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -42,8 +43,17 @@ def overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def run_step(step: Callable[[str, DataPaths, PipelineConfig], dict], description: str, argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run ``step(ds, paths, cfg)``, print its result as JSON.
+def settings(args: argparse.Namespace) -> tuple[str, Catalog, PipelineConfig]:
+    """``(ds, catalog, cfg)`` from parsed :func:`parser` arguments.
+
+    Raises:
+        ConfigError: A bad date or setting.
+    """
+    return parse_ds(args.ds).isoformat(), Catalog(Path(args.data_root)), load_config(overrides(args.set), args.config)
+
+
+def run_step(step: Callable[[str, Catalog, PipelineConfig], dict], description: str, argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run ``step(ds, catalog, cfg)``, print its result as JSON.
 
     Returns:
         0 on success, 2 on a bad argument or setting, 1 on a failed step.
@@ -51,13 +61,12 @@ def run_step(step: Callable[[str, DataPaths, PipelineConfig], dict], description
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser(description).parse_args(argv)
     try:
-        ds = parse_ds(args.ds).isoformat()
-        cfg = load_config(overrides(args.set), args.config)
+        ds, catalog, cfg = settings(args)
     except ConfigError as err:
         logging.getLogger(__name__).error("%s", err)
         return 2
     try:
-        result = step(ds, DataPaths(Path(args.data_root)), cfg)
+        result = step(ds, catalog, cfg)
     except (FileNotFoundError, ValueError) as err:
         logging.getLogger(__name__).error("%s", err)
         return 1

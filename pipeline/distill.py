@@ -1,24 +1,23 @@
 """Distil the teacher's soft targets into a small student:
-``python -m pipeline.distill --ds ... [--set train.alpha=0.7 ...]``.
+``python -m pipeline.distill --ds ... [--set distill.alpha=0.7 ...]``.
 
 Loss per batch of interactions ``(user, item)``::
 
     alpha * hard                          in-batch softmax on the true interactions
-  + (1 - alpha) * T^2 * KL(p_t || p_s)    over the user's teacher top-K + sampled negatives
+  + (1 - alpha) * T^2 * KL(p_t || p_s)    over the user's teacher top-K + sampled negatives (T: distill_temperature)
   + beta * hint                           MSE(P(student hidden), teacher embedding), users and items
 
 The teacher is never trained or even loaded here: its scores and embeddings come from the
 soft-target Parquet and are held as non-trainable tensors. ``P`` (the hint projections)
 belongs to :class:`DistillationModel` only, so the exported student does not carry it.
-With ``alpha=1, beta=0`` the same code trains the plain student (the no-distillation baseline).
+With ``alpha=1, beta=0`` (:meth:`PipelineConfig.plain_student`) the same code trains the
+plain student, the no-distillation baseline.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -27,8 +26,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline import cli
-from pipeline.config import DataPaths, PipelineConfig, TrainConfig
-from pipeline.features import feature_partition, load_item_table, load_user_table, read_manifest
+from pipeline.catalog import MANIFEST, METADATA, Catalog
+from pipeline.config import DistillConfig, PipelineConfig
+from pipeline.features import load_item_table, load_user_table
 from pipeline.io import atomic_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
 from pipeline.models import TwoTowerModel, build_student, export_retrieval
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 class DistillationModel(tfrs.Model):
     """A student plus the frozen teacher signal and the training-only hint projections."""
 
-    def __init__(self, student: TwoTowerModel, targets: dict[str, np.ndarray], cfg: TrainConfig, **kwargs):
+    def __init__(self, student: TwoTowerModel, targets: dict[str, np.ndarray], cfg: DistillConfig,
+                 retrieval_temperature: float, **kwargs):
         super().__init__(**kwargs)
         self.student = student
         self.cfg = cfg
@@ -51,12 +52,13 @@ class DistillationModel(tfrs.Model):
         self.teacher_item = frozen("item_embedding")  # [items, D]
         self.num_items = int(targets["item_embedding"].shape[0])
         # Scores -> logits, as each model was trained: its scores divided by its retrieval temperature.
-        self.teacher_scale = float(targets.get("logit_scale", 1.0))
-        self.student_scale = 1.0 / cfg.retrieval_temperature
+        self.teacher_scale = float(targets["logit_scale"])
+        self.student_scale = 1.0 / retrieval_temperature
         teacher_dim = int(targets["user_embedding"].shape[1])
         self.user_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_user")
         self.item_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_item")
-        self.soft_loss = SoftTargetLoss(cfg.temperature, cfg.soft_loss, cfg.top_k, cfg.ranking_decay)
+        top_k = int(targets["topk_item_idx"].shape[1])
+        self.soft_loss = SoftTargetLoss(cfg.distill_temperature, cfg.soft_loss, top_k, cfg.ranking_decay)
 
     def loss_terms(self, features: dict, training: bool = True) -> dict[str, tf.Tensor]:
         """Every loss term of one batch by name, and their weighted ``loss``."""
@@ -94,78 +96,52 @@ class DistillationModel(tfrs.Model):
         return terms
 
 
-def distill_student(ds: str, paths: DataPaths, cfg: PipelineConfig, soft_targets_dir: str | Path | None = None,
-                    name: str = "student") -> dict:
+def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = "student") -> dict:
     """Train a student (by distillation, or plainly when ``alpha=1, beta=0``) and export it.
 
     Args:
         ds: Logical date of the features.
-        paths: Data layout.
-        cfg: Settings; ``cfg.train`` holds T, alpha, beta, the loss variant and epochs.
-        soft_targets_dir: Soft targets to learn from; the latest of ``ds`` by default.
-        name: Output name under ``<data>/models/<name>/<ds>-<config hash>/``.
+        catalog: Where artifacts live; the soft targets are those ``cfg`` identifies.
+        cfg: Settings; ``cfg.distill`` holds T, alpha, beta and the loss variant, ``cfg.student``
+            the architecture and epochs.
+        role: ``"student"`` or ``"student_plain"`` (the catalogue keeps them apart).
 
     Returns:
-        ``{"path", "version", "metrics", "history", "trainable_params", ...}``.
+        ``{"path", "version", "metrics", "best_epoch", "epochs", "trainable_params", "teacher_version", ...}``.
+
+    Raises:
+        ArtifactNotFound: When the features or the soft targets have not been published.
     """
-    features_dir = feature_partition(paths.features, ds)
-    soft_targets_dir = Path(soft_targets_dir) if soft_targets_dir else _latest_soft_targets(paths, ds)
-    seed_everything(cfg.train.seed)
-    users = load_user_table(features_dir, read_manifest(features_dir)["config"]["history_length"])
-    items = load_item_table(features_dir)
+    features_dir = catalog.features(ds)
+    soft_targets_dir = catalog.soft_targets(ds, cfg)
+    seed_everything(cfg.training.seed)
+    users, items = load_user_table(features_dir), load_item_table(features_dir)
     targets = read_soft_targets(soft_targets_dir, users.size, items.size)
-    student = build_student(users, items, cfg.train)
-    model = DistillationModel(student, targets, cfg.train)
+    student = build_student(users, items, cfg)
+    model = DistillationModel(student, targets, cfg.distill, cfg.training.retrieval_temperature)
     fit, validation, params = train_two_tower(model, lambda m: m.student, features_dir, users.size, items.size, cfg,
-                                              cfg.train.student_epochs, name)
-    version = f"{ds}-{cfg.config_hash()[:10]}"
-    soft_manifest = json.loads((soft_targets_dir / "manifest.json").read_text())
+                                              cfg.student.epochs, role)
+    final = catalog.student(ds, cfg, role)
+    soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
     meta = {
-        "version": version, "ds": ds, "role": name, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
+        "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
         "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
         "trainable_params": params, "metrics": {"validation": validation}, "best_epoch": fit.best_epoch,
         "history": fit.history, "seconds": fit.seconds, "tensorflow": tf.__version__,
     }
-    final = paths.models / name / version
     with atomic_dir(final) as tmp:
-        export_retrieval(student, users, items, tmp / "saved_model", k=cfg.train.top_k)
+        export_retrieval(student, users, items, tmp / "saved_model", k=cfg.serving.top_k)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
-        write_json(tmp / "metadata.json", meta)
-    log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", name, version, params, fit.best_epoch,
-             cfg.train.early_stopping_k, fit.best_score)
-    return {"path": str(final), "version": version, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
+        write_json(tmp / METADATA, meta)
+    log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,
+             cfg.training.early_stopping_k, fit.best_score)
+    return {"path": str(final), "version": final.name, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
             "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta["teacher_version"],
             "soft_targets": str(soft_targets_dir), "seconds": fit.seconds}
 
 
-def plain_config(cfg: PipelineConfig) -> PipelineConfig:
-    """The no-distillation baseline: same student, epochs and seed, hard loss only."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, alpha=1.0, beta=0.0))
-
-
-def latest_model(paths: DataPaths, name: str, ds: str, required: bool = True) -> Path | None:
-    """The most recently written ``<data>/models/<name>/<ds>-*`` directory."""
-    candidates = sorted((paths.models / name).glob(f"{ds}-*/metadata.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        if required:
-            raise FileNotFoundError(f"no {name} model for ds={ds} under {paths.models / name}")
-        return None
-    return candidates[-1].parent
-
-
-def _latest_soft_targets(paths: DataPaths, ds: str) -> Path:
-    candidates = sorted((paths.soft_targets / f"ds={ds}").glob("teacher=*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no soft targets for ds={ds} under {paths.soft_targets}: run soft_targets first")
-    return candidates[-1].parent
-
-
-def _step(ds: str, paths: DataPaths, cfg: PipelineConfig) -> dict:
-    return distill_student(ds, paths, cfg)
-
-
 def main(argv=None) -> int:
-    return cli.run_step(_step, "Distil the teacher into a small student and export it.", argv)
+    return cli.run_step(distill_student, "Distil the teacher into a small student and export it.", argv)
 
 
 if __name__ == "__main__":

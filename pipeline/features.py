@@ -17,28 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # in time order: each is held out after the one before
 AGE_BUCKETS = (18, 25, 35, 45, 55, 65)  # bucket 0: unknown; 1..7: <18, 18-24, ..., >=65
 YEAR_BUCKETS = tuple(range(1930, 2030, 10))  # bucket 0: unknown
 
 
-class FeatureDataError(FileNotFoundError):
-    """The feature directory is missing or incomplete."""
-
-
-def feature_partition(features_root: str | Path, ds: str) -> Path:
-    """``<features_root>/ds=<ds>``, checked to hold a published feature set.
-
-    Raises:
-        FeatureDataError: If there is no manifest there (the feature job has not published it).
-    """
-    path = Path(features_root) / f"ds={ds}"
-    if not (path / "manifest.json").is_file():
-        raise FeatureDataError(f"no published features at {path} (manifest.json missing): run extract_features for ds={ds} first")
-    return path
-
-
 def read_manifest(features_dir: str | Path) -> dict:
+    """The ``manifest.json`` the feature job wrote beside its tables."""
     return json.loads((Path(features_dir) / "manifest.json").read_text())
 
 
@@ -117,8 +102,14 @@ def _codes(values: pa.Array) -> np.ndarray:
     return np.array([vocabulary.get(v, 0) for v in strings], dtype=np.int32)
 
 
-def load_user_table(features_dir: str | Path, history_length: int) -> UserTable:
-    """Read ``user_features`` into a :class:`UserTable`."""
+def load_user_table(features_dir: str | Path, history_length: int | None = None) -> UserTable:
+    """Read ``user_features`` into a :class:`UserTable`.
+
+    Args:
+        features_dir: A published feature set.
+        history_length: Items kept per history; the feature job's own setting by default.
+    """
+    history_length = history_length or read_manifest(features_dir)["config"]["history_length"]
     table = pads.dataset(Path(features_dir) / "user_features", format="parquet").to_table(
         columns=["user_idx", "user_id", "history_item_idx", "age", "gender", "occupation"]
     )

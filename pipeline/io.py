@@ -33,7 +33,7 @@ def atomic_dir(final_dir: str | Path) -> Iterator[Path]:
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-        _fsync_tree(tmp_dir)
+        fsync_tree(tmp_dir)
         publish_dir(tmp_dir, final_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -51,7 +51,8 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return path
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk (before a rename publishes it)."""
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:

@@ -7,6 +7,7 @@ non-trainable tables inside the towers, so the exported model needs nothing but 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from pipeline.config import TowerConfig, TrainConfig
-from pipeline.features import ItemTable, UserTable
+from pipeline.catalog import METADATA, require
+from pipeline.config import PipelineConfig, TowerConfig, TrainingConfig, load_config
+from pipeline.features import ItemTable, UserTable, load_item_table, load_user_table
 
 
 def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
@@ -100,12 +102,12 @@ class TwoTowerModel(tfrs.Model):
     """
 
     def __init__(self, query: QueryTower, candidate: CandidateTower, item_probability: np.ndarray | None,
-                 temperature: float = 1.0, **kwargs):
+                 retrieval_temperature: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.query = query
         self.candidate = candidate
         self.item_probability = None if item_probability is None else tf.constant(item_probability, dtype=tf.float32)
-        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True, temperature=temperature)
+        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True, temperature=retrieval_temperature)
 
     def hard_loss(self, features: dict, training: bool = False) -> tf.Tensor:
         """In-batch softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch."""
@@ -125,25 +127,25 @@ def _item_probability(items: ItemTable) -> np.ndarray:
     return counts / counts.sum()
 
 
-def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, cfg: TrainConfig, name: str) -> TwoTowerModel:
+def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, training: TrainingConfig, name: str) -> TwoTowerModel:
     """A two-tower model with the given architecture and hard-loss settings."""
     return TwoTowerModel(
         QueryTower(users, items.size, tower, name=f"{name}_query"),
         CandidateTower(items, tower, name=f"{name}_candidate"),
-        _item_probability(items) if cfg.logq_correction else None,
-        temperature=cfg.retrieval_temperature,
+        _item_probability(items) if training.logq_correction else None,
+        retrieval_temperature=training.retrieval_temperature,
         name=name,
     )
 
 
-def build_teacher(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
-    """The large teacher: wide id embeddings, pooled history, side features, deep towers."""
-    return build_model(users, items, cfg.teacher, cfg, "teacher")
+def build_teacher(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> TwoTowerModel:
+    """The large teacher (``cfg.teacher``): wide id embeddings, pooled history, side features, deep towers."""
+    return build_model(users, items, cfg.teacher, cfg.training, "teacher")
 
 
-def build_student(users: UserTable, items: ItemTable, cfg: TrainConfig) -> TwoTowerModel:
-    """The small student: same inputs, small embeddings, shallow towers."""
-    return build_model(users, items, cfg.student, cfg, "student")
+def build_student(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> TwoTowerModel:
+    """The small student (``cfg.student``): same inputs, small embeddings, shallow towers."""
+    return build_model(users, items, cfg.student, cfg.training, "student")
 
 
 def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.ndarray:
@@ -169,3 +171,21 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     index(tf.constant(list(users.user_ids[1:2])))  # trace once so the call signature exists
     tf.saved_model.save(index, str(path))
     return Path(path)
+
+
+def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
+    """Rebuild the teacher of ``teacher_dir`` from its recorded settings and load its weights.
+
+    Returns:
+        ``(model, users, items, metadata)``.
+
+    Raises:
+        ArtifactNotFound: When ``teacher_dir`` holds no exported teacher.
+    """
+    teacher_dir = require(Path(teacher_dir), METADATA, "teacher", "run train_teacher first")
+    meta = json.loads((teacher_dir / METADATA).read_text())
+    features_dir = Path(meta["features"])
+    users, items = load_user_table(features_dir), load_item_table(features_dir)
+    model = build_teacher(users, items, load_config(meta["config"]))
+    model.load_weights(str(teacher_dir / "checkpoint" / "weights")).expect_partial()
+    return model, users, items, meta

@@ -23,7 +23,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from pipeline.io import write_json
+from pipeline.io import fsync_tree, write_json
 
 DEFAULT_MODEL = "recsys_student"
 
@@ -56,10 +56,6 @@ class Registry:
         """The serving version, or None before the first promotion."""
         record = self._champion_record()
         return record["version"] if record else None
-
-    def champion_metrics(self) -> dict | None:
-        version = self.champion()
-        return self.lineage(version)["metrics"] if version is not None else None
 
     def find(self, run_key: str) -> int | None:
         """The version already promoted for ``run_key`` (same ds and config), if any."""
@@ -101,7 +97,7 @@ class Registry:
             version = (self.versions() or [0])[-1] + 1
             (tmp / "assets.extra").mkdir(exist_ok=True)
             write_json(tmp / "assets.extra" / "lineage.json", {**lineage, "version": version, "model": self.model})
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.rename(tmp, self.path / str(version))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,13 +130,6 @@ class Registry:
     def _champion_record(self) -> dict | None:
         path = self.path / "champion.json"
         return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def main(argv=None) -> int:

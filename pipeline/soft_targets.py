@@ -1,7 +1,7 @@
 """Batch soft targets: the teacher's top-K per training user, with scores and embeddings.
 
-``python -m pipeline.soft_targets --ds ... [--teacher DIR]`` writes, atomically,
-``<data>/soft_targets/ds=<ds>/teacher=<version>/``:
+``python -m pipeline.soft_targets --ds ... [--config ...]`` writes, atomically, the
+catalogue's soft-target directory of the teacher that the settings identify:
 
 ``users.parquet``, one row per user with train interactions, in ``user_idx`` order:
 
@@ -19,7 +19,7 @@ teacher_user_embedding     fixed_size_list<float32>[D]  teacher query-tower outp
 ``items.parquet``: ``item_idx`` int32, ``item_id`` string, ``teacher_item_embedding``
 fixed_size_list<float32>[D] for every item (the hint targets, and the teacher's score of
 any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts and
-``logit_scale`` (the teacher's logits are scores times it: 1 / its retrieval temperature).
+``logit_scale`` = 1 / the teacher's ``retrieval_temperature`` (its logits are scores times it).
 
 Users are scored in batches, so memory is bounded by ``batch x items``. Scores repeat
 exactly for the same teacher, so re-running writes the same rows.
@@ -40,10 +40,11 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from pipeline import cli
-from pipeline.config import DataPaths, PipelineConfig
-from pipeline.features import feature_partition, load_split_pairs
+from pipeline.catalog import MANIFEST, Catalog, require
+from pipeline.config import PipelineConfig
+from pipeline.features import load_split_pairs
 from pipeline.io import atomic_dir, write_json
-from pipeline.models import embed_all
+from pipeline.models import embed_all, restore_teacher
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +78,25 @@ def top_k_excluding(scores: np.ndarray, exclude: list[np.ndarray], k: int) -> tu
     return order.astype(np.int32), np.take_along_axis(scores, order, axis=1)
 
 
-def latest_teacher(paths: DataPaths, ds: str) -> Path:
-    """The most recently written teacher of ``ds``."""
-    candidates = sorted((paths.models / "teacher").glob(f"{ds}-*/metadata.json"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no teacher for ds={ds} under {paths.models / 'teacher'}: run train_teacher first")
-    return candidates[-1].parent
-
-
-def generate_soft_targets(ds: str, paths: DataPaths, cfg: PipelineConfig, teacher_dir: str | Path | None = None) -> dict:
-    """Score every training user with the teacher and write the soft targets.
+def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig) -> dict:
+    """Score every training user with the run's teacher and write the soft targets.
 
     Args:
         ds: Logical date (the features the teacher was trained on).
-        paths: Data layout.
-        cfg: Settings (``train.top_k``, ``evaluate.batch_size``).
-        teacher_dir: A teacher version directory; the latest of ``ds`` by default.
+        catalog: Where artifacts live; the teacher is the one ``cfg`` identifies.
+        cfg: Settings (``soft_targets``, and the teacher's identity).
 
     Returns:
         ``{"path", "teacher_version", "users", "k", "dim", "seconds"}``.
-    """
-    from pipeline.train_teacher import load_teacher
 
+    Raises:
+        ArtifactNotFound: When the teacher has not been trained.
+    """
     started = time.perf_counter()
-    teacher_dir = Path(teacher_dir) if teacher_dir else latest_teacher(paths, ds)
-    model, users, items, meta = load_teacher(teacher_dir)
-    features_dir = feature_partition(paths.features, ds)
-    k = min(cfg.train.top_k, items.size - 1)
+    teacher_dir = catalog.teacher(ds, cfg)
+    model, users, items, meta = restore_teacher(teacher_dir)
+    features_dir = catalog.features(ds)
+    k = min(cfg.soft_targets.top_k, items.size - 1)
     item_vectors = embed_all(model.candidate, items.size)
     train_users, train_items = load_split_pairs(features_dir, "train")
     order = np.argsort(train_users, kind="stable")
@@ -112,11 +105,12 @@ def generate_soft_targets(ds: str, paths: DataPaths, cfg: PipelineConfig, teache
     bounds = np.searchsorted(train_users, user_list), np.searchsorted(train_users, user_list, side="right")
     starts = dict(zip(user_list.tolist(), zip(*bounds)))
     dim = item_vectors.shape[1]
-    out = paths.soft_targets / f"ds={ds}" / f"teacher={meta['version']}"
+    batch_size = cfg.soft_targets.batch_size
+    out = catalog.soft_targets(ds, cfg)
     with atomic_dir(out) as tmp:
         with pq.ParquetWriter(tmp / "users.parquet", user_schema(k, dim)) as writer:
-            for first in range(0, len(user_list), cfg.evaluate.batch_size):
-                batch = user_list[first: first + cfg.evaluate.batch_size]
+            for first in range(0, len(user_list), batch_size):
+                batch = user_list[first: first + batch_size]
                 user_vectors = model.query(tf.constant(batch), training=False).numpy()
                 seen = [train_items[slice(*starts[u])] for u in batch.tolist()]
                 top_idx, top_scores = top_k_excluding(user_vectors @ item_vectors.T, seen, k)
@@ -130,12 +124,11 @@ def generate_soft_targets(ds: str, paths: DataPaths, cfg: PipelineConfig, teache
             pa.array(np.arange(items.size), pa.int32()), pa.array(items.item_ids.astype(str), pa.string()),
             _fixed_list(item_vectors.astype(np.float32), pa.float32()),
         ], names=["item_idx", "item_id", "teacher_item_embedding"]), tmp / "items.parquet")
-        # Scores are dot products; the teacher's logits are scores * logit_scale.
-        logit_scale = 1.0 / float(meta["config"]["train"]["retrieval_temperature"])
+        logit_scale = 1.0 / float(meta["config"]["training"]["retrieval_temperature"])
         manifest = {"ds": ds, "teacher_version": meta["version"], "teacher_dir": str(teacher_dir), "k": k, "dim": int(dim),
                     "logit_scale": logit_scale,
                     "users": int(len(user_list)), "items": int(items.size), "features": str(features_dir)}
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST, manifest)
     seconds = round(time.perf_counter() - started, 2)
     log.info("wrote soft targets for %d users (K=%d) to %s in %.1fs", len(user_list), k, out, seconds)
     return {"path": str(out), "teacher_version": meta["version"], "users": int(len(user_list)), "k": k, "dim": int(dim), "seconds": seconds}
@@ -149,8 +142,8 @@ def read_soft_targets(path: str | Path, num_users: int, num_items: int) -> dict[
         ``user_embedding [num_users, D]``, ``item_embedding [num_items, D]`` and
         ``has_targets [num_users]`` (False for users without train interactions).
     """
-    path = Path(path)
-    manifest = json.loads((path / "manifest.json").read_text())
+    path = require(Path(path), MANIFEST, "soft targets", "run soft_targets first")
+    manifest = json.loads((path / MANIFEST).read_text())
     k, dim = manifest["k"], manifest["dim"]
     table = pq.read_table(path / "users.parquet")
     rows = table.column("user_idx").to_numpy()
@@ -166,19 +159,15 @@ def read_soft_targets(path: str | Path, num_users: int, num_items: int) -> dict[
     out["topk_scores"][rows] = matrix("topk_scores", k)
     out["user_embedding"][rows] = matrix("teacher_user_embedding", dim)
     out["has_targets"][rows] = True
-    out["logit_scale"] = float(manifest.get("logit_scale", 1.0))
+    out["logit_scale"] = float(manifest["logit_scale"])
     items = pq.read_table(path / "items.parquet")
     out["item_embedding"] = np.zeros((num_items, dim), np.float32)
     out["item_embedding"][items.column("item_idx").to_numpy()] = items.column("teacher_item_embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return out
 
 
-def _step(ds: str, paths: DataPaths, cfg: PipelineConfig) -> dict:
-    return generate_soft_targets(ds, paths, cfg)
-
-
 def main(argv=None) -> int:
-    return cli.run_step(_step, "Write the teacher's batch soft targets to Parquet.", argv)
+    return cli.run_step(generate_soft_targets, "Write the teacher's batch soft targets to Parquet.", argv)
 
 
 if __name__ == "__main__":

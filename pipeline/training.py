@@ -13,8 +13,11 @@ import numpy as np
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.config import EvalConfig
+from pipeline.config import EvalConfig, PipelineConfig
+from pipeline.evaluation import EmbeddingScorer, evaluate_scorer
+from pipeline.evaluation.serving_cost import count_trainable_params
 from pipeline.features import stream_interactions
+from pipeline.models import embed_all
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def fit_with_early_stopping(
 
 
 def train_two_tower(model: tf.keras.Model, towers: Callable[[tf.keras.Model], tf.keras.Model], features_dir: str | Path,
-                    num_users: int, num_items: int, cfg, epochs: int, label: str) -> tuple[FitResult, dict, int]:
+                    num_users: int, num_items: int, cfg: PipelineConfig, epochs: int, label: str) -> tuple[FitResult, dict, int]:
     """Compile and fit ``model`` on the train split, early-stopping on validation Recall@K.
 
     Args:
@@ -107,27 +110,25 @@ def train_two_tower(model: tf.keras.Model, towers: Callable[[tf.keras.Model], tf
         towers: ``model`` -> the two-tower model whose query and candidate towers are judged.
         features_dir: The feature partition.
         num_users, num_items: Vocabulary sizes (with padding).
-        cfg: :class:`pipeline.config.PipelineConfig`.
+        cfg: Settings (``training`` and ``evaluate``).
         epochs: Most epochs.
         label: Name in the log lines.
 
     Returns:
         ``(fit result, validation metrics of the best weights, trainable parameters of the towers)``.
     """
-    from pipeline.evaluate import EmbeddingScorer, evaluate_scorer
-    from pipeline.models import embed_all
-
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
         scorer = EmbeddingScorer(embed_all(two_tower.query, num_users), embed_all(two_tower.candidate, num_items))
         return evaluate_scorer(scorer, features_dir, "validation", eval_cfg)
 
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.train.learning_rate))
-    eval_cfg = with_k(cfg.evaluate, cfg.train.early_stopping_k)
-    watch = f"recall@{cfg.train.early_stopping_k}"
-    dataset = interaction_dataset(features_dir, "train", cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed)
-    fit = fit_with_early_stopping(model, dataset, epochs, cfg.train.patience, lambda m: validation(m)[watch], label)
-    params = int(sum(v.shape.num_elements() for v in towers(model).trainable_variables))
+    training = cfg.training
+    model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
+    eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
+    watch = f"recall@{training.early_stopping_k}"
+    dataset = interaction_dataset(features_dir, "train", training.batch_size, training.shuffle_buffer, training.seed)
+    fit = fit_with_early_stopping(model, dataset, epochs, training.patience, lambda m: validation(m)[watch], label)
+    params = count_trainable_params(towers(model))
     return fit, validation(model), params
 
 

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_TYPES
+from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, window_bounds
+from pipeline.features import SPLITS
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,8 @@ class DataValidationError(RuntimeError):
 
 
 def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureConfig) -> list:
-    """Expectations on the deduplicated raw event window.
+    """Expectations on the deduplicated raw event window: the row rules of
+    :mod:`pipeline.data.contract`, as GX expectations.
 
     Row-level expectations tolerate up to ``cfg.max_quarantine_share`` bad rows (``mostly``):
     those rows are quarantined by the feature job; more than that fails the night.
@@ -79,16 +79,16 @@ def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureCon
 
     e = gx.expectations
     mostly = 1.0 - cfg.max_quarantine_share
-    start = dt.datetime.combine(window_start, dt.time.min, tzinfo=dt.timezone.utc)
-    end = dt.datetime.combine(window_end, dt.time.max, tzinfo=dt.timezone.utc)
+    start, end = window_bounds(window_start, window_end)
     return [
         e.ExpectTableRowCountToBeBetween(min_value=cfg.min_events),
-        *[e.ExpectColumnToExist(column=c) for c in ("event_id", "user_id", "item_id", "event_type", "event_ts", "value", "session_id")],
-        *[e.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in ("event_id", "user_id", "item_id", "event_ts")],
+        *[e.ExpectColumnToExist(column=c) for c in EVENT_SCHEMA.names],
+        *[e.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in (*ID_COLUMNS, "event_ts")],
         e.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), mostly=mostly),
-        e.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end, mostly=mostly),
+        # The window is [start, end); GX's max is inclusive, so stop one microsecond before end.
+        e.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end - dt.timedelta(microseconds=1), mostly=mostly),
         e.ExpectColumnValuesToBeUnique(column="event_id", mostly=mostly),
-        e.ExpectColumnValuesToBeBetween(column="value", min_value=0.0, mostly=mostly),
+        e.ExpectColumnValuesToBeBetween(column="value", min_value=MIN_VALUE, mostly=mostly),
     ]
 
 

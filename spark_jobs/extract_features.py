@@ -22,308 +22,59 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
+
+import pyarrow as pa
 from typing import Sequence
 
 if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.catalog import date_partition, validation_docs  # noqa: E402
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
-from pipeline.data.contract import EVENT_TYPES  # noqa: E402
-from pipeline.io import publish_dir  # noqa: E402
+from pipeline.data.contract import ITEM_SCHEMA, USER_SCHEMA, RawWindowError, window_partitions  # noqa: E402
+from pipeline.features import SPLITS  # noqa: E402
+from pipeline.io import atomic_dir  # noqa: E402
+from pipeline.spark import spark_session  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
+from spark_jobs.feature_transforms import check_raw_schema, deduplicate_events, flag_invalid_events, transform  # noqa: E402
 
-from pyspark.sql import DataFrame, SparkSession, Window  # noqa: E402
+from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
-from pyspark.sql import types as T  # noqa: E402
+from pyspark.sql.pandas.types import from_arrow_schema  # noqa: E402
 
 log = logging.getLogger("extract_features")
-
-# Column name -> accepted Spark types: the raw contract as Spark sees it.
-RAW_COLUMNS = {
-    "event_id": (T.StringType,),
-    "user_id": (T.StringType,),
-    "item_id": (T.StringType,),
-    "event_type": (T.StringType,),
-    "event_ts": (T.TimestampType,),
-    "value": (T.DoubleType, T.FloatType),
-    "session_id": (T.StringType,),
-}
-QUARANTINE_REASONS = ("null_id", "unknown_event_type", "timestamp_outside_window", "invalid_value", "conflicting_event_id")
-
-
-class RawDataError(ValueError):
-    """The raw window cannot be processed (missing partitions, columns, types, corrupt files,
-    or too many quarantined rows)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureTables:
-    """Everything the job writes, as DataFrames."""
-
-    interactions: DataFrame
-    user_features: DataFrame
-    item_features: DataFrame
-    user_vocab: DataFrame
-    item_vocab: DataFrame
-
-    def as_dict(self) -> dict[str, DataFrame]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-# ----------------------------------------------------------------------------- transform
-
-
-def check_raw_schema(events: DataFrame) -> DataFrame:
-    """Check the raw contract's columns and types, and select exactly those columns.
-
-    Raises:
-        RawDataError: Naming every missing column and every column of the wrong type.
-    """
-    fields = {f.name: f.dataType for f in events.schema.fields}
-    missing = [c for c in RAW_COLUMNS if c not in fields]
-    wrong = [
-        f"{c} is {fields[c].simpleString()}, expected {' or '.join(t().simpleString() for t in types)}"
-        for c, types in RAW_COLUMNS.items()
-        if c in fields and not isinstance(fields[c], types)
-    ]
-    problems = ([f"missing column(s) {missing}"] if missing else []) + wrong
-    if problems:
-        raise RawDataError("raw events break the contract: " + "; ".join(problems))
-    return events.select(*[F.col(c).cast("double") if c == "value" else F.col(c) for c in RAW_COLUMNS])
-
-
-def deduplicate_events(events: DataFrame) -> DataFrame:
-    """Drop exact duplicates (same ``event_id`` and same content): at-least-once delivery."""
-    # Hash-partitioning on event_id also satisfies the conflict window in flag_invalid_events,
-    # so both steps share one shuffle.
-    return events.repartition("event_id").dropDuplicates(list(RAW_COLUMNS))
-
-
-def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt.date) -> DataFrame:
-    """Add ``quarantine_reason`` (null for a valid row); the first failing rule wins.
-
-    Rules in order: a null ``event_id``/``user_id``/``item_id``; an ``event_type`` outside
-    the contract; an ``event_ts`` null or outside ``[window_start 00:00, window_end+1 00:00)``
-    UTC; a negative or NaN ``value``; an ``event_id`` seen with conflicting content.
-    Expects exact duplicates already removed.
-    """
-    # UTC-aware bounds: a naive datetime literal would be read in the driver's local time zone.
-    start = dt.datetime.combine(window_start, dt.time.min, tzinfo=dt.timezone.utc)
-    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
-    copies = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
-    reason = (
-        F.when(F.col("event_id").isNull() | F.col("user_id").isNull() | F.col("item_id").isNull(), "null_id")
-        .when(F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "unknown_event_type")
-        .when(
-            F.col("event_ts").isNull() | (F.col("event_ts") < F.lit(start)) | (F.col("event_ts") >= F.lit(end)),
-            "timestamp_outside_window",
-        )
-        .when(F.isnan("value") | (F.col("value") < 0), "invalid_value")
-        .when(copies > 1, "conflicting_event_id")
-    )
-    return events.withColumn("quarantine_reason", reason)
-
-
-def build_interactions(events: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Aggregate valid events into one implicit-feedback interaction per (user, item).
-
-    ``weight`` sums ``cfg.event_weights`` over the pair's events; ``first_ts`` is when the
-    user first touched the item, which orders the chronological split.
-    """
-    weight = F.coalesce(*[F.when(F.col("event_type") == t, F.lit(w)) for t, w in sorted(cfg.event_weights.items())])
-    return (
-        events.repartition("user_id")  # one shuffle serves the pair aggregate and the per-user window
-        .groupBy("user_id", "item_id")
-        .agg(
-            F.sum(weight).alias("weight"),
-            F.count(F.lit(1)).cast("int").alias("n_events"),
-            F.min("event_ts").alias("first_ts"),
-            F.max("event_ts").alias("last_ts"),
-        )
-        .select("user_id", "item_id", "weight", "n_events", "first_ts", "last_ts")
-    )
-
-
-def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Split each user's interactions chronologically into train / validation / test.
-
-    Rule: order a user's n interactions by ``(first_ts, item_id)``. Users with
-    ``n < cfg.min_user_interactions`` stay train-only. Otherwise the latest
-    ``max(1, floor(n * test_fraction))`` go to test, the ``max(1, floor(n * val_fraction))``
-    before them to validation, the rest to train.
-    """
-    by_user = Window.partitionBy("user_id")
-    latest_first = by_user.orderBy(F.col("first_ts").desc(), F.col("item_id").desc())
-    n = F.count(F.lit(1)).over(by_user)
-    n_test = F.greatest(F.lit(1), F.floor(n * cfg.test_fraction))
-    n_val = F.greatest(F.lit(1), F.floor(n * cfg.val_fraction))
-    rank = F.row_number().over(latest_first)
-    split = (
-        F.when(n < cfg.min_user_interactions, "train")
-        .when(rank <= n_test, "test")
-        .when(rank <= n_test + n_val, "validation")
-        .otherwise("train")
-    )
-    return interactions.withColumn("split", split).select(*interactions.columns, "split")
-
-
-def build_vocab(ids: DataFrame, column: str, index_column: str) -> DataFrame:
-    """Stable vocabulary: distinct ids sorted, numbered from 1 (0 is kept for padding/unknown)."""
-    # A global order means one partition; vocabularies are small next to events.
-    numbered = Window.orderBy(column)
-    return (
-        ids.select(column).where(F.col(column).isNotNull()).distinct()
-        .withColumn(index_column, F.row_number().over(numbered).cast("int"))
-        .select(column, index_column)
-    )
-
-
-def build_user_features(events: DataFrame, interactions: DataFrame, users: DataFrame, user_vocab: DataFrame,
-                        item_vocab: DataFrame, window_end: dt.date, cfg: FeatureConfig) -> DataFrame:
-    """Per-user features from train interactions only, so no held-out event leaks into them.
-
-    Columns: ids, event counts by type, ``n_train``/``n_validation``/``n_test``,
-    ``recency_days`` (from the last train event to the end of the window), the last
-    ``cfg.history_length`` train items (oldest first), and the profile's side features.
-    """
-    train = interactions.where(F.col("split") == "train").select("user_id", "item_id", "first_ts")
-    train_events = events.join(train.select("user_id", "item_id"), on=["user_id", "item_id"], how="inner")
-    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
-    activity = train_events.groupBy("user_id").agg(
-        *[F.sum((F.col("event_type") == t).cast("int")).alias(f"n_{t}") for t in EVENT_TYPES],
-        ((F.lit(end).cast("double") - F.max("event_ts").cast("double")) / 86400.0).alias("recency_days"),
-    )
-    ordered = F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx")))
-    # slice() with a negative start returns [] for arrays shorter than N: start from max(1, size - N + 1).
-    recent = F.slice(ordered, F.greatest(F.lit(1), F.size(ordered) - cfg.history_length + 1), cfg.history_length)
-    history = (
-        train.join(item_vocab, on="item_id", how="inner")
-        .groupBy("user_id")
-        .agg(recent.alias("recent"))
-        .select("user_id", F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"))
-    )
-    counts = interactions.groupBy("user_id").agg(
-        *[F.sum((F.col("split") == s).cast("int")).alias(f"n_{s}") for s in ("train", "validation", "test")]
-    )
-    return (
-        user_vocab.join(counts, on="user_id", how="inner")
-        .join(activity, on="user_id", how="left")
-        .join(history, on="user_id", how="left")
-        .join(users, on="user_id", how="left")
-        .select(
-            "user_id", "user_idx", "n_train", "n_validation", "n_test",
-            *[F.coalesce(F.col(f"n_{t}"), F.lit(0)).cast("int").alias(f"n_{t}") for t in EVENT_TYPES],
-            "recency_days", "history_item_ids", "history_item_idx", "age", "gender", "occupation",
-        )
-    )
-
-
-def build_item_features(interactions: DataFrame, items: DataFrame, item_vocab: DataFrame) -> DataFrame:
-    """Per-item features from train interactions plus catalogue side features.
-
-    ``popularity`` is the number of train interactions (distinct users, as interactions are
-    unique per pair); ``weighted_popularity`` sums their weights; items never seen in
-    train get zeros.
-    """
-    train = interactions.where(F.col("split") == "train")
-    stats = train.groupBy("item_id").agg(
-        F.count(F.lit(1)).cast("int").alias("popularity"),
-        F.sum("weight").alias("weighted_popularity"),
-        F.sum("n_events").cast("int").alias("n_events"),
-    )
-    return (
-        item_vocab.join(stats, on="item_id", how="left")
-        .join(items, on="item_id", how="left")
-        .select(
-            "item_id", "item_idx",
-            F.coalesce("popularity", F.lit(0)).alias("popularity"),
-            F.coalesce("weighted_popularity", F.lit(0.0)).alias("weighted_popularity"),
-            F.coalesce("n_events", F.lit(0)).alias("n_events"),
-            "year", "categories",
-        )
-    )
-
-
-def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end: dt.date, cfg: FeatureConfig) -> FeatureTables:
-    """Valid events plus catalogue and profiles -> every feature table.
-
-    Args:
-        events: Valid, deduplicated events (contract columns).
-        items: Item catalogue (``item_id``, ``year``, ``categories``).
-        users: User profiles (``user_id``, ``age``, ``gender``, ``occupation``).
-        window_end: Last day of the window (recency is measured to its end).
-        cfg: Feature settings.
-
-    Returns:
-        The feature tables.
-    """
-    items = items.select("item_id", "year", "categories")
-    users = users.select("user_id", "age", "gender", "occupation")
-    # Every output table derives from these three; caching them keeps each computed once.
-    split = split_interactions(build_interactions(events, cfg), cfg).cache()
-    user_vocab = build_vocab(split, "user_id", "user_idx").cache()
-    item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx").cache()
-    interactions = (
-        split.join(user_vocab, on="user_id", how="inner")
-        .join(item_vocab, on="item_id", how="inner")
-        .select("user_id", "item_id", "user_idx", "item_idx", "weight", "n_events", "first_ts", "last_ts", "split")
-        .cache()
-    )
-    return FeatureTables(
-        interactions=interactions,
-        user_features=build_user_features(events, interactions, users, user_vocab, item_vocab, window_end, cfg),
-        item_features=build_item_features(interactions, items, item_vocab),
-        user_vocab=user_vocab,
-        item_vocab=item_vocab,
-    )
-
-
-# ----------------------------------------------------------------------------- extract / load
-
-
-def window_partitions(events_root: Path, window_start: dt.date, window_end: dt.date) -> list[Path]:
-    """The existing ``ds=`` partition directories inside the window, oldest first."""
-    days = (window_end - window_start).days + 1
-    wanted = [events_root / f"ds={window_start + dt.timedelta(days=i)}" for i in range(days)]
-    return [p for p in wanted if p.is_dir()]
 
 
 def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date) -> tuple[DataFrame, DataFrame, DataFrame, list[Path]]:
     """Read the window's event partitions (only those), the catalogue and the profiles.
 
     Raises:
-        RawDataError: No partition in the window, or a file Spark cannot read.
+        RawWindowError: No partition in the window, or a file Spark cannot read.
     """
-    partitions = window_partitions(raw_root / "events", window_start, window_end)
-    if not partitions:
-        raise RawDataError(f"empty window: no event partitions ds={window_start}..ds={window_end} under {raw_root / 'events'}")
+    partitions = window_partitions(raw_root, window_start, window_end)
     try:
         events = spark.read.parquet(*[str(p) for p in partitions])
-        items = _read_side_table(spark, raw_root / "items", "item_id", T.StructType([
-            T.StructField("item_id", T.StringType()), T.StructField("year", T.IntegerType()),
-            T.StructField("categories", T.ArrayType(T.StringType()))]))
-        users = _read_side_table(spark, raw_root / "users", "user_id", T.StructType([
-            T.StructField("user_id", T.StringType()), T.StructField("age", T.IntegerType()),
-            T.StructField("gender", T.StringType()), T.StructField("occupation", T.StringType())]))
+        items = _read_side_table(spark, raw_root / "items", ITEM_SCHEMA)
+        users = _read_side_table(spark, raw_root / "users", USER_SCHEMA)
     except Exception as err:  # noqa: BLE001 - Spark raises many kinds; name the input instead
-        raise RawDataError(f"cannot read raw data under {raw_root}: {_first_line(err)}") from err
+        raise RawWindowError(f"cannot read raw data under {raw_root}: {_first_line(err)}") from err
     return check_raw_schema(events), items, users, partitions
 
 
-def _read_side_table(spark: SparkSession, path: Path, key: str, schema: T.StructType) -> DataFrame:
+def _read_side_table(spark: SparkSession, path: Path, contract: pa.Schema) -> DataFrame:
+    """A side table cast to its contract schema, one row per key (its first column)."""
+    schema, key = from_arrow_schema(contract), contract.names[0]
     if not path.exists():
         log.warning("no %s table at %s; side features will be null", path.name, path)
         return spark.createDataFrame([], schema)
     table = spark.read.parquet(str(path))
     missing = [f.name for f in schema.fields if f.name not in table.columns]
     if missing:
-        raise RawDataError(f"{path.name} table at {path} lacks column(s) {missing}")
+        raise RawWindowError(f"{path.name} table at {path} lacks column(s) {missing}")
     return table.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields]).dropDuplicates([key])
 
 
@@ -353,19 +104,6 @@ def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> d
     return written
 
 
-def spark_session(master: str | None, cfg: FeatureConfig) -> SparkSession:
-    """The job's session; under spark-submit the master comes from spark-submit."""
-    builder = (
-        SparkSession.builder.appName("extract_features")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
-        .config("spark.ui.showConsoleProgress", "false")
-    )
-    if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
-        builder = builder.master(master or cfg.spark_master)
-    return builder.getOrCreate()
-
-
 def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.date, cfg: FeatureConfig,
         validate_data: bool = True) -> dict:
     """Extract, check, transform and publish one ``ds``.
@@ -382,13 +120,13 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         The manifest (also written as ``manifest.json``).
 
     Raises:
-        RawDataError: Structural faults or too many quarantined rows.
+        RawWindowError: Structural faults or too many quarantined rows.
         DataValidationError: A GX suite failed.
     """
     started = time.perf_counter()
     raw_root, out_root = Path(raw_root), Path(out_root)
     window_start, window_end = cfg.window(ds)
-    docs_root = out_root / "_validation" / f"ds={ds}"
+    final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
     shutil.rmtree(docs_root, ignore_errors=True)  # the docs describe this run only
     events, items, users, partitions = read_raw(spark, raw_root, window_start, window_end)
     log.info("read %d partition(s) ds=%s..ds=%s", len(partitions), window_start, window_end)
@@ -398,9 +136,9 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         deduped = deduplicate_events(events).cache()
         deduped_count = deduped.count()
     except Exception as err:  # noqa: BLE001 - e.g. a corrupt Parquet file surfaces only here
-        raise RawDataError(f"cannot read raw events under {raw_root / 'events'}: {_first_line(err)}") from err
+        raise RawWindowError(f"cannot read raw events under {raw_root / 'events'}: {_first_line(err)}") from err
     if deduped_count < cfg.min_events:
-        raise RawDataError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end}, need >= {cfg.min_events}")
+        raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end}, need >= {cfg.min_events}")
     log.info("events: %d raw, %d exact duplicates removed", raw_count, raw_count - deduped_count)
     checks: dict[str, dict] = {}
     if validate_data:
@@ -414,45 +152,42 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     if share > cfg.max_quarantine_share:
         rejected = docs_root / "quarantine"  # kept for inspection; no feature output is written
         flagged.where(F.col("quarantine_reason").isNotNull()).write.mode("overwrite").parquet(str(rejected))
-        raise RawDataError(
+        raise RawWindowError(
             f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
             f"features.max_quarantine_share={cfg.max_quarantine_share:.2%}; rows written to {rejected}"
         )
     valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason")
     tables = transform(valid, items, users, window_end, cfg)
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_root / f".tmp-ds={ds}-{uuid.uuid4().hex[:8]}"
     try:
-        schemas = write_tables({**tables.as_dict(), "quarantine": flagged.where(F.col("quarantine_reason").isNotNull())}, tmp_dir, cfg.shuffle_partitions)
-        written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
-        if validate_data:
-            checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")
-        split_counts = {r["split"]: r["count"] for r in written["interactions"].groupBy("split").count().collect()}
-        manifest = {
-            "ds": ds.isoformat(),
-            "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
-            "input_partitions": [p.name for p in partitions],
-            "counts": {
-                "raw_events": raw_count,
-                "exact_duplicates": raw_count - deduped_count,
-                "quarantined": quarantined,
-                "quarantined_by_reason": dict(sorted(by_reason.items())),
-                "valid_events": deduped_count - quarantined,
-                "interactions_by_split": {s: split_counts.get(s, 0) for s in ("train", "validation", "test")},
-            },
-            "tables": {name: {"rows": written[name].count(), **schemas[name]} for name in schemas},
-            "validation": checks,
-            "config": dataclasses.asdict(cfg),
-            "spark_version": spark.version,
-        }
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        publish_dir(tmp_dir, out_root / f"ds={ds}")
+        with atomic_dir(final_dir) as tmp_dir:
+            schemas = write_tables({**tables.as_dict(), "quarantine": flagged.where(F.col("quarantine_reason").isNotNull())},
+                                   tmp_dir, cfg.shuffle_partitions)
+            written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
+            if validate_data:
+                checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")
+            split_counts = {r["split"]: r["count"] for r in written["interactions"].groupBy("split").count().collect()}
+            manifest = {
+                "ds": ds.isoformat(),
+                "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
+                "input_partitions": [p.name for p in partitions],
+                "counts": {
+                    "raw_events": raw_count,
+                    "exact_duplicates": raw_count - deduped_count,
+                    "quarantined": quarantined,
+                    "quarantined_by_reason": dict(sorted(by_reason.items())),
+                    "valid_events": deduped_count - quarantined,
+                    "interactions_by_split": {s: split_counts.get(s, 0) for s in SPLITS},
+                },
+                "tables": {name: {"rows": written[name].count(), **schemas[name]} for name in schemas},
+                "validation": checks,
+                "config": dataclasses.asdict(cfg),
+                "spark_version": spark.version,
+            }
+            (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         spark.catalog.clearCache()
-    log.info("wrote %s in %.1fs: %s", out_root / f"ds={ds}", time.perf_counter() - started,
-             {n: t["rows"] for n, t in manifest["tables"].items()})
+    log.info("wrote %s in %.1fs: %s", final_dir, time.perf_counter() - started, {n: t["rows"] for n, t in manifest["tables"].items()})
     return manifest
 
 
@@ -482,11 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, json.JSONDecodeError) as err:
         log.error("%s", err)
         return 2
-    spark = spark_session(args.master, cfg)
+    spark = spark_session("extract_features", args.master, cfg.shuffle_partitions, default_master=cfg.spark_master)
     spark.sparkContext.setLogLevel("WARN")
     try:
         manifest = run(spark, args.raw, args.out, ds, cfg, validate_data=not args.no_validation)
-    except (RawDataError, DataValidationError) as err:
+    except (RawWindowError, DataValidationError) as err:
         log.error("%s", err)
         return 1
     finally:

@@ -7,17 +7,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def spark():
-    from pyspark.sql import SparkSession
+    from pipeline.spark import spark_session
 
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("tests")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", "2")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
+    session = spark_session("tests", "local[1]", shuffle_partitions=2, conf={"spark.ui.enabled": "false"})
     session.sparkContext.setLogLevel("ERROR")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     yield session

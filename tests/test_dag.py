@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, param_defaults
 from pipeline.data.synthetic import generate_synthetic_logs
 from pipeline.registry import Registry
 from pipeline.run import resolve_run
@@ -29,16 +29,17 @@ EXPECTED_EDGES = {
 } | {
     ("validate_raw", "extract_features"), ("feature_job_args", "extract_features"), ("extract_features", "validate_features"),
     ("validate_features", "train_teacher"), ("train_teacher", "soft_targets"), ("soft_targets", "distill_student"),
-    ("train_teacher", "evaluate"), ("distill_student", "evaluate"), ("evaluate", "gate"),
-    ("gate", "promote"), ("gate", "record_rejection"), ("promote", "report"), ("record_rejection", "report"),
-} | {(up, down) for up in ("train_teacher", "distill_student", "evaluate") for down in ("promote", "record_rejection", "report")}
+    ("train_teacher", "evaluate"), ("distill_student", "evaluate"), ("evaluate", "gate"), ("gate", "route"),
+    ("route", "promote"), ("route", "record_rejection"), ("promote", "report"), ("record_rejection", "report"),
+} | {(up, down) for up in ("train_teacher", "distill_student", "evaluate", "gate") for down in ("promote", "record_rejection", "report")}
 # Small models and few epochs: the tiny run checks wiring and safety, not quality.
 TINY = {
     "window_days": 14, "teacher_epochs": 2, "student_epochs": 2,
     "config_overrides": {
-        "train": {"batch_size": 256, "top_k": 20, "sampled_negatives": 20, "patience": 1,
-                  "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
-                  "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8}},
+        "training": {"batch_size": 256, "patience": 1}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
+        "distill": {"sampled_negatives": 20},
+        "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
+        "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8},
         "evaluate": {"als_rank": 8, "als_iterations": 3, "latency_repeats": 3, "latency_batch_size": 32},
     },
 }
@@ -58,8 +59,11 @@ def test_dag_imports_and_wires_the_expected_graph():
     assert edges == EXPECTED_EDGES
     assert (dag.catchup, dag.max_active_runs) == (False, 1)
     assert dag.doc_md and "gate" in dag.doc_md
-    assert {"ds", "window_days", "temperature", "alpha", "beta", "min_change_vs_teacher", "reuse_teacher", "data_root"} <= set(dag.params.keys())
+    assert {"ds", "window_days", "distill_temperature", "alpha", "beta", "min_change_vs_teacher", "reuse_teacher", "data_root"} <= set(dag.params.keys())
     assert dag.get_task("extract_features")._conn_id == "recsys_spark"
+    # The trigger form shows the settings a run will use, not blanks.
+    assert {name: dag.params[name] for name in param_defaults()} == param_defaults()
+    assert all(dag.get_task(t).doc_md for t in dag.task_ids), "every task has a one-line doc"
     assert dag.get_task("report").trigger_rule == "none_failed_min_one_success"
 
 
@@ -70,8 +74,8 @@ def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
             resolve_run({"data_root": outside}, DS, "manual")
     inside = resolve_run({"data_root": "nightly", "alpha": 0.7}, DS, "manual")
     assert inside["data_root"] == str((tmp_path / "data" / "nightly").resolve())
-    assert inside["overrides"]["train"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DS}_")
-    with pytest.raises(ConfigError, match="train.alpha must be in"):
+    assert inside["overrides"]["distill"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DS}_")
+    with pytest.raises(ConfigError, match="distill.alpha must be in"):
         resolve_run({"alpha": 3}, DS, "manual")
     with pytest.raises(ConfigError, match="ds must be a date"):
         resolve_run({"ds": "31/01/2024"}, DS, "manual")

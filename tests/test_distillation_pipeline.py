@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -16,16 +15,18 @@ import pytest
 import pipeline  # noqa: F401
 import tensorflow as tf
 
-from pipeline.config import DataPaths, load_config
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
 from pipeline.data.synthetic import generate_synthetic_logs
 from spark_jobs import extract_features as job
 
 DS = "2024-01-31"
 TINY = load_config({
     "features": {"window_days": 14, "shuffle_partitions": 2},
-    "train": {"batch_size": 256, "teacher_epochs": 2, "student_epochs": 2, "top_k": 20, "sampled_negatives": 10,
-              "patience": 1, "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
-              "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8}},
+    "training": {"batch_size": 256, "patience": 1},
+    "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32, "epochs": 2},
+    "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8, "epochs": 2},
+    "distill": {"sampled_negatives": 10}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
     "evaluate": {"latency_repeats": 3, "latency_batch_size": 16},
 })
 
@@ -33,18 +34,12 @@ TINY = load_config({
 @pytest.fixture(scope="module")
 def chain(spark, tmp_path_factory):
     """Features, teacher, soft targets and student for one tiny synthetic log."""
-    from pipeline.distill import distill_student
-    from pipeline.soft_targets import generate_soft_targets
-    from pipeline.train_teacher import train_teacher
+    from pipeline.chain import run_chain
 
-    paths = DataPaths(tmp_path_factory.mktemp("chain") / "data")
-    generate_synthetic_logs(paths.raw, users=120, items=80, days=14, events=8_000, seed=5, end_date=DS)
-    job.run(spark, paths.raw, paths.features, dt.date.fromisoformat(DS), TINY.features, validate_data=False)
-    started = time.perf_counter()
-    teacher = train_teacher(DS, paths, TINY)
-    soft = generate_soft_targets(DS, paths, TINY, teacher["path"])
-    student = distill_student(DS, paths, TINY, soft["path"])
-    return {"paths": paths, "teacher": teacher, "soft": soft, "student": student, "seconds": time.perf_counter() - started}
+    catalog = Catalog(tmp_path_factory.mktemp("chain") / "data")
+    generate_synthetic_logs(catalog.raw, users=120, items=80, days=14, events=8_000, seed=5, end_date=DS)
+    job.run(spark, catalog.raw, catalog.features_root, dt.date.fromisoformat(DS), TINY.features, validate_data=False)
+    return {"catalog": catalog, **run_chain(DS, catalog, TINY)}
 
 
 def test_chain_runs_end_to_end(chain):
@@ -59,9 +54,9 @@ def test_chain_runs_end_to_end(chain):
 def test_soft_target_schema_and_determinism(chain):
     from pipeline.soft_targets import generate_soft_targets, read_soft_targets
 
-    path = chain["soft"]["path"]
+    path = chain["soft_targets"]["path"]
     users = pq.read_table(f"{path}/users.parquet")
-    k, dim = chain["soft"]["k"], chain["soft"]["dim"]
+    k, dim = chain["soft_targets"]["k"], chain["soft_targets"]["dim"]
     assert users.schema.names == ["user_idx", "user_id", "topk_item_idx", "topk_scores", "teacher_user_embedding"]
     assert users.schema.field("topk_item_idx").type == pa.list_(pa.int32(), k)
     assert users.schema.field("teacher_user_embedding").type == pa.list_(pa.float32(), dim)
@@ -69,12 +64,12 @@ def test_soft_target_schema_and_determinism(chain):
     scores = users.column("topk_scores").combine_chunks().flatten().to_numpy().reshape(-1, k)
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
     # The user's train items are never among the teacher's candidates.
-    inter = pq.read_table(f"{chain['paths'].features}/ds={DS}/interactions/split=train")
+    inter = pq.read_table(chain["catalog"].features(DS) / "interactions" / "split=train")
     train = set(zip(inter.column("user_idx").to_pylist(), inter.column("item_idx").to_pylist()))
     top = users.column("topk_item_idx").combine_chunks().flatten().to_numpy().reshape(-1, k)
     assert not any((u, i) in train for u, row in zip(users.column("user_idx").to_pylist(), top) for i in row)
     # Re-running with the same teacher rewrites identical rows.
-    again = generate_soft_targets(DS, chain["paths"], TINY, chain["teacher"]["path"])
+    again = generate_soft_targets(DS, chain["catalog"], TINY)
     assert again["path"] == path and pq.read_table(f"{path}/users.parquet").equals(users)
     dense = read_soft_targets(path, 200, 100)
     assert dense["has_targets"].sum() == users.num_rows and dense["item_embedding"].shape[1] == dim
@@ -86,10 +81,10 @@ def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain):
     from pipeline.models import build_student
     from pipeline.soft_targets import read_soft_targets
 
-    features = f"{chain['paths'].features}/ds={DS}"
-    users, items = load_user_table(features, 20), load_item_table(features)
-    targets = read_soft_targets(chain["soft"]["path"], users.size, items.size)
-    model = DistillationModel(build_student(users, items, TINY.train), targets, TINY.train)
+    features = chain["catalog"].features(DS)
+    users, items = load_user_table(features), load_item_table(features)
+    targets = read_soft_targets(chain["soft_targets"]["path"], users.size, items.size)
+    model = DistillationModel(build_student(users, items, TINY), targets, TINY.distill, TINY.training.retrieval_temperature)
     teacher_vars = [model.teacher_topk, model.teacher_user, model.teacher_item]
     batch = {"user_idx": tf.constant([1, 2, 3], tf.int32), "item_idx": tf.constant([4, 5, 6], tf.int32)}
     with tf.GradientTape(persistent=True) as tape:
@@ -108,16 +103,16 @@ def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain):
     names = [v.name for v in exported.variables]
     assert names and not any("hint_projection" in n or n.startswith("teacher_") for n in names)
     scores, ids = exported(tf.constant(users.user_ids[1:4].astype(str)))
-    assert scores.shape == (3, TINY.train.top_k) and ids.dtype == tf.string
+    assert scores.shape == (3, TINY.serving.top_k) and ids.dtype == tf.string
 
 
 def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
     from pipeline.features import load_item_table, load_user_table
     from pipeline.models import build_student, build_teacher
 
-    features = f"{chain['paths'].features}/ds={DS}"
-    users, items = load_user_table(features, 20), load_item_table(features)
-    defaults = load_config().train
+    features = chain["catalog"].features(DS)
+    users, items = load_user_table(features), load_item_table(features)
+    defaults = load_config()
     sizes = {}
     for name, build in (("teacher", build_teacher), ("student", build_student)):
         model = build(users, items, defaults)
@@ -129,11 +124,38 @@ def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
 def test_teacher_metadata_and_reuse(chain):
     from pipeline.train_teacher import train_teacher
 
-    meta = json.loads((chain["paths"].models / "teacher" / chain["teacher"]["version"] / "metadata.json").read_text())
+    catalog = chain["catalog"]
+    meta = json.loads((catalog.teacher(DS, TINY) / "metadata.json").read_text())
     assert meta["ds"] == DS and meta["best_epoch"] >= 1 and len(meta["history"]) >= 1
     assert {"loss", "val_score", "seconds"} <= set(meta["history"][0])
-    reused = train_teacher(DS, chain["paths"], TINY, reuse_latest=True)
+    reused = train_teacher(DS, catalog, TINY, reuse=True)
     assert reused["reused"] and reused["version"] == chain["teacher"]["version"]
-    changed = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, learning_rate=0.01))
-    from pipeline.train_teacher import teacher_version
-    assert teacher_version(DS, chain["paths"].features / f"ds={DS}", changed) != chain["teacher"]["version"]
+
+
+def test_identities_follow_exactly_the_settings_each_artifact_depends_on(chain):
+    catalog, teacher = chain["catalog"], chain["catalog"].teacher(DS, TINY)
+    change = lambda section, **values: dataclasses.replace(TINY, **{section: dataclasses.replace(getattr(TINY, section), **values)})  # noqa: E731
+    # The exported teacher returns serving.top_k items: another K is another teacher.
+    assert catalog.teacher(DS, change("serving", top_k=5)) != teacher
+    assert catalog.teacher(DS, change("training", learning_rate=0.01)) != teacher
+    # Student, distillation, soft-target and gate settings do not touch the teacher ...
+    for other in (change("student", epochs=9), change("distill", alpha=0.5), change("soft_targets", top_k=7),
+                  change("gate", min_change_vs_teacher=-0.5)):
+        assert catalog.teacher(DS, other) == teacher
+    # ... but soft targets follow their K, and the student follows the distillation settings.
+    assert catalog.soft_targets(DS, change("soft_targets", top_k=7)) != catalog.soft_targets(DS, TINY)
+    assert catalog.student(DS, change("distill", alpha=0.5)) != catalog.student(DS, TINY)
+    assert catalog.student(DS, change("gate", min_change_vs_teacher=-0.5)) == catalog.student(DS, TINY)
+
+
+def test_reuse_with_another_serving_k_trains_a_new_teacher(chain):
+    from pipeline.train_teacher import train_teacher
+
+    other = dataclasses.replace(TINY, serving=dataclasses.replace(TINY.serving, top_k=5))
+    result = train_teacher(DS, chain["catalog"], other, reuse=True)
+    assert not result["reused"] and result["version"] != chain["teacher"]["version"]
+    from pipeline.features import load_user_table
+
+    user = load_user_table(chain["catalog"].features(DS)).user_ids[1:2].astype(str)
+    scores, _ = tf.saved_model.load(f"{result['path']}/saved_model")(tf.constant(user))
+    assert scores.shape == (1, 5)

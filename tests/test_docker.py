@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE_FILE = DOCKER / "docker-compose.yaml"
 DATA_ROOT = "/opt/airflow/data"
-# Named volume -> directory under the data root (the project's DataPaths layout).
+# Named volume -> directory under the data root (the artifact catalogue's layout).
 DATA_VOLUMES = {
     "data-raw": "raw",
     "data-features": "features",
@@ -292,9 +292,10 @@ def test_published_ports():
 
 
 def test_data_volumes_are_mounted_at_the_same_paths_in_airflow_and_spark():
-    from pipeline.config import DataPaths
+    from pipeline.catalog import Catalog
 
-    layout = {name for name, value in vars(DataPaths).items() if isinstance(value, property)}
+    catalog = Catalog(Path(DATA_ROOT))
+    layout = {getattr(catalog, name).name for name, value in vars(Catalog).items() if isinstance(value, property)}
     assert set(DATA_VOLUMES.values()) == layout
     assert dockerfile_env()["RECSYS_DATA_ROOT"] == DATA_ROOT
     declared = compose()["volumes"]

@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EvalConfig
-from pipeline.evaluate import (
+from pipeline.evaluation import (
     EmbeddingScorer,
     MostPopularScorer,
     Scorer,
-    count_trainable_params,
     directory_bytes,
     evaluate_scorer,
     fit_als,
@@ -24,6 +23,8 @@ from pipeline.evaluate import (
     ranking_metrics,
     top_k_items,
 )
+from pipeline.evaluation.serving_cost import count_trainable_params
+from pipeline.features import load_item_table
 
 INF = float("inf")
 D2 = 1 / math.log2(3)  # discount of rank 2 = 0.63093
@@ -196,7 +197,7 @@ def test_evaluate_scorer_on_validation_masks_only_train(tiny_features):
 
 
 def test_most_popular_on_tiny_features(tiny_features):
-    scorer = MostPopularScorer.from_features(tiny_features)
+    scorer = MostPopularScorer(load_item_table(tiny_features).popularity)
     np.testing.assert_allclose(scorer.score(np.array([1, 2]))[1], [0, 1, 1, 0, 2, 1])
     m = evaluate_scorer(scorer, tiny_features, "test", TINY_CFG)
     # user 1: masked 0, 1, 2; left 3 (0), 4 (2), 5 (1) -> ranking 4, 5, 3; relevant {3, 4}.

@@ -14,7 +14,9 @@ from pyspark.testing import assertDataFrameEqual
 
 from pipeline.config import ConfigError, FeatureConfig, parse_ds
 from pipeline.validation import DataValidationError
+from pipeline.data.contract import RawWindowError
 from spark_jobs import extract_features as job
+from spark_jobs import feature_transforms as transforms
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
 DS = dt.date(2024, 1, 3)
@@ -26,7 +28,7 @@ ITEMS = ["i1", "i2", "i3", "i4", "i5", "i6"]
 
 
 def frame(spark, rows):
-    return job.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
+    return transforms.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
 
 
 def job_schema():
@@ -36,7 +38,7 @@ def job_schema():
 def test_transform_matches_hand_worked_features(spark):
     items = spark.createDataFrame([(i, 2000 + n, [f"cat{n}"]) for n, i in enumerate(ITEMS)], "item_id string, year int, categories array<string>")
     users = spark.createDataFrame([("alice", 30, "F", "engineer")], "user_id string, age int, gender string, occupation string")
-    tables = job.transform(frame(spark, ALICE_BOB), items, users, DS, CFG)
+    tables = transforms.transform(frame(spark, ALICE_BOB), items, users, DS, CFG)
 
     # alice: 5 interactions >= 5 -> test = max(1, floor(0.5)) = 1 latest (i5), validation = the one before (i4).
     # i1 weight = view 1 + purchase 5 = 6.
@@ -58,7 +60,7 @@ def test_transform_matches_hand_worked_features(spark):
     assert bob.recency_days == pytest.approx(12 / 24)  # Jan 3 12:00 -> Jan 4 00:00
     assert bob.history_item_ids == ["i1", "i2"] and bob.age is None
     # A user with fewer train items than history_length keeps all of them (oldest first).
-    longer = job.transform(frame(spark, ALICE_BOB), items, users, DS, dataclasses.replace(CFG, history_length=5))
+    longer = transforms.transform(frame(spark, ALICE_BOB), items, users, DS, dataclasses.replace(CFG, history_length=5))
     assert {r.user_id: r.history_item_ids for r in longer.user_features.collect()} == {"alice": ["i1", "i2", "i3"], "bob": ["i1", "i2"]}
     # Vocabularies: sorted ids numbered from 1; the never-seen catalogue item i6 is included.
     expected_vocab = spark.createDataFrame([(i, n + 1) for n, i in enumerate(ITEMS)], "item_id string, item_idx int")
@@ -85,7 +87,7 @@ def test_split_rule_counts(spark, n, expected):
         expected = {"train": 25, "validation": 2, "test": 2}
     rows = [("u", f"i{k:02d}", 1.0, 1, ts(1, 0, k), ts(1, 0, k)) for k in range(n)]
     interactions = spark.createDataFrame(rows, "user_id string, item_id string, weight double, n_events int, first_ts timestamp, last_ts timestamp")
-    split = job.split_interactions(interactions, CFG)
+    split = transforms.split_interactions(interactions, CFG)
     counts = {r.split: r["count"] for r in split.groupBy("split").count().collect()}
     assert counts == expected
     # Chronological: every test interaction is later than every train interaction.
@@ -103,9 +105,9 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
         event("e3", "alice", "i9", "click", ts(1, 10)),  # e3 again, other content: conflict
         event("e12", "bob", "i3", "purchase", ts(2), value=-1.0),  # negative value
     ]
-    deduped = job.deduplicate_events(frame(spark, rows))
+    deduped = transforms.deduplicate_events(frame(spark, rows))
     assert deduped.count() == len(rows) - 1
-    flagged = job.flag_invalid_events(deduped, dt.date(2024, 1, 1), DS)
+    flagged = transforms.flag_invalid_events(deduped, dt.date(2024, 1, 1), DS)
     reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
     assert reasons == {
         "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
@@ -150,7 +152,7 @@ def test_window_reads_only_its_partitions(spark, tmp_path):
     assert events.where("event_id = 'old'").count() == 0
 
 
-def run_fails(spark, tmp_path, raw, match, cfg=CFG, error=job.RawDataError):
+def run_fails(spark, tmp_path, raw, match, cfg=CFG, error=RawWindowError):
     with pytest.raises(error, match=match):
         job.run(spark, raw, tmp_path / "out", DS, cfg)
     assert not (tmp_path / "out" / f"ds={DS}").exists()
@@ -160,7 +162,7 @@ def run_fails(spark, tmp_path, raw, match, cfg=CFG, error=job.RawDataError):
 def test_missing_column_fails_with_no_output(spark, tmp_path):
     raw = tmp_path / "raw"
     spark.createDataFrame([("e1", "u", "i", ts(2))], "event_id string, user_id string, item_id string, event_ts timestamp").write.parquet(str(raw / "events" / "ds=2024-01-02"))
-    run_fails(spark, tmp_path, raw, r"missing column\(s\) \['event_type', 'value', 'session_id'\]")
+    run_fails(spark, tmp_path, raw, r"lacks column\(s\) \['event_type', 'value', 'session_id'\]")
 
 
 def test_wrong_type_fails_with_no_output(spark, tmp_path):
@@ -217,7 +219,7 @@ def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch)
     monkeypatch.setenv("TZ", "America/New_York")
     time_module.tzset()
     try:
-        flagged = job.flag_invalid_events(frame(spark, early), dt.date(2024, 1, 1), DS)
+        flagged = transforms.flag_invalid_events(frame(spark, early), dt.date(2024, 1, 1), DS)
         assert flagged.first().quarantine_reason is None
     finally:
         monkeypatch.undo()

@@ -1,12 +1,9 @@
 """Synthetic raw event logs with a learnable signal, for scale tests and unit tests.
 
-The generated world:
+The world (items with Zipf-like popularity and taste clusters, users with a taste and an
+activity level, the item catalogue and user profiles) is drawn by
+:mod:`pipeline.data.synthetic_world`. On top of it this module simulates traffic:
 
-* **Items** follow Zipf-like popularity (weight ``rank ** -1.1``, ranks shuffled over
-  item ids) and each belongs to one of ``K`` taste clusters; an item's first category is
-  its cluster's, some carry a second, random one.
-* **Users** each have one taste cluster and a log-normal activity level (a few heavy
-  users, many light ones).
 * **Sessions** are visits: a user, a start time in the UTC day and a few events whose
   timestamps increase inside the session. A session opens with a ``view``.
 * **Events** pick an item by mixing taste and popularity: with probability
@@ -29,7 +26,6 @@ Run as ``python -m pipeline.data.synthetic --out DIR --users N --items N --days 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -41,24 +37,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.contract import (
-    EVENT_TYPES,
-    ITEM_SCHEMA,
-    USER_SCHEMA,
-    event_partition_dir,
-    write_event_partition,
-    write_table,
-)
+from pipeline.data.contract import EVENT_TYPES, event_partition_dir, write_event_partition, write_table
+from pipeline.data.synthetic_world import STREAM_BLOCK, STREAM_DAY_SPLIT, World, build_world, cumulative_share
 
 logger = logging.getLogger(__name__)
 
-# The shape of the synthetic world. These are properties of the generator, not knobs of
+# The shape of the simulated traffic. These are properties of the generator, not knobs of
 # a pipeline run, so they live here rather than in pipeline/config.py.
 DEFAULT_END_DATE = dt.date(2024, 1, 31)
-POPULARITY_EXPONENT = 1.1
-TASTE_CLUSTERS = 20
 TASTE_AFFINITY = 0.7  # share of fresh item picks drawn from the user's own cluster
-SECOND_CATEGORY_SHARE = 0.3
 # Event-type mix of the events after a session's opening view, in EVENT_TYPES order.
 EVENT_TYPE_SHARES = {"view": 0.55, "click": 0.25, "add_to_cart": 0.10, "purchase": 0.05, "rate": 0.05}
 SAME_ITEM_SHARE = 0.7  # a non-view event acts on the session's previous item this often
@@ -71,142 +58,19 @@ MAX_EVENT_GAP_SECONDS = 1_800.0
 WEEKEND_TRAFFIC_UPLIFT = 0.2
 BLOCK_EVENTS = 1 << 16  # generation unit; fixed so the rows never depend on the file size
 DEFAULT_EVENTS_PER_FILE = 1 << 20
-FIRST_ITEM_YEAR, LAST_ITEM_YEAR = 1980, 2023
-MIN_USER_AGE, MAX_USER_AGE = 16, 75
-OCCUPATIONS = (
-    "student", "engineer", "educator", "healthcare", "artist", "administrator",
-    "sales", "writer", "scientist", "technician", "retired", "other",
-)
 
 _MICROS_PER_SECOND = 1_000_000
 _MICROS_PER_DAY = 86_400 * _MICROS_PER_SECOND
-# Keys of the independent random streams derived from the seed.
-_STREAM_WORLD, _STREAM_DAY_SPLIT, _STREAM_BLOCK = 1, 2, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class _World:
-    """The static side of the simulation, shared by every block.
-
-    Attributes:
-        user_ids: ``[users]`` string ids.
-        item_ids: ``[items]`` string ids.
-        user_cluster: ``[users]`` taste cluster of each user.
-        item_cluster: ``[items]`` taste cluster of each item.
-        item_price: ``[items]`` price charged on purchase.
-        item_quality: ``[items]`` offset added to every rating of the item.
-        user_cdf: ``[users]`` cumulative activity share, for sampling who visits.
-        popularity_cdf: ``[items]`` cumulative popularity share over all items.
-        cluster_cdf: ``[items]`` for items sorted by cluster, ``cluster + cumulative
-            popularity share inside the cluster``; searching ``cluster + u`` with
-            ``u ~ U[0, 1)`` samples one item of that cluster in a single vectorised call.
-        cluster_order: ``[items]`` item index at each position of ``cluster_cdf``.
-    """
-
-    user_ids: pa.Array
-    item_ids: pa.Array
-    user_cluster: np.ndarray
-    item_cluster: np.ndarray
-    item_price: np.ndarray
-    item_quality: np.ndarray
-    user_cdf: np.ndarray
-    popularity_cdf: np.ndarray
-    cluster_cdf: np.ndarray
-    cluster_order: np.ndarray
-
-
-def _prefixed_ids(prefix: str, count: int) -> pa.Array:
-    return pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(count)), pa.string()), "")
-
-
-def _cumulative_share(weights: np.ndarray) -> np.ndarray:
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    cdf[-1] = 1.0  # exactly 1 so that a uniform draw in [0, 1) never falls past the end
-    return cdf
-
-
-def _build_world(users: int, items: int, clusters: int, seed: int) -> tuple[_World, pa.Table, pa.Table]:
-    """Draw users, items and their tastes; return the world and the two catalogue tables."""
-    rng = np.random.default_rng([seed, _STREAM_WORLD])
-
-    popularity_rank = rng.permutation(items) + 1
-    popularity = popularity_rank.astype(np.float64) ** -POPULARITY_EXPONENT
-    # Round-robin over a shuffle gives every cluster items even when items ~ clusters.
-    item_cluster = (np.arange(items) % clusters)[rng.permutation(items)]
-    item_price = np.round(rng.lognormal(mean=3.0, sigma=0.8, size=items), 2)
-    item_quality = rng.normal(0.0, 0.4, size=items)
-    item_year = rng.integers(FIRST_ITEM_YEAR, LAST_ITEM_YEAR + 1, size=items)
-
-    cluster_order = np.lexsort((np.arange(items), item_cluster))
-    sorted_cluster = item_cluster[cluster_order]
-    sorted_popularity = popularity[cluster_order]
-    cumulative = np.cumsum(sorted_popularity)
-    cluster_first = np.searchsorted(sorted_cluster, np.arange(clusters))
-    cluster_total = np.add.reduceat(sorted_popularity, cluster_first)
-    before_cluster = cumulative[cluster_first] - sorted_popularity[cluster_first]
-    share_in_cluster = (cumulative - before_cluster[sorted_cluster]) / cluster_total[sorted_cluster]
-    share_in_cluster[np.r_[cluster_first[1:] - 1, items - 1]] = 1.0
-    cluster_cdf = sorted_cluster + share_in_cluster
-
-    user_cluster = rng.integers(0, clusters, size=users)
-    user_activity = rng.lognormal(mean=0.0, sigma=1.0, size=users)
-    user_age = rng.integers(MIN_USER_AGE, MAX_USER_AGE + 1, size=users)
-    user_gender = rng.choice(np.array(["F", "M"]), size=users)
-    user_occupation = rng.choice(np.array(OCCUPATIONS), size=users)
-
-    category_names = np.array([f"category-{k:02d}" for k in range(clusters)])
-    has_second = rng.random(items) < SECOND_CATEGORY_SHARE
-    # Shifting by 1..clusters-1 keeps the second category different from the first.
-    second_cluster = (item_cluster + rng.integers(1, max(clusters, 2), size=items)) % clusters
-    has_second &= clusters > 1
-    categories_per_item = 1 + has_second.astype(np.int32)
-    category_values = np.empty(int(categories_per_item.sum()), dtype=object)
-    offsets = np.r_[0, np.cumsum(categories_per_item)].astype(np.int32)
-    category_values[offsets[:-1]] = category_names[item_cluster]
-    category_values[offsets[:-1][has_second] + 1] = category_names[second_cluster[has_second]]
-
-    item_ids = _prefixed_ids("i", items)
-    user_ids = _prefixed_ids("u", users)
-    items_table = pa.table(
-        {
-            "item_id": item_ids,
-            "title": pc.binary_join_element_wise("Item ", pc.cast(pa.array(np.arange(items)), pa.string()), ""),
-            "year": pa.array(item_year, pa.int32()),
-            "categories": pa.ListArray.from_arrays(pa.array(offsets), pa.array(category_values, pa.string())),
-        }
-    ).cast(ITEM_SCHEMA)
-    users_table = pa.table(
-        {
-            "user_id": user_ids,
-            "age": pa.array(user_age, pa.int32()),
-            "gender": pa.array(user_gender, pa.string()),
-            "occupation": pa.array(user_occupation, pa.string()),
-        }
-    ).cast(USER_SCHEMA)
-    world = _World(
-        user_ids=user_ids,
-        item_ids=item_ids,
-        user_cluster=user_cluster,
-        item_cluster=item_cluster,
-        item_price=item_price,
-        item_quality=item_quality,
-        user_cdf=_cumulative_share(user_activity),
-        popularity_cdf=_cumulative_share(popularity),
-        cluster_cdf=cluster_cdf,
-        cluster_order=cluster_order,
-    )
-    return world, items_table, users_table
 
 
 def _events_per_day(events: int, days: list[dt.date], seed: int) -> np.ndarray:
     """Split the event total over the days, with a little more traffic at weekends."""
-    rng = np.random.default_rng([seed, _STREAM_DAY_SPLIT])
+    rng = np.random.default_rng([seed, STREAM_DAY_SPLIT])
     weights = np.array([1.0 + WEEKEND_TRAFFIC_UPLIFT * (day.weekday() >= 5) for day in days])
     return rng.multinomial(events, weights / weights.sum())
 
 
-def _generate_block(world: _World, ds: dt.date, block: int, size: int, seed: int) -> dict[str, np.ndarray]:
+def _generate_block(world: World, ds: dt.date, block: int, size: int, seed: int) -> dict[str, np.ndarray]:
     """Simulate ``size`` events of day ``ds``: whole sessions, the last one cut short.
 
     Returns:
@@ -214,7 +78,7 @@ def _generate_block(world: _World, ds: dt.date, block: int, size: int, seed: int
         ``item``, ``event_type`` (index into EVENT_TYPES), ``event_us``, ``value``
         (NaN for null) and ``session`` (session number within the day).
     """
-    rng = np.random.default_rng([seed, _STREAM_BLOCK, ds.toordinal(), block])
+    rng = np.random.default_rng([seed, STREAM_BLOCK, ds.toordinal(), block])
 
     # Sessions: lengths are at least 1, so `size` draws always cover `size` events.
     lengths = np.minimum(rng.geometric(1.0 / MEAN_SESSION_EVENTS, size=size), MAX_SESSION_EVENTS)
@@ -229,7 +93,7 @@ def _generate_block(world: _World, ds: dt.date, block: int, size: int, seed: int
     user = session_user[session_of_event]
 
     type_shares = np.array([EVENT_TYPE_SHARES[name] for name in EVENT_TYPES])
-    event_type = np.searchsorted(_cumulative_share(type_shares), rng.random(size), side="right")
+    event_type = np.searchsorted(cumulative_share(type_shares), rng.random(size), side="right")
     event_type[position == 0] = EVENT_TYPES.index("view")
 
     # Fresh picks mix taste and popularity; then funnel steps reuse the previous item.
@@ -276,7 +140,7 @@ def _generate_block(world: _World, ds: dt.date, block: int, size: int, seed: int
     }
 
 
-def _events_table(world: _World, ds: dt.date, columns: dict[str, np.ndarray]) -> pa.Table:
+def _events_table(world: World, ds: dt.date, columns: dict[str, np.ndarray]) -> pa.Table:
     """Contract rows from block columns, ordered by time (ties by event number)."""
     order = np.lexsort((columns["ordinal"], columns["event_us"]))
     day = ds.strftime("%Y%m%d")
@@ -356,8 +220,7 @@ def generate_synthetic_logs(
             raise ValueError(f"end_date must be a date YYYY-MM-DD, got {end_date!r}") from None
 
     started = time.monotonic()
-    clusters = min(TASTE_CLUSTERS, items)
-    world, items_table, users_table = _build_world(users, items, clusters, seed)
+    world, items_table, users_table = build_world(users, items, seed)
     write_table(items_table, Path(raw_root) / "items" / "items.parquet")
     write_table(users_table, Path(raw_root) / "users" / "users.parquet")
 

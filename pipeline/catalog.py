@@ -1,0 +1,162 @@
+"""The artifact catalogue: where every artifact lives, how it is named, how a run finds it.
+
+Layout under one data root::
+
+    raw/                                        the raw event logs (pipeline.data.contract)
+    features/ds=<ds>/                           one logical date's feature set (manifest.json)
+    features/_validation/ds=<ds>/               GX Data Docs of that date's feature job
+    models/teacher/<ds>-<identity>/             a teacher export (saved_model/, checkpoint/, metadata.json)
+    soft_targets/ds=<ds>/<identity>/            the teacher's batch soft targets
+    models/student/<ds>-<identity>/             a distilled student
+    models/student_plain/<ds>-<identity>/       the same student trained without distillation
+    registry/<model>/                           promoted versions (pipeline.registry)
+    reports/ds=<ds>/<run key>/                  run reports
+
+An artifact's identity is a hash of the configuration sections it depends on and of its
+inputs' identities (recorded lineage, as TFX's resolver does), so the artifact "for this
+run" is found by computing that identity, never by picking the newest directory:
+
+* features: the feature manifest (window, inputs, counts, settings);
+* teacher: features + ``training``, ``teacher``, ``serving``;
+* soft targets: teacher + ``soft_targets``;
+* student: soft targets + ``training``, ``student``, ``distill``, ``serving``.
+
+Re-running the same ``ds`` with the same settings therefore rewrites the same artifacts,
+and changing a setting that an artifact depends on gives it a new identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from pipeline.config import PipelineConfig, stable_hash
+from pipeline.data.contract import PARTITION_KEY
+
+STUDENT_ROLES = ("student", "student_plain")
+MANIFEST = "manifest.json"
+METADATA = "metadata.json"
+
+
+class ArtifactNotFound(FileNotFoundError):
+    """An artifact a step needs has not been published (its upstream step has not run)."""
+
+
+def date_partition(root: str | Path, ds: str) -> Path:
+    """``<root>/ds=<ds>``: how every dated artifact is partitioned."""
+    return Path(root) / f"{PARTITION_KEY}={ds}"
+
+
+def validation_docs(features_root: str | Path, ds: str) -> Path:
+    """Where the feature job of ``ds`` writes its GX Data Docs (and quarantine on failure)."""
+    return date_partition(Path(features_root) / "_validation", ds)
+
+
+def features_identity(manifest: dict) -> str:
+    """The identity of a published feature set: a hash of its manifest."""
+    return stable_hash(manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    """Every artifact path under one data root, found by meaning and by lineage.
+
+    Attributes:
+        root: The data root.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ roots
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def models_root(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def soft_targets_root(self) -> Path:
+        return self.root / "soft_targets"
+
+    @property
+    def registry_root(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def reports_root(self) -> Path:
+        return self.root / "reports"
+
+    # ------------------------------------------------------------------ raw and features
+    def features(self, ds: str) -> Path:
+        """The published feature set of ``ds``.
+
+        Raises:
+            ArtifactNotFound: When the feature job has not published it.
+        """
+        path = date_partition(self.features_root, ds)
+        if not (path / MANIFEST).is_file():
+            raise ArtifactNotFound(f"no published features at {path} ({MANIFEST} missing): run extract_features for ds={ds} first")
+        return path
+
+    def feature_manifest(self, ds: str) -> dict:
+        """The manifest of the published feature set of ``ds``."""
+        return json.loads((self.features(ds) / MANIFEST).read_text())
+
+    def validation_docs(self, ds: str) -> Path:
+        """The GX Data Docs of the feature job of ``ds``."""
+        return validation_docs(self.features_root, ds)
+
+    # ------------------------------------------------------------------ models and soft targets
+    def teacher_version(self, ds: str, cfg: PipelineConfig) -> str:
+        """``<ds>-<identity>`` of the teacher that ``cfg`` trains on the features of ``ds``."""
+        features = features_identity(self.feature_manifest(ds))
+        return f"{ds}-{cfg.section_hash('training', 'teacher', 'serving', inputs={'features': features})[:10]}"
+
+    def teacher(self, ds: str, cfg: PipelineConfig) -> Path:
+        """The teacher directory for ``ds`` and ``cfg`` (it may not exist yet)."""
+        return self.models_root / "teacher" / self.teacher_version(ds, cfg)
+
+    def soft_targets_version(self, ds: str, cfg: PipelineConfig) -> str:
+        """The identity of the soft targets that ``cfg``'s teacher writes for ``ds``."""
+        return cfg.section_hash("soft_targets", inputs={"teacher": self.teacher_version(ds, cfg)})[:12]
+
+    def soft_targets(self, ds: str, cfg: PipelineConfig) -> Path:
+        """The soft targets that ``cfg``'s teacher writes for ``ds`` (they may not exist yet)."""
+        return date_partition(self.soft_targets_root, ds) / self.soft_targets_version(ds, cfg)
+
+    def student(self, ds: str, cfg: PipelineConfig, role: str = "student") -> Path:
+        """The student directory for ``ds`` and ``cfg`` (``role``: distilled or plain)."""
+        if role not in STUDENT_ROLES:
+            raise ValueError(f"role must be one of {STUDENT_ROLES}, got {role!r}")
+        inputs = {"soft_targets": self.soft_targets_version(ds, cfg)}
+        identity = cfg.section_hash("training", "student", "distill", "serving", inputs=inputs)[:10]
+        return self.models_root / role / f"{ds}-{identity}"
+
+    # ------------------------------------------------------------------ runs
+    def report(self, ds: str, run_key: str) -> Path:
+        """The report directory of one run (``run_key``: its date and settings)."""
+        return date_partition(self.reports_root, ds) / run_key
+
+
+def require(path: Path, marker: str, what: str, hint: str) -> Path:
+    """``path`` if ``path / marker`` exists, else :class:`ArtifactNotFound` saying what to run.
+
+    Args:
+        path: The artifact directory the catalogue resolved.
+        marker: The file a published artifact always holds (``metadata.json``, ``manifest.json``).
+        what: The artifact, for the message.
+        hint: Which step writes it.
+    """
+    if not (path / marker).is_file():
+        raise ArtifactNotFound(f"no {what} at {path}: {hint}")
+    return path

@@ -1,0 +1,122 @@
+"""Scorers: anything that scores every item for a batch of users.
+
+:class:`EmbeddingScorer` (dot products of user and item vectors: ALS factors, towers),
+:class:`MostPopularScorer` (train popularity) and :class:`SavedModelScorer` (an exported
+retrieval SavedModel, i.e. the artefact that would be served). TensorFlow is imported only
+by :class:`SavedModelScorer`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Anything that scores every item for a batch of users.
+
+    Attributes:
+        num_items: Width of the score matrix, including the padding index 0.
+    """
+
+    num_items: int
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """Scores of all items.
+
+        Args:
+            user_idx: ``[B]`` int32 user indices.
+
+        Returns:
+            ``[B, num_items]`` float32 scores, higher is better (column 0 is padding).
+        """
+        ...
+
+
+class EmbeddingScorer:
+    """Dot products of user and item vectors (two-tower models, ALS factors).
+
+    Args:
+        user_vectors: ``[n_users, d]``, row ``user_idx`` (row 0 is padding).
+        item_vectors: ``[n_items, d]``, row ``item_idx`` (row 0 is padding).
+
+    Raises:
+        ValueError: If the matrices are not 2-D or their widths differ.
+    """
+
+    def __init__(self, user_vectors: np.ndarray, item_vectors: np.ndarray) -> None:
+        self.user_vectors = np.asarray(user_vectors, dtype=np.float32)
+        self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        if self.user_vectors.ndim != 2 or self.item_vectors.ndim != 2:
+            raise ValueError(
+                f"user_vectors and item_vectors must be 2-D, got shapes {self.user_vectors.shape} and {self.item_vectors.shape}"
+            )
+        if self.user_vectors.shape[1] != self.item_vectors.shape[1]:
+            raise ValueError(
+                f"user and item vectors differ in width: {self.user_vectors.shape[1]} vs {self.item_vectors.shape[1]}"
+            )
+        self.num_items = self.item_vectors.shape[0]
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """``[B, num_items]`` float32: ``user_vectors[user_idx] @ item_vectors.T``.
+
+        Raises:
+            ValueError: If a user index is outside ``[0, n_users)``.
+        """
+        user_idx = np.asarray(user_idx)
+        if user_idx.size and (user_idx.min() < 0 or user_idx.max() >= len(self.user_vectors)):
+            raise ValueError(f"user_idx outside [0, {len(self.user_vectors)}): min {user_idx.min()}, max {user_idx.max()}")
+        return self.user_vectors[user_idx] @ self.item_vectors.T
+
+
+class MostPopularScorer:
+    """The same scores for every user: the item's number of train interactions.
+
+    Args:
+        popularity: ``[n_items]`` train interactions per item (row 0 is padding).
+    """
+
+    def __init__(self, popularity: np.ndarray) -> None:
+        self.popularity = np.asarray(popularity, dtype=np.float32)
+        if self.popularity.ndim != 1:
+            raise ValueError(f"popularity must be 1-D, got shape {self.popularity.shape}")
+        self.num_items = len(self.popularity)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        """``[B, num_items]`` float32, every row equal to the popularity (a read-only view)."""
+        return np.broadcast_to(self.popularity, (len(user_idx), self.num_items))
+
+
+class SavedModelScorer:
+    """Scores every item of today's vocabulary with an exported retrieval SavedModel.
+
+    Evaluates the artefact that would be served: its query model (behind its own user-id
+    lookup) and its brute-force index of item embeddings, matched to today's item ids by
+    string. Items the model does not know score ``-inf``; a champion trained on an older
+    vocabulary is thus judged on today's split like everyone else.
+    """
+
+    def __init__(self, saved_model_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+        import tensorflow as tf
+
+        self._tf = tf
+        self.model = tf.saved_model.load(str(saved_model_dir))
+        # The tfrs BruteForce layer keeps its index as these two tracked variables.
+        vectors = self.model._candidates.numpy()
+        position = {item: row for row, item in enumerate(self.model._identifiers.numpy().astype(str))}
+        rows = np.array([position.get(str(item), -1) for item in item_ids])
+        self.known = rows >= 0
+        self.item_vectors = np.zeros((len(item_ids), vectors.shape[1]), np.float32)
+        self.item_vectors[self.known] = vectors[rows[self.known]]
+        self.user_ids = np.asarray(user_ids).astype(str)
+        self.num_items = len(item_ids)
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        queries = self.model.query_model(self._tf.constant(self.user_ids[user_idx])).numpy()
+        scores = queries @ self.item_vectors.T
+        scores[:, ~self.known] = -np.inf
+        return scores.astype(np.float32)

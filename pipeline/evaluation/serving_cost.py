@@ -1,0 +1,124 @@
+"""Serving-cost measures: parameters, SavedModel bytes, batched top-K latency."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+# Untimed calls before measuring latency: the first calls build kernels and caches.
+LATENCY_WARMUP_CALLS = 3
+
+
+def limit_tf_threads(threads: int = 2) -> None:
+    """Cap TensorFlow's thread pools, so every model is timed under the same limits.
+
+    Only possible before TensorFlow runs its first op; later calls change nothing.
+    """
+    import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+
+
+def count_trainable_params(model: Any) -> int:
+    """Sum of the sizes of ``model.trainable_variables`` (a Keras model or ``tf.Module``)."""
+    return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+
+
+def directory_bytes(path: str | Path) -> int:
+    """Total bytes of the files under ``path`` (e.g. a SavedModel directory).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    return sum(os.path.getsize(Path(root) / name) for root, _, files in os.walk(path) for name in files)
+
+
+def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: EvalConfig) -> dict[str, float | int]:
+    """Latency of batched top-K queries against a retrieval SavedModel.
+
+    The SavedModel's call function takes a ``[B]`` string tensor of user ids and returns
+    ``(scores [B, K], item_ids [B, K])``, as a TFRS ``BruteForce`` index saved with
+    ``tf.saved_model.save`` does. Batches of ``cfg.latency_batch_size`` ids cycle through
+    ``user_ids``; after :data:`LATENCY_WARMUP_CALLS` untimed calls, ``cfg.latency_repeats``
+    calls are timed, each until both outputs are on the host as numpy arrays.
+
+    This function does not touch TensorFlow's thread settings: the caller fixes them once,
+    before TensorFlow starts (e.g. ``tf.config.threading.set_intra_op_parallelism_threads``),
+    so every model is measured under the same limits.
+
+    Args:
+        saved_model_dir: Directory written by ``tf.saved_model.save``.
+        user_ids: ``[n]`` user ids (strings), n >= 1.
+        cfg: ``latency_batch_size`` and ``latency_repeats``.
+
+    Returns:
+        ``latency_ms_p50`` and ``latency_ms_p99`` (per batch call), ``throughput_users_per_s``
+        (batch size / median latency) and ``batch_size``.
+
+    Raises:
+        ValueError: On empty ids, non-positive batch size or repeats, a SavedModel without a
+            call function, or outputs that are not two ``[B, K]`` tensors.
+    """
+    import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+    import tensorflow as tf
+
+    ids = np.asarray(user_ids).astype(str)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"user_ids must be a non-empty 1-D array, got shape {ids.shape}")
+    batch_size, repeats = int(cfg.latency_batch_size), int(cfg.latency_repeats)
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"latency_batch_size and latency_repeats must be >= 1, got {batch_size} and {repeats}")
+    model = tf.saved_model.load(str(saved_model_dir))
+    if not callable(model):
+        raise ValueError(f"the SavedModel at {saved_model_dir} has no call function (save the index layer or model itself)")
+
+    # Batches are built before timing so the clock sees only the model call.
+    calls = LATENCY_WARMUP_CALLS + repeats
+    batches = [tf.constant(ids[(np.arange(batch_size) + i * batch_size) % len(ids)]) for i in range(calls)]
+    timings_ms = []
+    outputs = None
+    for i, batch in enumerate(batches):
+        started = time.perf_counter()
+        outputs = model(batch)
+        arrays = [t.numpy() for t in outputs] if isinstance(outputs, (tuple, list)) else None
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        if i == 0:
+            _check_topk_outputs(arrays, batch_size, saved_model_dir)
+        if i >= LATENCY_WARMUP_CALLS:
+            timings_ms.append(elapsed_ms)
+
+    p50, p99 = (float(v) for v in np.percentile(timings_ms, [50, 99]))
+    result = {
+        "latency_ms_p50": p50,
+        "latency_ms_p99": p99,
+        "throughput_users_per_s": batch_size / (p50 / 1000.0),
+        "batch_size": batch_size,
+    }
+    log.info("latency %s: batch %d, p50 %.2f ms, p99 %.2f ms, %.0f users/s (%d timed calls)",
+             saved_model_dir, batch_size, p50, p99, result["throughput_users_per_s"], repeats)
+    return result
+
+
+def _check_topk_outputs(arrays: list[np.ndarray] | None, batch_size: int, where: str | Path) -> None:
+    if arrays is None or len(arrays) != 2 or any(a.ndim != 2 or a.shape[0] != batch_size for a in arrays):
+        shapes = None if arrays is None else [a.shape for a in arrays]
+        raise ValueError(
+            f"the SavedModel at {where} must return (scores [B, K], item_ids [B, K]) for B = {batch_size}, got shapes {shapes}"
+        )

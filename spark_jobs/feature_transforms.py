@@ -1,0 +1,246 @@
+"""Pure DataFrame transforms of the feature job: raw events in, feature tables out.
+
+Each function takes DataFrames and settings and returns a DataFrame; none reads or writes
+files (only ``spark_jobs/extract_features.py`` knows paths). The rules a raw row must
+follow come from :mod:`pipeline.data.contract`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pyarrow as pa
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from pipeline.config import FeatureConfig
+from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, RawWindowError, schema_problems, window_bounds
+from pipeline.features import SPLITS
+
+RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTables:
+    """Everything the job writes, as DataFrames."""
+
+    interactions: DataFrame
+    user_features: DataFrame
+    item_features: DataFrame
+    user_vocab: DataFrame
+    item_vocab: DataFrame
+
+    def as_dict(self) -> dict[str, DataFrame]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_raw_schema(events: DataFrame) -> DataFrame:
+    """Check the raw contract's columns and types, and select exactly those columns.
+
+    Spark's schema is turned into Arrow types and judged by the same rule as the
+    pre-flight check (:func:`pipeline.data.contract.schema_problems`).
+
+    Raises:
+        RawWindowError: Naming every missing column and every column of the wrong type.
+    """
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    fields = []
+    for field in events.schema.fields:
+        try:
+            fields.append(pa.field(field.name, to_arrow_type(field.dataType, timezone="UTC")))
+        except (TypeError, AssertionError, NotImplementedError):  # a type Arrow has no match for
+            fields.append(pa.field(field.name, pa.null()))
+    problems = schema_problems(pa.schema(fields))
+    if problems:
+        raise RawWindowError("raw events break the contract: " + "; ".join(problems))
+    return events.select(*[F.col(c).cast("double") if c == "value" else F.col(c) for c in RAW_COLUMNS])
+
+
+def deduplicate_events(events: DataFrame) -> DataFrame:
+    """Drop exact duplicates (same ``event_id`` and same content): at-least-once delivery."""
+    # Hash-partitioning on event_id also satisfies the conflict window in flag_invalid_events,
+    # so both steps share one shuffle.
+    return events.repartition("event_id").dropDuplicates(list(RAW_COLUMNS))
+
+
+def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt.date) -> DataFrame:
+    """Add ``quarantine_reason`` (null for a valid row); the first failing rule wins.
+
+    The rules and their order are :data:`pipeline.data.contract.QUARANTINE_REASONS`.
+    Expects exact duplicates already removed.
+    """
+    start, end = window_bounds(window_start, window_end)
+    copies = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
+    null_id = F.lit(False)
+    for column in ID_COLUMNS:
+        null_id = null_id | F.col(column).isNull()
+    reason = (
+        F.when(null_id, "null_id")
+        .when(F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "unknown_event_type")
+        .when(
+            F.col("event_ts").isNull() | (F.col("event_ts") < F.lit(start)) | (F.col("event_ts") >= F.lit(end)),
+            "timestamp_outside_window",
+        )
+        .when(F.isnan("value") | (F.col("value") < MIN_VALUE), "invalid_value")
+        .when(copies > 1, "conflicting_event_id")
+    )
+    return events.withColumn("quarantine_reason", reason)
+
+
+def build_interactions(events: DataFrame, cfg: FeatureConfig) -> DataFrame:
+    """Aggregate valid events into one implicit-feedback interaction per (user, item).
+
+    ``weight`` sums ``cfg.event_weights`` over the pair's events; ``first_ts`` is when the
+    user first touched the item, which orders the chronological split.
+    """
+    weight = F.coalesce(*[F.when(F.col("event_type") == t, F.lit(w)) for t, w in sorted(cfg.event_weights.items())])
+    return (
+        events.repartition("user_id")  # one shuffle serves the pair aggregate and the per-user window
+        .groupBy("user_id", "item_id")
+        .agg(
+            F.sum(weight).alias("weight"),
+            F.count(F.lit(1)).cast("int").alias("n_events"),
+            F.min("event_ts").alias("first_ts"),
+            F.max("event_ts").alias("last_ts"),
+        )
+        .select("user_id", "item_id", "weight", "n_events", "first_ts", "last_ts")
+    )
+
+
+def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame:
+    """Split each user's interactions chronologically into train / validation / test.
+
+    Rule: order a user's n interactions by ``(first_ts, item_id)``. Users with
+    ``n < cfg.min_user_interactions`` stay train-only. Otherwise the latest
+    ``max(1, floor(n * test_fraction))`` go to test, the ``max(1, floor(n * val_fraction))``
+    before them to validation, the rest to train.
+    """
+    by_user = Window.partitionBy("user_id")
+    latest_first = by_user.orderBy(F.col("first_ts").desc(), F.col("item_id").desc())
+    n = F.count(F.lit(1)).over(by_user)
+    n_test = F.greatest(F.lit(1), F.floor(n * cfg.test_fraction))
+    n_val = F.greatest(F.lit(1), F.floor(n * cfg.val_fraction))
+    rank = F.row_number().over(latest_first)
+    split = (
+        F.when(n < cfg.min_user_interactions, "train")
+        .when(rank <= n_test, "test")
+        .when(rank <= n_test + n_val, "validation")
+        .otherwise("train")
+    )
+    return interactions.withColumn("split", split).select(*interactions.columns, "split")
+
+
+def build_vocab(ids: DataFrame, column: str, index_column: str) -> DataFrame:
+    """Stable vocabulary: distinct ids sorted, numbered from 1 (0 is kept for padding/unknown)."""
+    # A global order means one partition; vocabularies are small next to events.
+    numbered = Window.orderBy(column)
+    return (
+        ids.select(column).where(F.col(column).isNotNull()).distinct()
+        .withColumn(index_column, F.row_number().over(numbered).cast("int"))
+        .select(column, index_column)
+    )
+
+
+def build_user_features(events: DataFrame, interactions: DataFrame, users: DataFrame, user_vocab: DataFrame,
+                        item_vocab: DataFrame, window_end: dt.date, cfg: FeatureConfig) -> DataFrame:
+    """Per-user features from train interactions only, so no held-out event leaks into them.
+
+    Columns: ids, event counts by type, ``n_train``/``n_validation``/``n_test``,
+    ``recency_days`` (from the last train event to the end of the window), the last
+    ``cfg.history_length`` train items (oldest first), and the profile's side features.
+    """
+    train = interactions.where(F.col("split") == "train").select("user_id", "item_id", "first_ts")
+    train_events = events.join(train.select("user_id", "item_id"), on=["user_id", "item_id"], how="inner")
+    end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
+    activity = train_events.groupBy("user_id").agg(
+        *[F.sum((F.col("event_type") == t).cast("int")).alias(f"n_{t}") for t in EVENT_TYPES],
+        ((F.lit(end).cast("double") - F.max("event_ts").cast("double")) / 86400.0).alias("recency_days"),
+    )
+    ordered = F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx")))
+    # slice() with a negative start returns [] for arrays shorter than N: start from max(1, size - N + 1).
+    recent = F.slice(ordered, F.greatest(F.lit(1), F.size(ordered) - cfg.history_length + 1), cfg.history_length)
+    history = (
+        train.join(item_vocab, on="item_id", how="inner")
+        .groupBy("user_id")
+        .agg(recent.alias("recent"))
+        .select("user_id", F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"))
+    )
+    counts = interactions.groupBy("user_id").agg(
+        *[F.sum((F.col("split") == s).cast("int")).alias(f"n_{s}") for s in SPLITS]
+    )
+    return (
+        user_vocab.join(counts, on="user_id", how="inner")
+        .join(activity, on="user_id", how="left")
+        .join(history, on="user_id", how="left")
+        .join(users, on="user_id", how="left")
+        .select(
+            "user_id", "user_idx", "n_train", "n_validation", "n_test",
+            *[F.coalesce(F.col(f"n_{t}"), F.lit(0)).cast("int").alias(f"n_{t}") for t in EVENT_TYPES],
+            "recency_days", "history_item_ids", "history_item_idx", "age", "gender", "occupation",
+        )
+    )
+
+
+def build_item_features(interactions: DataFrame, items: DataFrame, item_vocab: DataFrame) -> DataFrame:
+    """Per-item features from train interactions plus catalogue side features.
+
+    ``popularity`` is the number of train interactions (distinct users, as interactions are
+    unique per pair); ``weighted_popularity`` sums their weights; items never seen in
+    train get zeros.
+    """
+    train = interactions.where(F.col("split") == "train")
+    stats = train.groupBy("item_id").agg(
+        F.count(F.lit(1)).cast("int").alias("popularity"),
+        F.sum("weight").alias("weighted_popularity"),
+        F.sum("n_events").cast("int").alias("n_events"),
+    )
+    return (
+        item_vocab.join(stats, on="item_id", how="left")
+        .join(items, on="item_id", how="left")
+        .select(
+            "item_id", "item_idx",
+            F.coalesce("popularity", F.lit(0)).alias("popularity"),
+            F.coalesce("weighted_popularity", F.lit(0.0)).alias("weighted_popularity"),
+            F.coalesce("n_events", F.lit(0)).alias("n_events"),
+            "year", "categories",
+        )
+    )
+
+
+def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end: dt.date, cfg: FeatureConfig) -> FeatureTables:
+    """Valid events plus catalogue and profiles -> every feature table.
+
+    Args:
+        events: Valid, deduplicated events (contract columns).
+        items: Item catalogue (``item_id``, ``year``, ``categories``).
+        users: User profiles (``user_id``, ``age``, ``gender``, ``occupation``).
+        window_end: Last day of the window (recency is measured to its end).
+        cfg: Feature settings.
+
+    Returns:
+        The feature tables.
+    """
+    items = items.select("item_id", "year", "categories")
+    users = users.select("user_id", "age", "gender", "occupation")
+    # Every output table derives from these three; caching them keeps each computed once.
+    split = split_interactions(build_interactions(events, cfg), cfg).cache()
+    user_vocab = build_vocab(split, "user_id", "user_idx").cache()
+    item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx").cache()
+    interactions = (
+        split.join(user_vocab, on="user_id", how="inner")
+        .join(item_vocab, on="item_id", how="inner")
+        .select("user_id", "item_id", "user_idx", "item_idx", "weight", "n_events", "first_ts", "last_ts", "split")
+        .cache()
+    )
+    return FeatureTables(
+        interactions=interactions,
+        user_features=build_user_features(events, interactions, users, user_vocab, item_vocab, window_end, cfg),
+        item_features=build_item_features(interactions, items, item_vocab),
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+    )
+
+
