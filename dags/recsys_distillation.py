@@ -6,6 +6,10 @@ targets** (Parquet) -> distilled **student** -> evaluation against teacher, cham
 baselines on one held-out split -> **gate** -> promote to the registry, or record the
 rejection -> run **report**.
 
+* **Which day a run reads.** Without a `ds` param a run processes the last UTC day that
+  was complete when it became due: the nightly run due at 02:00 on day D+1 (its data
+  interval is D 02:00 -> D+1 02:00, its logical date D) processes day D; a manual run
+  processes yesterday. A backfill of logical dates D1..Dn processes each of those days once.
 * A rejected student shows as `promote` *skipped* and `record_rejection` run; the `gate`
   task's log and its XCom list every failed check with its numbers.
 * Trigger by hand with params (date, window, epochs, T, alpha, beta, gate thresholds,
@@ -23,7 +27,7 @@ import sys
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # tasks import the project's `pipeline` package
@@ -43,7 +47,7 @@ STUDENT = Asset(name="recsys_student", uri=f"file://{CATALOG.registry_root}")
 
 DEFAULT = param_defaults()
 PARAMS = {
-    "ds": Param(None, type=["null", "string"], format="date", description="Date to process (YYYY-MM-DD); empty: the run's logical date."),
+    "ds": Param(None, type=["null", "string"], format="date", description="Date to process (YYYY-MM-DD); empty: the last complete UTC day (yesterday)."),
     "window_days": Param(DEFAULT["window_days"], type="integer", minimum=1, description="Days of raw logs read, ending at ds."),
     "teacher_epochs": Param(DEFAULT["teacher_epochs"], type="integer", minimum=1, description="Most teacher epochs (early stopping)."),
     "student_epochs": Param(DEFAULT["student_epochs"], type="integer", minimum=1, description="Most student epochs (early stopping)."),
@@ -60,7 +64,10 @@ PARAMS = {
 
 @dag(
     dag_id="recsys_distillation",
-    schedule=SCHEDULE,
+    # A data-interval timetable (not Airflow 3's default CronTriggerTimetable for a cron
+    # string): each run covers the interval that ends when it is due, so its logical date is
+    # the day it processes and a backfill of D1..Dn processes those days.
+    schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
     start_date=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
@@ -77,11 +84,11 @@ PARAMS = {
 )
 def recsys_distillation():
     @task(retries=0)
-    def resolve_config(params=None, ds=None, run_id=None) -> dict:
-        """Turn the trigger's params into the run's checked settings."""
+    def resolve_config(params=None, dag_run=None, run_id=None) -> dict:
+        """Turn the trigger's params into the run's checked settings (and the date it processes)."""
         from pipeline.run import resolve_run
 
-        return resolve_run(params, ds, run_id)
+        return resolve_run(params, dag_run.run_after, run_id)
 
     @task(retries=0, execution_timeout=dt.timedelta(minutes=10))
     def validate_raw(run: dict) -> dict:

@@ -33,12 +33,29 @@ def configured_data_root() -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV) or REPO_ROOT / "data").resolve()
 
 
-def resolve_run(params: Mapping[str, Any], logical_ds: str, run_id: str) -> dict:
+def nightly_ds(run_after: dt.datetime) -> str:
+    """The date a run processes when no ``ds`` is given: the last UTC day complete at ``run_after``.
+
+    A nightly run due at 02:00 UTC on 2026-11-28 processes 2026-11-27, never the day that
+    has only begun. With the DAG's data-interval timetable a scheduled or backfilled run is
+    due when its interval ends, so the run whose logical date (interval start) is day D
+    processes D; a manual run without ``ds`` processes yesterday.
+
+    Raises:
+        ConfigError: When ``run_after`` carries no time zone (it would be read as local time).
+    """
+    if run_after.tzinfo is None:
+        raise ConfigError(f"run_after must be time-zone aware, got {run_after!r}")
+    return (run_after.astimezone(dt.timezone.utc) - dt.timedelta(days=1)).date().isoformat()
+
+
+def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str) -> dict:
     """Turn trigger parameters into the run's settings, once, with every check.
 
     Args:
         params: The DAG's params (see ``dags/recsys_distillation.py``).
-        logical_ds: The date the run processes when ``params["ds"]`` is empty.
+        run_after: When the run became due; the run processes :func:`nightly_ds` of it
+            unless ``params["ds"]`` names a date.
         run_id: The Airflow run id (lineage only).
 
     Returns:
@@ -48,7 +65,7 @@ def resolve_run(params: Mapping[str, Any], logical_ds: str, run_id: str) -> dict
     Raises:
         ConfigError: A bad date, setting, or a data root outside the configured one.
     """
-    ds = parse_ds(params.get("ds") or logical_ds).isoformat()
+    ds = parse_ds(params.get("ds") or nightly_ds(run_after)).isoformat()
     allowed = configured_data_root()
     data_root = Path(params.get("data_root") or allowed)
     data_root = (data_root if data_root.is_absolute() else allowed / data_root).resolve()

@@ -7,6 +7,7 @@ temporary directory: SQLite always, and PostgreSQL at 127.0.0.1:5432 when reacha
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -19,10 +20,12 @@ import pytest
 from pipeline.config import ConfigError, param_defaults
 from pipeline.data.synthetic import generate_synthetic_logs
 from pipeline.registry import Registry
-from pipeline.run import resolve_run
+from pipeline.run import nightly_ds, resolve_run
 
 REPO = Path(__file__).resolve().parents[1]
 DS = "2024-01-31"
+UTC = dt.timezone.utc
+DUE = dt.datetime(2024, 2, 1, 2, 0, tzinfo=UTC)  # the nightly run that processes DS
 EXPECTED_EDGES = {
     ("resolve_config", t) for t in ("validate_raw", "feature_job_args", "validate_features", "train_teacher", "soft_targets",
                                     "distill_student", "evaluate", "gate", "promote", "record_rejection", "report")
@@ -71,14 +74,48 @@ def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
     for outside in ("/etc", "../elsewhere", str(tmp_path / "data-other")):
         with pytest.raises(ConfigError, match="outside the configured data root"):
-            resolve_run({"data_root": outside}, DS, "manual")
-    inside = resolve_run({"data_root": "nightly", "alpha": 0.7}, DS, "manual")
+            resolve_run({"data_root": outside}, DUE, "manual")
+    inside = resolve_run({"data_root": "nightly", "alpha": 0.7}, DUE, "manual")
     assert inside["data_root"] == str((tmp_path / "data" / "nightly").resolve())
     assert inside["overrides"]["distill"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DS}_")
     with pytest.raises(ConfigError, match="distill.alpha must be in"):
-        resolve_run({"alpha": 3}, DS, "manual")
+        resolve_run({"alpha": 3}, DUE, "manual")
     with pytest.raises(ConfigError, match="ds must be a date"):
-        resolve_run({"ds": "31/01/2024"}, DS, "manual")
+        resolve_run({"ds": "31/01/2024"}, DUE, "manual")
+
+
+def test_a_run_without_ds_processes_the_last_complete_utc_day():
+    # Due at 02:00 on Nov 28: Nov 27 is the last complete day (Nov 28 has only begun).
+    assert nightly_ds(dt.datetime(2026, 11, 28, 2, 0, tzinfo=UTC)) == "2026-11-27"
+    assert nightly_ds(dt.datetime(2026, 11, 28, 0, 0, tzinfo=UTC)) == "2026-11-27"
+    assert nightly_ds(dt.datetime(2026, 11, 28, 23, 59, tzinfo=UTC)) == "2026-11-27"
+    # 01:00 at UTC+2 is 23:00 UTC on Nov 27, so Nov 26 is the last complete UTC day.
+    assert nightly_ds(dt.datetime(2026, 11, 28, 1, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))) == "2026-11-26"
+    with pytest.raises(ConfigError, match="time-zone aware"):
+        nightly_ds(dt.datetime(2026, 11, 28, 2, 0))
+    assert resolve_run({}, DUE, "scheduled")["ds"] == DS
+    assert resolve_run({"ds": "2024-01-15"}, DUE, "manual")["ds"] == "2024-01-15"
+
+
+def scheduled_runs(dag, start: dt.datetime, end: dt.datetime) -> list:
+    """The runs the scheduler (and a backfill) creates between two logical dates, in order."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return list(DagSerialization.from_dict(DagSerialization.to_dict(dag)).iter_dagrun_infos_between(start, end))
+
+
+def test_nightly_schedule_and_backfill_process_each_day_once_in_order():
+    dag = load_dag()
+    # The scheduler's nightly run due at 2026-11-28 02:00 processes 2026-11-27.
+    runs = scheduled_runs(dag, dt.datetime(2026, 11, 26, tzinfo=UTC), dt.datetime(2026, 11, 27, 3, tzinfo=UTC))
+    due = {run.run_after: nightly_ds(run.run_after) for run in runs}
+    assert due[dt.datetime(2026, 11, 28, 2, 0, tzinfo=UTC)] == "2026-11-27"
+    # A backfill over logical dates Jan 1..Jan 5 (02:00) processes exactly those days, once each, in order;
+    # a run's logical date (its data interval's start) names the day it processes.
+    runs = scheduled_runs(dag, dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2024, 1, 5, 2, tzinfo=UTC))
+    processed = [nightly_ds(run.run_after) for run in runs]
+    assert processed == [f"2024-01-0{day}" for day in range(1, 6)]
+    assert processed == [run.data_interval.start.date().isoformat() for run in runs]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +161,7 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     assert migrated.returncode == 0, migrated.stderr[-3000:]
 
     # 1. A first run: no champion yet, a lenient teacher threshold -> BLESSED and promoted.
-    first = run_dag(env, DS, {**TINY, "min_change_vs_teacher": -1.0})
+    first = run_dag(env, DS, {**TINY, "ds": DS, "min_change_vs_teacher": -1.0})
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     states = task_states(env, DS)
     assert states["promote"].endswith("success") and states["record_rejection"].endswith("skipped"), states
