@@ -44,8 +44,12 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	$(PY) bench/features.py
 
+# Quality over 5 paired seeds on ML-100K and on a synthetic set of another shape, then the
+# serving-cost curve of the exported teacher and student (results in bench/results/).
 bench-quality: $(STAMP)
-	$(PY) bench/quality.py
+	$(PY) bench/quality.py --dataset ml100k
+	$(PY) bench/quality.py --dataset synthetic
+	$(PY) bench/serving_cost.py
 
 clean:
 	rm -rf $(DATA) bench/work

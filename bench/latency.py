@@ -32,7 +32,7 @@ from pipeline.features import load_user_table  # noqa: E402
 
 
 def stage_times(saved_model: Path, users, batch: int = 1024, repeats: int = 20) -> dict:
-    """Median ms of the serving call and of its parts: query tower, scoring matmul, top-100."""
+    """Median ms of the serving call and of the parts of exact retrieval: query tower, scoring every item, top-100."""
     import time
 
     import numpy as np
@@ -44,8 +44,8 @@ def stage_times(saved_model: Path, users, batch: int = 1024, repeats: int = 20) 
     parts = {
         "full_call": lambda: model(ids),
         "query_tower": lambda: model.query_model(ids),
-        "scoring_matmul": lambda: tf.matmul(queries, model._candidates, transpose_b=True),
-        "top_100": lambda: tf.math.top_k(tf.matmul(queries, model._candidates, transpose_b=True), 100),
+        "scoring_matmul": lambda: tf.matmul(queries, model.item_vectors, transpose_b=True),
+        "top_100": lambda: tf.math.top_k(tf.matmul(queries, model.item_vectors, transpose_b=True), 100),
     }
     out = {}
     for name, call in parts.items():

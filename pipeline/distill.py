@@ -3,9 +3,12 @@
 
 Loss per batch of interactions ``(user, item)``::
 
-    alpha * hard                          in-batch softmax on the true interactions
-  + (1 - alpha) * T^2 * KL(p_t || p_s)    over the user's teacher top-K + sampled negatives (T: distill_temperature)
+    alpha * hard                          softmax cross-entropy on the true interactions (batch mean)
+  + (1 - alpha) * T^2 * KL(p_t || p_s)    T = distill_temperature; over the whole catalogue when it is
+                                          small enough, else the user's teacher top-K + sampled negatives
   + beta * hint                           MSE(P(student hidden), teacher embedding), users and items
+
+All three terms are batch means, so alpha and beta weigh terms of comparable scale.
 
 The teacher is never trained or even loaded here: its scores and embeddings come from the
 soft-target Parquet and are held as non-trainable tensors. ``P`` (the hint projections)
@@ -16,6 +19,7 @@ plain student, the no-distillation baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -31,7 +35,7 @@ from pipeline.config import DistillConfig, PipelineConfig
 from pipeline.features import load_item_table, load_user_table
 from pipeline.io import atomic_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
-from pipeline.models import TwoTowerModel, build_student, export_retrieval
+from pipeline.models import TwoTowerModel, build_student, export_retrieval, size_student
 from pipeline.soft_targets import read_soft_targets
 from pipeline.training import seed_everything, train_two_tower
 
@@ -59,6 +63,9 @@ class DistillationModel(tfrs.Model):
         self.item_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_item")
         top_k = int(targets["topk_item_idx"].shape[1])
         self.soft_loss = SoftTargetLoss(cfg.distill_temperature, cfg.soft_loss, top_k, cfg.ranking_decay)
+        # Small catalogues: the soft targets are the teacher's distribution over every real item.
+        full = cfg.soft_loss == "kl" and self.num_items - 1 <= cfg.full_catalogue_max_items
+        self.catalogue = tf.range(1, self.num_items, dtype=tf.int32) if full else None
 
     def loss_terms(self, features: dict, training: bool = True) -> dict[str, tf.Tensor]:
         """Every loss term of one batch by name, and their weighted ``loss``."""
@@ -66,23 +73,31 @@ class DistillationModel(tfrs.Model):
         users, items = features["user_idx"], features["item_idx"]
         hard = self.student.hard_loss(features, training=training)
         user_vec, user_hidden = self.student.query.embed(users, training=training)  # [B, d], [B, h]
-        # Candidates: the teacher's top-K for this user, then uniform negatives.
-        negatives = tf.random.uniform([tf.shape(users)[0], cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
-        candidates = tf.concat([tf.gather(self.teacher_topk, users), negatives], axis=1)  # [B, K+S]
-        # Score each distinct candidate once ([B, U] matmuls), then pick every row's own list.
-        unique, position = tf.unique(tf.reshape(candidates, [-1]))
-        position = tf.reshape(position, tf.shape(candidates))
-        student_all = tf.matmul(user_vec, self.student.candidate(unique, training=training), transpose_b=True)
-        student_logits = self.student_scale * tf.gather(student_all, position, batch_dims=1)  # [B, K+S]
         teacher_user = tf.gather(self.teacher_user, users)
-        teacher_all = tf.matmul(teacher_user, tf.gather(self.teacher_item, unique), transpose_b=True)
-        teacher_logits = self.teacher_scale * tf.gather(teacher_all, position, batch_dims=1)  # [B, K+S]
+        if self.catalogue is not None:  # every real item: [B, num_items - 1]
+            student_logits = self.student_scale * tf.matmul(user_vec, self.student.candidate(self.catalogue, training=training), transpose_b=True)
+            teacher_logits = self.teacher_scale * tf.matmul(teacher_user, tf.gather(self.teacher_item, self.catalogue), transpose_b=True)
+        else:
+            student_logits, teacher_logits = self._sampled_logits(users, user_vec, teacher_user, training)
         soft = self.soft_loss(teacher_logits, student_logits)
         _, item_hidden = self.student.candidate.embed(items, training=training)
         hint = hint_loss(self.user_projection(user_hidden), teacher_user) + hint_loss(
             self.item_projection(item_hidden), tf.gather(self.teacher_item, items))
         loss = cfg.alpha * hard + (1.0 - cfg.alpha) * soft + cfg.beta * hint
         return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "hint_loss": hint}
+
+    def _sampled_logits(self, users: tf.Tensor, user_vec: tf.Tensor, teacher_user: tf.Tensor,
+                        training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        """Student and teacher logits ``[B, K+S]`` over each user's teacher top-K, then uniform negatives."""
+        negatives = tf.random.uniform([tf.shape(users)[0], self.cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
+        candidates = tf.concat([tf.gather(self.teacher_topk, users), negatives], axis=1)  # [B, K+S]
+        # Score each distinct candidate once ([B, U] matmuls), then pick every row's own list.
+        unique, position = tf.unique(tf.reshape(candidates, [-1]))
+        position = tf.reshape(position, tf.shape(candidates))
+        student_all = tf.matmul(user_vec, self.student.candidate(unique, training=training), transpose_b=True)
+        teacher_all = tf.matmul(teacher_user, tf.gather(self.teacher_item, unique), transpose_b=True)
+        return (self.student_scale * tf.gather(student_all, position, batch_dims=1),
+                self.teacher_scale * tf.gather(teacher_all, position, batch_dims=1))
 
     def compute_loss(self, features, training=False):
         return self.loss_terms(features, training)["loss"]
@@ -126,11 +141,12 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     meta = {
         "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
         "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-        "trainable_params": params, "metrics": {"validation": validation}, "best_epoch": fit.best_epoch,
+        "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
+        "metrics": {"validation": validation}, "best_epoch": fit.best_epoch,
         "history": fit.history, "seconds": fit.seconds, "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
-        export_retrieval(student, users, items, tmp / "saved_model", k=cfg.serving.top_k)
+        export_retrieval(student, users, items, tmp / "saved_model", cfg.serving)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
     log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,

@@ -7,6 +7,7 @@ non-trainable tables inside the towers, so the exported model needs nothing but 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline.catalog import METADATA, require
-from pipeline.config import PipelineConfig, TowerConfig, TrainingConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig, ServingConfig, TowerConfig, TrainingConfig, load_config
 from pipeline.features import ItemTable, UserTable, load_item_table, load_user_table
+from pipeline.retrieval import build_index, save_index
 
 
 def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
@@ -95,23 +97,36 @@ class CandidateTower(tf.keras.Model):
 
 
 class TwoTowerModel(tfrs.Model):
-    """Retrieval model trained with the in-batch softmax of ``tfrs.tasks.Retrieval``.
+    """Two-tower retrieval model; its hard loss is a softmax over candidate items.
 
-    Popular items are over-represented as in-batch negatives; passing their sampling
-    probability lets the task apply the logQ correction.
+    With ``num_items`` given (a catalogue small enough), the softmax runs over every real
+    item: no sampling bias. Otherwise it is the in-batch softmax of ``tfrs.tasks.Retrieval``,
+    where popular items are over-represented as negatives; passing their sampling
+    probability lets the task apply the logQ correction. Either way the hard loss is the
+    *mean* over the batch of each row's cross-entropy (TFRS sums by default), so it is on
+    the scale of the distillation's soft and hint terms.
     """
 
     def __init__(self, query: QueryTower, candidate: CandidateTower, item_probability: np.ndarray | None,
-                 retrieval_temperature: float = 1.0, **kwargs):
+                 retrieval_temperature: float = 1.0, num_items: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.query = query
         self.candidate = candidate
+        self.retrieval_temperature = retrieval_temperature
+        self.catalogue = None if num_items is None else tf.range(1, num_items, dtype=tf.int32)  # real items, no padding
         self.item_probability = None if item_probability is None else tf.constant(item_probability, dtype=tf.float32)
-        self.task = tfrs.tasks.Retrieval(remove_accidental_hits=True, temperature=retrieval_temperature)
+        mean_cross_entropy = tf.keras.losses.CategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
+        self.task = tfrs.tasks.Retrieval(loss=mean_cross_entropy, remove_accidental_hits=True,
+                                         temperature=retrieval_temperature)
 
     def hard_loss(self, features: dict, training: bool = False) -> tf.Tensor:
-        """In-batch softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch."""
+        """Softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch (full-catalogue or in-batch)."""
         users = self.query(features["user_idx"], training=training)
+        if self.catalogue is not None:
+            items = self.candidate(self.catalogue, training=training)  # [num_items - 1, d]
+            logits = tf.matmul(users, items, transpose_b=True) / self.retrieval_temperature  # [B, num_items - 1]
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=features["item_idx"] - 1, logits=logits))
         items = self.candidate(features["item_idx"], training=training)
         probability = None if self.item_probability is None else tf.gather(self.item_probability, features["item_idx"])
         return self.task(users, items, compute_metrics=False, candidate_sampling_probability=probability,
@@ -129,12 +144,59 @@ def _item_probability(items: ItemTable) -> np.ndarray:
 
 def build_model(users: UserTable, items: ItemTable, tower: TowerConfig, training: TrainingConfig, name: str) -> TwoTowerModel:
     """A two-tower model with the given architecture and hard-loss settings."""
+    full_softmax = items.size - 1 <= training.full_softmax_max_items
     return TwoTowerModel(
         QueryTower(users, items.size, tower, name=f"{name}_query"),
         CandidateTower(items, tower, name=f"{name}_candidate"),
         _item_probability(items) if training.logq_correction else None,
         retrieval_temperature=training.retrieval_temperature,
+        num_items=items.size if full_softmax else None,
         name=name,
+    )
+
+
+def _mlp_params(inputs: int, cfg: TowerConfig) -> int:
+    widths = [inputs, *cfg.hidden_units, cfg.output_dim]
+    return sum((a + 1) * b for a, b in zip(widths, widths[1:]))  # kernels and biases
+
+
+def count_tower_params(users: UserTable, items: ItemTable, cfg: TowerConfig) -> int:
+    """Trainable parameters of a two-tower model of ``cfg`` on this catalogue, worked out from the shapes.
+
+    Query tower: user-id and history-item embeddings (``embedding_dim``), three side
+    embeddings (``side_dim``) and an MLP over ``2 * embedding_dim + 3 * side_dim`` inputs.
+    Candidate tower: item-id embedding, year and category embeddings and an MLP over
+    ``embedding_dim + 2 * side_dim`` inputs. Equals the built model's trainable variables.
+    """
+    e, s = cfg.embedding_dim, cfg.side_dim
+    side_rows = sum(int(col.max()) + 1 for col in (users.age_bucket, users.gender, users.occupation))
+    query = (users.size + items.size) * e + side_rows * s + _mlp_params(2 * e + 3 * s, cfg)
+    candidate_rows = (int(items.year_bucket.max()) + 1) + (int(items.categories.max()) + 1)
+    candidate = items.size * e + candidate_rows * s + _mlp_params(e + 2 * s, cfg)
+    return query + candidate
+
+
+def size_student(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> TowerConfig:
+    """The student architecture that fits ``cfg.student.max_param_share`` of the teacher on this catalogue.
+
+    The embedding dimension (which dominates: it multiplies the number of users and items)
+    is the largest one, up to ``cfg.student.embedding_dim``, within the budget.
+
+    Raises:
+        ConfigError: When not even a 1-dimensional embedding fits the budget.
+    """
+    student = cfg.student
+    if student.max_param_share is None:
+        return student
+    budget = student.max_param_share * count_tower_params(users, items, cfg.teacher)
+    for dim in range(student.embedding_dim, 0, -1):
+        sized = dataclasses.replace(student, embedding_dim=dim)
+        if count_tower_params(users, items, sized) <= budget:
+            return sized
+    raise ConfigError(
+        f"student.max_param_share={student.max_param_share} allows {budget:,.0f} parameters, but the smallest student "
+        f"(embedding_dim=1) has {count_tower_params(users, items, dataclasses.replace(student, embedding_dim=1)):,} "
+        f"on {users.size - 1:,} users and {items.size - 1:,} items: raise the share or shrink student side_dim/hidden_units"
     )
 
 
@@ -144,8 +206,8 @@ def build_teacher(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> Tw
 
 
 def build_student(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> TwoTowerModel:
-    """The small student (``cfg.student``): same inputs, small embeddings, shallow towers."""
-    return build_model(users, items, cfg.student, cfg.training, "student")
+    """The small student (``cfg.student`` sized by its budget): same inputs, small embeddings, shallow towers."""
+    return build_model(users, items, size_student(users, items, cfg), cfg.training, "student")
 
 
 def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.ndarray:
@@ -155,22 +217,23 @@ def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.nd
     return np.concatenate(out, axis=0)
 
 
-def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path, k: int = 100) -> Path:
-    """Save a SavedModel that serves the top-``k`` items for a batch of user ids.
+def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path,
+                     serving: ServingConfig) -> Path:
+    """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids.
 
-    The exported model is the query tower behind a ``StringLookup`` of user ids and a
-    ``tfrs`` brute-force index over every real item; called with a 1-D string tensor of
-    user ids it returns ``(scores [batch, k], item_ids [batch, k])``. Only the towers are
-    exported: any training-only layer of a distillation model stays behind.
+    The exported model is the query tower behind a ``StringLookup`` of user ids and the
+    top-K index ``serving.index`` names (:func:`pipeline.retrieval.build_index`) over every
+    real item; called with a 1-D string tensor of user ids it returns
+    ``(scores [batch, k], item_ids [batch, k])``, ``k = min(top_k, items)``. It also holds
+    ``query_model``, ``item_vectors [items, d]`` and ``item_ids [items]`` for exact offline
+    evaluation. Only the towers are exported: any training-only layer of a distillation
+    model stays behind.
     """
     lookup = tf.keras.layers.StringLookup(vocabulary=list(users.user_ids[1:]), num_oov_indices=1)
     query = tf.keras.Sequential([lookup, model.query])
-    index = tfrs.layers.factorized_top_k.BruteForce(query, k=min(k, items.size - 1))
     item_vectors = embed_all(model.candidate, items.size)[1:]
-    index.index(tf.constant(item_vectors), identifiers=tf.constant(list(items.item_ids[1:])))
-    index(tf.constant(list(users.user_ids[1:2])))  # trace once so the call signature exists
-    tf.saved_model.save(index, str(path))
-    return Path(path)
+    index = build_index(query, item_vectors, np.asarray(items.item_ids[1:]), serving)
+    return save_index(index, users.user_ids[1:2], path)
 
 
 def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:

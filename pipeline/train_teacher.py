@@ -59,7 +59,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         "seconds": fit.seconds, "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
-        export_retrieval(model, users, items, tmp / "saved_model", k=cfg.serving.top_k)
+        export_retrieval(model, users, items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
     log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs", final.name, params, fit.best_epoch,

@@ -75,7 +75,8 @@ def test_soft_target_schema_and_determinism(chain):
     assert dense["has_targets"].sum() == users.num_rows and dense["item_embedding"].shape[1] == dim
 
 
-def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain):
+@pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])
+def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain, full_catalogue_max_items):
     from pipeline.distill import DistillationModel
     from pipeline.features import load_item_table, load_user_table
     from pipeline.models import build_student
@@ -84,7 +85,9 @@ def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain):
     features = chain["catalog"].features(DS)
     users, items = load_user_table(features), load_item_table(features)
     targets = read_soft_targets(chain["soft_targets"]["path"], users.size, items.size)
-    model = DistillationModel(build_student(users, items, TINY), targets, TINY.distill, TINY.training.retrieval_temperature)
+    distill = dataclasses.replace(TINY.distill, full_catalogue_max_items=full_catalogue_max_items)
+    model = DistillationModel(build_student(users, items, TINY), targets, distill, TINY.training.retrieval_temperature)
+    assert (model.catalogue is not None) == (full_catalogue_max_items > 0)
     teacher_vars = [model.teacher_topk, model.teacher_user, model.teacher_item]
     batch = {"user_idx": tf.constant([1, 2, 3], tf.int32), "item_idx": tf.constant([4, 5, 6], tf.int32)}
     with tf.GradientTape(persistent=True) as tape:

@@ -8,11 +8,9 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from pipeline.config.checks import ConfigError, _check  # noqa: F401  (ConfigError is re-exported)
+from pipeline.config.evaluation import EvalConfig, GateConfig
 from pipeline.data.contract import EVENT_TYPES
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +78,10 @@ class TrainingConfig:
         seed: Seed of every random choice in training.
         early_stopping_k: K of the validation Recall@K that early stopping watches.
         logq_correction: Correct the in-batch softmax for popular items' over-sampling.
+        full_softmax_max_items: Train with a softmax over the whole catalogue (no sampling
+            bias) when it has at most this many items; above, in-batch negatives with logQ
+            correction. 0 always uses in-batch negatives. Its cost per batch grows with the
+            catalogue (every item goes through the candidate tower each batch).
         retrieval_temperature: Divides every model's scores to make logits, in the hard
             loss and in distillation (with normalised embeddings scores are cosines).
     """
@@ -91,6 +93,7 @@ class TrainingConfig:
     seed: int = 42
     early_stopping_k: int = 20
     logq_correction: bool = True
+    full_softmax_max_items: int = 5_000
     retrieval_temperature: float = 0.05
 
     def __post_init__(self) -> None:
@@ -98,6 +101,7 @@ class TrainingConfig:
         _check(self.learning_rate > 0, "training.learning_rate must be > 0")
         _check(self.patience >= 1, "training.patience must be >= 1")
         _check(self.early_stopping_k >= 1, "training.early_stopping_k must be >= 1")
+        _check(self.full_softmax_max_items >= 0, "training.full_softmax_max_items must be >= 0")
         _check(self.retrieval_temperature > 0, "training.retrieval_temperature must be > 0")
 
 
@@ -111,9 +115,14 @@ class TowerConfig:
         hidden_units: Hidden layers of each tower's MLP; the last hidden layer is the 'hint' layer.
         output_dim: Width of the final user and item embeddings (their dot product is the score).
         dropout: Dropout after each hidden layer while training.
-        l2: L2 penalty on embeddings and kernels.
+        l2: L2 penalty on embeddings and kernels, added to the batch-mean loss (the teacher's
+            1e-8 is the 1e-5 chosen on validation under TFRS's batch-sum loss, divided by the
+            batch of 1,024).
         normalize: L2-normalise the output embeddings (scores become cosines).
         epochs: Most epochs; early stopping keeps the best on validation.
+        max_param_share: For a student, the most trainable parameters it may have as a share
+            of its teacher's on the same catalogue: the embedding dimension shrinks (from
+            ``embedding_dim``) until the student fits. None: no budget (the teacher).
     """
 
     embedding_dim: int = 128
@@ -121,9 +130,10 @@ class TowerConfig:
     hidden_units: tuple[int, ...] = (256, 128)
     output_dim: int = 128
     dropout: float = 0.1
-    l2: float = 1e-5
+    l2: float = 1e-8
     normalize: bool = True
     epochs: int = 30
+    max_param_share: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
@@ -132,11 +142,13 @@ class TowerConfig:
         _check(0.0 <= self.dropout < 1.0, "tower dropout must be in [0, 1)")
         _check(self.l2 >= 0.0, "tower l2 must be >= 0")
         _check(self.epochs >= 1, "tower epochs must be >= 1")
+        _check(self.max_param_share is None or 0.0 < self.max_param_share <= 1.0, "tower max_param_share must be in (0, 1]")
 
 
 def _default_student() -> TowerConfig:
-    """Under 10% of the default teacher's parameters (73,560 vs 770,784 on ML-100K)."""
-    return TowerConfig(embedding_dim=16, side_dim=4, hidden_units=(32,), output_dim=32, dropout=0.0, l2=0.0, epochs=20)
+    """At most 10% of the teacher's parameters on any catalogue (73,560 vs 770,784 on ML-100K)."""
+    return TowerConfig(embedding_dim=16, side_dim=4, hidden_units=(32,), output_dim=32, dropout=0.0, l2=0.0, epochs=20,
+                       max_param_share=0.10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +168,9 @@ class DistillConfig:
             position-weighted positives, as in Ranking Distillation).
         ranking_decay: Position-weight decay of the ranking loss, ``w_k ~ exp(-k / decay)``.
         sampled_negatives: Uniformly sampled items added to each user's teacher candidates.
+        full_catalogue_max_items: With the ``"kl"`` loss, the soft targets are the teacher's
+            distribution over the whole catalogue when it has at most this many items;
+            above, over each user's teacher top-K plus ``sampled_negatives``.
     """
 
     distill_temperature: float = 2.0
@@ -164,8 +179,10 @@ class DistillConfig:
     soft_loss: str = "kl"
     ranking_decay: float = 10.0
     sampled_negatives: int = 100
+    full_catalogue_max_items: int = 5_000
 
     def __post_init__(self) -> None:
+        _check(self.full_catalogue_max_items >= 0, "distill.full_catalogue_max_items must be >= 0")
         _check(self.distill_temperature > 0, "distill.distill_temperature must be > 0")
         _check(0.0 <= self.alpha <= 1.0, "distill.alpha must be in [0, 1]")
         _check(self.beta >= 0.0, "distill.beta must be >= 0")
@@ -193,77 +210,33 @@ class SoftTargetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
-    """The exported retrieval SavedModels.
+    """The exported retrieval SavedModels and their top-K index (:mod:`pipeline.retrieval`).
 
     Attributes:
         top_k: Items an exported model returns per user.
+        index: ``"brute_force"`` (exact; the faster one up to tens of thousands of items) or ``"ivf"``
+            (k-means partitions, a query scores the probed ones; 2-3x faster at 100k items).
+        num_partitions: IVF partitions; 0: about sqrt(items).
+        probe_partitions: Partitions an IVF query scores (all: exact); 32: recall@100 >= 0.95 (bench/serving_cost.py).
+        partition_capacity: Largest IVF partition / mean; the overflow spills to the next-best centroid.
+        kmeans_iterations: Lloyd iterations of the IVF k-means.
+        seed: Seed of the IVF k-means.
     """
 
     top_k: int = 100
+    index: str = "brute_force"
+    num_partitions: int = 0
+    probe_partitions: int = 32
+    partition_capacity: float = 1.5
+    kmeans_iterations: int = 10
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "serving.top_k must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation harness and baselines.
-
-    Attributes:
-        ks: Cut-offs of Recall and NDCG.
-        batch_size: Users scored per batch.
-        als_rank: Spark MLlib ALS factors.
-        als_reg: ALS regularisation.
-        als_alpha: ALS implicit-feedback confidence scale.
-        als_iterations: ALS sweeps.
-        latency_batch_size: Users per batched top-K query when timing a SavedModel.
-        latency_repeats: Timed batches (after warm-up) per model.
-    """
-
-    ks: tuple[int, ...] = (10, 20)
-    batch_size: int = 512
-    als_rank: int = 64
-    als_reg: float = 0.1
-    als_alpha: float = 0.5
-    als_iterations: int = 15
-    latency_batch_size: int = 256
-    latency_repeats: int = 30
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        _check(all(k >= 1 for k in self.ks), "evaluate.ks must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class GateConfig:
-    """Validation gate between a distilled student and the model registry.
-
-    A change is ``(student - reference) / reference`` when ``mode="relative"`` and
-    ``student - reference`` when ``"absolute"``; a check passes when the change is at
-    least the (signed) minimum: ``-0.05`` lets the student be up to 5% below.
-
-    Attributes:
-        metrics: Gated test metrics.
-        mode: ``"relative"`` or ``"absolute"`` for both references.
-        min_change_vs_teacher: Signed minimum change against the teacher.
-        min_change_vs_champion: Signed minimum change against the serving champion
-            (skipped, with a warning, when there is no champion yet).
-        floors: Optional absolute minimum per metric, e.g. ``{"ndcg@10": 0.05}``.
-    """
-
-    metrics: tuple[str, ...] = ("ndcg@10", "recall@20")
-    mode: str = "relative"
-    min_change_vs_teacher: float = -0.05
-    min_change_vs_champion: float = -0.02
-    floors: Mapping[str, float] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "metrics", tuple(self.metrics))
-        object.__setattr__(self, "floors", dict(self.floors))
-        _check(len(self.metrics) >= 1, "gate.metrics must name at least one metric")
-        _check(self.mode in ("relative", "absolute"), f"gate.mode must be 'relative' or 'absolute', got {self.mode!r}")
-        unknown = sorted(set(self.floors) - set(self.metrics))
-        _check(not unknown, f"gate.floors names metrics that are not gated: {unknown}")
+        _check(self.index in ("ivf", "brute_force"), f"serving.index must be 'ivf' or 'brute_force', got {self.index!r}")
+        _check(min(self.num_partitions, self.kmeans_iterations) >= 0, "serving.num_partitions and kmeans_iterations must be >= 0")
+        _check(self.probe_partitions >= 1, "serving.probe_partitions must be >= 1")
+        _check(self.partition_capacity >= 1.0, "serving.partition_capacity must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,8 +281,3 @@ def stable_hash(payload: Any) -> str:
     """16 hex digits of the SHA-256 of ``payload`` as sorted JSON."""
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)

@@ -93,10 +93,11 @@ class MostPopularScorer:
 class SavedModelScorer:
     """Scores every item of today's vocabulary with an exported retrieval SavedModel.
 
-    Evaluates the artefact that would be served: its query model (behind its own user-id
-    lookup) and its brute-force index of item embeddings, matched to today's item ids by
-    string. Items the model does not know score ``-inf``; a champion trained on an older
-    vocabulary is thus judged on today's split like everyone else.
+    Evaluates the artefact that would be served, exactly: its ``query_model`` (behind its own
+    user-id lookup) against every item of its ``item_vectors`` (whatever index serves them,
+    IVF or brute force), matched to today's item ids by string. Items the model does not
+    know score ``-inf``; a champion trained on an older vocabulary is thus judged on today's
+    split like everyone else.
     """
 
     def __init__(self, saved_model_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
@@ -105,9 +106,12 @@ class SavedModelScorer:
 
         self._tf = tf
         self.model = tf.saved_model.load(str(saved_model_dir))
-        # The tfrs BruteForce layer keeps its index as these two tracked variables.
-        vectors = self.model._candidates.numpy()
-        position = {item: row for row, item in enumerate(self.model._identifiers.numpy().astype(str))}
+        # Every exported index (pipeline.retrieval) names its exact item table item_vectors and
+        # item_ids; a champion exported before that is a bare tfrs BruteForce (_candidates, _identifiers).
+        legacy = not hasattr(self.model, "item_vectors")
+        vectors = (self.model._candidates if legacy else self.model.item_vectors).numpy()
+        ids = (self.model._identifiers if legacy else self.model.item_ids).numpy().astype(str)
+        position = {item: row for row, item in enumerate(ids)}
         rows = np.array([position.get(str(item), -1) for item in item_ids])
         self.known = rows >= 0
         self.item_vectors = np.zeros((len(item_ids), vectors.shape[1]), np.float32)
