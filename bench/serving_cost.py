@@ -1,4 +1,4 @@
-"""Serving cost of teacher and distilled student as the catalogue grows, IVF index vs brute force.
+"""Serving cost of teacher and distilled student as the catalogue grows: exact brute force (top-K by blocks, and one plain top_k) and IVF.
 
 Run as ``.venv/bin/python bench/serving_cost.py [--data-root bench/work/quality]
 [--sizes 1682 100000 1000000] [--rounds 5] [--set ...]`` after ``bench/quality.py`` (or any
@@ -14,10 +14,10 @@ with each model's real query tower against
   distance from a real item to its nearest other item: variants lie as close to their item
   as real neighbours do, on each model's own scale.
 
-Both indexes are built by :func:`pipeline.retrieval.build_index` with ``cfg.serving`` (the
+Every index is built by :func:`pipeline.retrieval.build_index` with ``cfg.serving`` (the
 export's code path; ``--probe-partitions`` overrides the probe without changing which models are found), saved and loaded as SavedModels, so what is timed is what is served.
 Batched calls are timed by :func:`pipeline.evaluation.measure_latency` in interleaved rounds
-(teacher IVF, teacher brute force, student IVF, student brute force, teacher IVF, ...) in one
+(teacher: IVF, brute force, brute force with one top_k; student: the same; teacher IVF, ...) in one
 process, and medians over rounds of p50/p99 latency and users/s are kept. IVF recall@K is
 measured against exact top-K over all users. Writes ``serving_cost.json``, ``.md`` and
 ``.png`` to ``--out`` (``bench/results``).
@@ -51,7 +51,10 @@ from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_laten
 from pipeline.features import load_user_table  # noqa: E402
 
 MODELS = ("teacher", "student_kd")
-INDEXES = ("ivf", "brute_force")
+# Index kind -> its serving settings over cfg.serving: the exact brute force as exported
+# (top-K by blocks from about 10k items), the same with one top_k over every item, and IVF.
+INDEXES = {"ivf": {"index": "ivf"}, "brute_force": {"index": "brute_force"},
+           "brute_force_one_top_k": {"index": "brute_force", "block_size": 1}}
 METRICS = ("latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
 
 
@@ -114,7 +117,7 @@ def build_indexes(exported: Path, size: int, work: Path, serving, example_ids: n
     built.update(vectors=vectors, ids=ids)
     for kind in INDEXES:
         started = time.perf_counter()
-        index = build_index(model.query_model, vectors, ids, dataclasses.replace(serving, index=kind))
+        index = build_index(model.query_model, vectors, ids, dataclasses.replace(serving, **INDEXES[kind]))
         seconds = time.perf_counter() - started
         path = save_index(index, example_ids, work / kind)
         row = {"path": path, "build_seconds": round(seconds, 2), "saved_model_bytes": directory_bytes(path)}
@@ -164,6 +167,15 @@ def write_markdown(results: dict, path: Path) -> None:
                          f"{r[f'batch_{b}']['throughput_users_per_s']:,.0f}" for b in batches]
                 source = row["source"] + (f", spread {row['spread']:.2f}" if "spread" in row else "")
                 lines.append(f"| {int(size):,} ({source}) | {name} | {row['dim']} | {kind} | {recall} | " + " | ".join(cells) + " |")
+    lines += ["", "Student throughput over the teacher's (median users/s), same index, and each at its fastest index:", "",
+              "| items | batch | " + " | ".join(INDEXES) + " | fastest vs fastest |", "|---|---|" + "---|" * (len(INDEXES) + 1)]
+    for size, by_model in results["sizes"].items():
+        for b in batches:
+            speed = {name: {kind: by_model[name][kind][f"batch_{b}"]["throughput_users_per_s"] for kind in INDEXES} for name in MODELS}
+            same = [f"{speed['student_kd'][kind] / speed['teacher'][kind]:.2f}x" for kind in INDEXES]
+            best = {name: max(v, key=v.get) for name, v in speed.items()}
+            lines.append(f"| {int(size):,} | {b} | " + " | ".join(same) + f" | {speed['student_kd'][best['student_kd']] / speed['teacher'][best['teacher']]:.2f}x "
+                         f"({best['student_kd']} vs {best['teacher']}) |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -178,7 +190,7 @@ def plot(results: dict, path: Path) -> None:
     sizes = [int(s) for s in results["sizes"]]
     for ax, batch in zip(axes[0], batches):
         for name, colour in zip(MODELS, ("tab:blue", "tab:orange")):
-            for kind, style in zip(INDEXES, ("-o", "--s")):
+            for kind, style in zip(INDEXES, ("-o", "--s", ":^")):
                 ys = [results["sizes"][str(s)][name][kind][f"batch_{batch}"]["throughput_users_per_s"] for s in sizes]
                 ax.plot(sizes, ys, style, color=colour, label=f"{name} ({results['sizes'][str(sizes[0])][name]['dim']}-d), {kind}")
         ax.set(xscale="log", yscale="log", xlabel="catalogue size (items)", ylabel="users/s (median p50)",

@@ -32,7 +32,7 @@ import tensorflow_recommenders as tfrs
 from pipeline import cli
 from pipeline.catalog import MANIFEST, METADATA, Catalog
 from pipeline.config import DistillConfig, PipelineConfig
-from pipeline.features import load_item_table, load_user_table
+from pipeline.features import load_item_table, load_user_table, with_history_before_test
 from pipeline.io import atomic_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
 from pipeline.models import TwoTowerModel, build_student, export_retrieval, size_student
@@ -146,7 +146,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
         "history": fit.history, "seconds": fit.seconds, "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
-        export_retrieval(student, users, items, tmp / "saved_model", cfg.serving)
+        export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
     log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,

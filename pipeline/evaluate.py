@@ -22,6 +22,7 @@ from pipeline.evaluation import (
     directory_bytes,
     evaluate_scorer,
     fit_als,
+    fold_in_users,
     limit_tf_threads,
     measure_latency,
 )
@@ -29,7 +30,7 @@ from pipeline.features import load_item_table, load_user_table
 
 log = logging.getLogger(__name__)
 
-MODEL_ORDER = ("teacher", "student_kd", "student_plain", "champion", "als", "most_popular")
+MODEL_ORDER = ("teacher", "student_kd", "student_plain", "champion", "als", "als_refit", "most_popular")
 
 
 def run_models(ds: str, catalog: Catalog, cfg: PipelineConfig, plain: bool = False) -> dict[str, Path]:
@@ -79,7 +80,12 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
                               "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir)}
     if baselines:
         models["most_popular"] = test(MostPopularScorer(items.popularity))
-        models["als"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark))
+        # Parameters from train only, users represented by everything before the test items
+        # (as the exported towers' histories): ALS folds in train + validation. als_refit also
+        # learns from validation: what retraining on the newest interactions would buy.
+        als = fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark)
+        models["als"] = test(fold_in_users(als, features_dir, ("train", "validation"), cfg.evaluate))
+        models["als_refit"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark, splits=("train", "validation")))
     if latency:
         sample = users.user_ids[1:]
         for _ in range(2):  # two interleaved rounds, the second (warm) one is kept

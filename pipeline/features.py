@@ -54,6 +54,92 @@ def load_split_pairs(features_dir: str | Path, split: str) -> tuple[np.ndarray, 
 
 
 @dataclasses.dataclass(frozen=True)
+class Sequences:
+    """Every user's interactions of some splits in time order.
+
+    Training uses the train split's (:meth:`histories`): at serving time a user's history
+    ends before the items to recommend, and a train pair whose history already holds its own
+    item (and later ones) teaches the model to recall the history instead, so each pair gets
+    only what came before it. Export uses train + validation (:meth:`latest`): everything
+    known before the held-out test items.
+
+    Attributes:
+        users: ``[n]`` ``user_idx`` of each entry, ascending.
+        items: ``[n]`` ``item_idx``, each user's in the split's order (``first_ts``, then item id).
+        rank: ``[n]`` each entry's position within its user's sequence.
+        keys: ``[n]`` sorted ``user_idx * n_items + item_idx`` of every pair.
+        key_position: ``[n]`` where the pair of ``keys[j]`` sits in ``items``.
+        n_items: Item vocabulary size (with padding).
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    rank: np.ndarray
+    keys: np.ndarray
+    key_position: np.ndarray
+    n_items: int
+
+    def histories(self, user_idx: np.ndarray, item_idx: np.ndarray, length: int) -> np.ndarray:
+        """``[batch, length]`` the items each pair's user touched before it, oldest first, 0-padded on the left.
+
+        Raises:
+            KeyError: When a pair is not among the sequences' interactions.
+        """
+        keys = user_idx.astype(np.int64) * self.n_items + item_idx
+        slot = np.searchsorted(self.keys, keys)
+        found = (slot < len(self.keys)) & (self.keys[np.minimum(slot, len(self.keys) - 1)] == keys)
+        if not found.all():
+            raise KeyError(f"{int((~found).sum())} pairs are not train interactions, e.g. "
+                           f"(user_idx, item_idx)=({user_idx[~found][0]}, {item_idx[~found][0]})")
+        position, rank = self.key_position[slot], self.rank[self.key_position[slot]]
+        out = np.zeros((len(keys), length), dtype=np.int32)
+        for back in range(1, length + 1):  # column length - back holds the item `back` steps earlier
+            out[:, length - back] = np.where(rank >= back, self.items[np.maximum(position - back, 0)], 0)
+        return out
+
+    def latest(self, n_users: int, length: int) -> np.ndarray:
+        """``[n_users, length]`` each user's last ``length`` items, oldest first, 0-padded on the left."""
+        out = np.zeros((n_users, length), dtype=np.int32)
+        users, start, count = np.unique(self.users, return_index=True, return_counts=True)
+        for back in range(length):  # column length - 1 - back holds the item `back` before the last
+            has = count > back
+            out[users[has], length - 1 - back] = self.items[start[has] + count[has] - 1 - back]
+        return out
+
+
+def load_sequences(features_dir: str | Path, n_items: int, splits: tuple[str, ...] = ("train",)) -> Sequences:
+    """Read the pairs of ``splits`` into :class:`Sequences` (memory grows with those pairs)."""
+    table = _interactions(features_dir).to_table(columns=["user_idx", "item_idx", "first_ts"],
+                                                 filter=pc.field("split").isin(list(splits)))
+    users = table.column("user_idx").to_numpy().astype(np.int64)
+    items = table.column("item_idx").to_numpy().astype(np.int32)
+    first_ts = table.column("first_ts").cast(pa.int64()).to_numpy()
+    order = np.lexsort((items, first_ts, users))  # item_idx follows the sorted item ids: the split's tie-break
+    users, items = users[order], items[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1]
+    rank = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+    keys = users * n_items + items
+    key_order = np.argsort(keys, kind="stable")
+    return Sequences(users, items, rank, keys[key_order], key_order, n_items)
+
+
+def load_train_sequences(features_dir: str | Path, n_items: int) -> Sequences:
+    """The train split's :class:`Sequences` (each train pair's causal history)."""
+    return load_sequences(features_dir, n_items, ("train",))
+
+
+def with_history_before_test(features_dir: str | Path, users: "UserTable", n_items: int) -> "UserTable":
+    """``users`` with each history the last items of train + validation: all that is known before the test items.
+
+    Exported models serve this history: the held-out test split is then scored from what a
+    served model would know at that time, and in production the served history is the
+    freshest the window holds short of the test items.
+    """
+    history = load_sequences(features_dir, n_items, ("train", "validation")).latest(users.size, users.history.shape[1])
+    return dataclasses.replace(users, history=history)
+
+
+@dataclasses.dataclass(frozen=True)
 class UserTable:
     """Per-user side inputs, row ``user_idx`` (row 0 is padding).
 

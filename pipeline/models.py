@@ -59,9 +59,14 @@ class QueryTower(tf.keras.Model):
         self.side_embeddings = [_embedding(n, cfg.side_dim, 0.0, f"side_{i}") for i, n in enumerate(sizes)]
         self.mlp = _MLP(cfg, name="query_mlp")
 
-    def embed(self, user_idx: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        """Returns ``(embedding [batch, output_dim], last hidden layer [batch, hidden])``."""
-        history = tf.gather(self.history, user_idx)
+    def embed(self, user_idx: tf.Tensor, training: bool = False, history: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Returns ``(embedding [batch, output_dim], last hidden layer [batch, hidden])``.
+
+        ``history [batch, history_length]`` replaces each user's stored (latest) history:
+        training gives a pair the items before it.
+        """
+        if history is None:
+            history = tf.gather(self.history, user_idx)
         mask = tf.cast(history > 0, tf.float32)[..., None]
         pooled = tf.reduce_sum(self.history_embedding(history) * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         side = tf.gather(self.side, user_idx)
@@ -122,7 +127,7 @@ class TwoTowerModel(tfrs.Model):
 
     def hard_loss(self, features: dict, training: bool = False) -> tf.Tensor:
         """Softmax loss on the true ``(user_idx, item_idx)`` pairs of a batch (full-catalogue or in-batch)."""
-        users = self.query(features["user_idx"], training=training)
+        users, _ = self.query.embed(features["user_idx"], training=training, history=features.get("history"))
         if self.catalogue is not None:
             items = self.candidate(self.catalogue, training=training)  # [num_items - 1, d]
             logits = tf.matmul(users, items, transpose_b=True) / self.retrieval_temperature  # [B, num_items - 1]
@@ -227,13 +232,19 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     ``(scores [batch, k], item_ids [batch, k])``, ``k = min(top_k, items)``. It also holds
     ``query_model``, ``item_vectors [items, d]`` and ``item_ids [items]`` for exact offline
     evaluation. Only the towers are exported: any training-only layer of a distillation
-    model stays behind.
+    model stays behind. The exported query tower serves ``users.history`` (callers pass
+    :func:`pipeline.features.with_history_before_test`), whatever history it trained with.
     """
     lookup = tf.keras.layers.StringLookup(vocabulary=list(users.user_ids[1:]), num_oov_indices=1)
-    query = tf.keras.Sequential([lookup, model.query])
-    item_vectors = embed_all(model.candidate, items.size)[1:]
-    index = build_index(query, item_vectors, np.asarray(items.item_ids[1:]), serving)
-    return save_index(index, users.user_ids[1:2], path)
+    trained_history = model.query.history
+    model.query.history = tf.constant(users.history, dtype=tf.int32)  # traced into the SavedModel below
+    try:
+        query = tf.keras.Sequential([lookup, model.query])
+        item_vectors = embed_all(model.candidate, items.size)[1:]
+        index = build_index(query, item_vectors, np.asarray(items.item_ids[1:]), serving)
+        return save_index(index, users.user_ids[1:2], path)
+    finally:
+        model.query.history = trained_history
 
 
 def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:

@@ -18,7 +18,7 @@ import tensorflow as tf
 from pipeline import cli
 from pipeline.catalog import METADATA, Catalog
 from pipeline.config import PipelineConfig
-from pipeline.features import load_item_table, load_user_table, read_manifest
+from pipeline.features import load_item_table, load_user_table, read_manifest, with_history_before_test
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import build_teacher, export_retrieval
 from pipeline.training import seed_everything, train_two_tower
@@ -59,7 +59,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         "seconds": fit.seconds, "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
-        export_retrieval(model, users, items, tmp / "saved_model", cfg.serving)
+        export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
     log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs", final.name, params, fit.best_epoch,

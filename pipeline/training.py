@@ -16,27 +16,33 @@ import tensorflow as tf
 from pipeline.config import EvalConfig, PipelineConfig
 from pipeline.evaluation import EmbeddingScorer, evaluate_scorer
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import stream_interactions
+from pipeline.features import Sequences, load_train_sequences, stream_interactions
 from pipeline.models import embed_all
 
 log = logging.getLogger(__name__)
 
 
-def interaction_dataset(features_dir: str | Path, split: str, batch_size: int, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
+def interaction_dataset(features_dir: str | Path, split: str, batch_size: int, shuffle_buffer: int, seed: int,
+                        sequences: Sequences | None = None, history_length: int = 0) -> tf.data.Dataset:
     """Batches ``{"user_idx": [batch], "item_idx": [batch]}`` streamed from the feature Parquet.
 
     pyarrow reads record batches one at a time, so memory is bounded by the shuffle
-    buffer, not by the number of interactions.
+    buffer, not by the number of interactions. With ``sequences`` each batch also holds
+    ``"history": [batch, history_length]``, the items the user touched before that pair.
     """
 
     def record_batches():
         for batch in stream_interactions(features_dir, split):
-            yield {
-                "user_idx": batch.column("user_idx").to_numpy().astype(np.int32),
-                "item_idx": batch.column("item_idx").to_numpy().astype(np.int32),
-            }
+            users = batch.column("user_idx").to_numpy().astype(np.int32)
+            items = batch.column("item_idx").to_numpy().astype(np.int32)
+            out = {"user_idx": users, "item_idx": items}
+            if sequences is not None:
+                out["history"] = sequences.histories(users, items, history_length)
+            yield out
 
     spec = {name: tf.TensorSpec([None], tf.int32) for name in ("user_idx", "item_idx")}
+    if sequences is not None:
+        spec["history"] = tf.TensorSpec([None, history_length], tf.int32)
     return (
         tf.data.Dataset.from_generator(record_batches, output_signature=spec)
         .unbatch()
@@ -126,7 +132,10 @@ def train_two_tower(model: tf.keras.Model, towers: Callable[[tf.keras.Model], tf
     model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
     eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
     watch = f"recall@{training.early_stopping_k}"
-    dataset = interaction_dataset(features_dir, "train", training.batch_size, training.shuffle_buffer, training.seed)
+    sequences = load_train_sequences(features_dir, num_items) if training.causal_history else None
+    history_length = int(towers(model).query.history.shape[1])
+    dataset = interaction_dataset(features_dir, "train", training.batch_size, training.shuffle_buffer, training.seed,
+                                  sequences, history_length)
     fit = fit_with_early_stopping(model, dataset, epochs, training.patience, lambda m: validation(m)[watch], label)
     params = count_trainable_params(towers(model))
     return fit, validation(model), params

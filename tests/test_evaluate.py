@@ -19,12 +19,13 @@ from pipeline.evaluation import (
     directory_bytes,
     evaluate_scorer,
     fit_als,
+    fold_in_users,
     measure_latency,
     ranking_metrics,
     top_k_items,
 )
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import load_item_table
+from pipeline.features import load_item_table, load_split_pairs
 
 INF = float("inf")
 D2 = 1 / math.log2(3)  # discount of rank 2 = 0.63093
@@ -273,6 +274,14 @@ def test_als_beats_random_on_ml100k(spark, ml100k_features):
     # Random: about 20 / 1600 candidates ~ 0.013 recall@20; ALS is far above.
     assert als_metrics["recall@20"] > 3 * random_metrics["recall@20"]
     assert als_metrics["ndcg@20"] > random_metrics["ndcg@20"]
+    # Spark's own user update, redone with the fitted item factors, gives back the fitted users.
+    folded = fold_in_users(als, ML100K, ("train",), cfg)
+    np.testing.assert_allclose(folded.user_vectors, als.user_vectors, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(folded.item_vectors, als.item_vectors)
+    # Folding in validation too changes the users who have validation interactions, not the others.
+    newer = fold_in_users(als, ML100K, ("train", "validation"), cfg)
+    with_validation = np.unique(load_split_pairs(ML100K, "validation")[0])
+    assert not np.allclose(newer.user_vectors[with_validation], als.user_vectors[with_validation], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- cost measures

@@ -14,7 +14,7 @@ import tensorflow_recommenders as tfrs
 
 from pipeline.config import ConfigError, ServingConfig
 from pipeline.evaluation import SavedModelScorer
-from pipeline.retrieval import IVFTopK, build_index, partition_items, save_index
+from pipeline.retrieval import IVFTopK, block_top_k, build_index, partition_items, save_index
 
 # Six unit vectors in 2-D: A near (1, 0) and B = -A near (-1, 0).
 A = [[1.0, 0.0], [0.96, 0.28], [0.8, 0.6]]
@@ -115,9 +115,13 @@ def test_saved_model_round_trip(tmp_path):
                                        tf.keras.layers.Embedding(4, 8)])
     items, item_ids = clustered(200, 8, 5, seed=8), np.array([f"i{j}" for j in range(200)])
     for kind in ("ivf", "brute_force"):
-        index = build_index(query_model, items, item_ids, ServingConfig(top_k=10, index=kind, probe_partitions=3))
+        index = build_index(query_model, items, item_ids, ServingConfig(top_k=10, index=kind, probe_partitions=3, block_size=4))
         batch = tf.constant(users + ["nobody"])
         before = index(batch)
+        if kind == "brute_force":  # selection by blocks of 4 items is exact
+            exact_scores, exact_rows = tf.math.top_k(tf.matmul(query_model(batch), items, transpose_b=True), k=10)
+            np.testing.assert_allclose(before[0].numpy(), exact_scores.numpy(), rtol=1e-6)
+            np.testing.assert_array_equal(before[1].numpy().astype(str), item_ids[exact_rows.numpy()])
         loaded = tf.saved_model.load(str(save_index(index, ["u1"], tmp_path / kind)))
         after = loaded(batch)
         np.testing.assert_allclose(after[0].numpy(), before[0].numpy(), rtol=1e-6)
@@ -136,12 +140,30 @@ def test_saved_model_round_trip(tmp_path):
     np.testing.assert_allclose(scorer.score(np.array([1])), query_model(tf.constant(["u2"])).numpy() @ items.T, rtol=1e-5, atol=1e-6)
 
 
+def test_block_selection_by_hand():
+    # Blocks of 2: [1, 9] [2, 8] [7, 3] [0, pad]; maxima 9, 8, 7, 0 -> blocks 0 and 1 -> among
+    # [1, 9, 2, 8] the best two are 9 (column 1) and 8 (column 3). Item 7 (column 4) loses to 8.
+    values, indices = block_top_k(tf.constant([[1.0, 9.0, 2.0, 8.0, 7.0, 3.0, 0.0]]), k=2, block_size=2)
+    np.testing.assert_array_equal(values.numpy(), [[9.0, 8.0]])
+    np.testing.assert_array_equal(indices.numpy(), [[1, 3]])
+
+
+@pytest.mark.parametrize("n, k, block_size", [(1682, 100, 4), (1000, 10, 7), (50, 5, 3), (997, 100, 32), (40, 10, 5)])
+def test_block_selection_equals_a_full_top_k(n, k, block_size):
+    scores = tf.constant(np.random.default_rng(n).normal(size=(6, n)), tf.float32)  # no ties
+    values, indices = block_top_k(scores, k=k, block_size=block_size)
+    want_values, want_indices = tf.math.top_k(scores, k=k)
+    np.testing.assert_array_equal(values.numpy(), want_values.numpy())
+    np.testing.assert_array_equal(indices.numpy(), want_indices.numpy())
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"index": "hnsw"}, "serving.index must be 'ivf' or 'brute_force'"),
     ({"num_partitions": -1}, "serving.num_partitions and kmeans_iterations must be >= 0"),
     ({"probe_partitions": 0}, "serving.probe_partitions must be >= 1"),
     ({"partition_capacity": 0.5}, "serving.partition_capacity must be >= 1"),
     ({"kmeans_iterations": -1}, "serving.num_partitions and kmeans_iterations must be >= 0"),
+    ({"block_size": -1}, "serving.block_size must be >= 0"),
 ])
 def test_bad_settings_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,7 +9,7 @@
 The pipeline step that evaluates a run's models is :mod:`pipeline.evaluate`.
 """
 
-from pipeline.evaluation.baselines import fit_als
+from pipeline.evaluation.baselines import fit_als, fold_in_users
 from pipeline.evaluation.harness import evaluate_scorer
 from pipeline.evaluation.metrics import COVERAGE_K, HITRATE_K, ranking_metrics, top_k_items
 from pipeline.evaluation.scorers import EmbeddingScorer, MostPopularScorer, SavedModelScorer, Scorer
@@ -17,5 +17,5 @@ from pipeline.evaluation.serving_cost import directory_bytes, limit_tf_threads, 
 
 __all__ = [
     "COVERAGE_K", "HITRATE_K", "EmbeddingScorer", "MostPopularScorer", "SavedModelScorer", "Scorer", "directory_bytes",
-    "evaluate_scorer", "fit_als", "limit_tf_threads", "measure_latency", "ranking_metrics", "top_k_items",
+    "evaluate_scorer", "fit_als", "fold_in_users", "limit_tf_threads", "measure_latency", "ranking_metrics", "top_k_items",
 ]
