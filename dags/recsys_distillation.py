@@ -12,6 +12,9 @@ rejection -> run **report**.
   processes yesterday. A backfill of logical dates D1..Dn processes each of those days once.
 * A rejected student shows as `promote` *skipped* and `record_rejection` run; the `gate`
   task's log and its XCom list every failed check with its numbers.
+* A re-run of a date and settings already promoted adds no version and leaves the champion
+  where it is, so an operator's rollback holds; every attempt is recorded in the registry
+  (`python -m pipeline.registry list`).
 * Trigger by hand with params (date, window, epochs, T, alpha, beta, gate thresholds,
   reuse of the teacher). `data_root` must stay inside `$RECSYS_DATA_ROOT`.
 * Spark runs through the `recsys_spark` connection: `local[2]` by default, a cluster

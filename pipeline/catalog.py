@@ -10,6 +10,7 @@ Layout under one data root::
     models/student/<ds>-<identity>/             a distilled student
     models/student_plain/<ds>-<identity>/       the same student trained without distillation
     registry/<model>/                           promoted versions (pipeline.registry)
+    registry/models.config                      TF Serving config pinning each model to its champion
     reports/ds=<ds>/<run key>/                  run reports
 
 An artifact's identity is a hash of the configuration sections it depends on and of its

@@ -102,6 +102,9 @@ def _headline(gate: dict, promotion: dict | None) -> str:
         failed = sum(not c.get("passed") for c in checks)
         return f"{failed} of {len(checks)} gate checks failed; the serving champion is unchanged"
     promoted = f"; promoted as version {promotion.get('version')}" if promotion else ""
+    if promotion and promotion.get("rerun"):
+        promoted = (f"; a re-run: version {promotion.get('version')} was published before, "
+                    f"the champion stays version {promotion.get('champion')}")
     return f"the student passed all {len(checks)} gate checks{promoted}"
 
 

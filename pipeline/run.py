@@ -56,7 +56,7 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str) 
         params: The DAG's params (see ``dags/recsys_distillation.py``).
         run_after: When the run became due; the run processes :func:`nightly_ds` of it
             unless ``params["ds"]`` names a date.
-        run_id: The Airflow run id (lineage only).
+        run_id: The Airflow run id (lineage, and the registry's record of the attempt).
 
     Returns:
         ``{"ds", "data_root", "overrides", "config", "config_hash", "run_key", "run_id", "reuse_teacher"}``:
@@ -154,6 +154,12 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
 def promote(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
     """Publish a BLESSED student as the next registry version and make it the champion.
 
+    A re-run of a run already published adds no version and leaves the champion as it is
+    (see :meth:`pipeline.registry.Registry.promote`); its attempt is recorded all the same.
+
+    Returns:
+        ``{"version", "registry", "champion", "rerun"}``.
+
     Raises:
         ValueError: If the gate did not bless the student (promotion fails closed).
     """
@@ -162,17 +168,21 @@ def promote(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluati
     _, catalog, _ = settings(run)
     registry = Registry(catalog.registry_root)
     lineage = _lineage(run, teacher, student, evaluation, gate)
-    version = registry.promote(Path(student["path"]) / "saved_model", lineage)
-    registry.record_run(run["run_key"], {**lineage, "version": version})
-    log.info("promoted %s as %s version %d (champion)", student["path"], registry.model, version)
-    return {"version": version, "registry": str(registry.path), "champion": registry.champion()}
+    promotion = registry.promote(Path(student["path"]) / "saved_model", lineage)
+    registry.record_run({**lineage, "version": promotion.version, "rerun": promotion.rerun})
+    if promotion.rerun:
+        log.warning("re-run of %s: version %d was published before; champion left at %s",
+                    run["run_key"], promotion.version, promotion.champion)
+    else:
+        log.info("promoted %s as %s version %d (champion)", student["path"], registry.model, promotion.version)
+    return {"version": promotion.version, "registry": str(registry.path), "champion": promotion.champion, "rerun": promotion.rerun}
 
 
 def record_rejection(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
     """Record a NOT_BLESSED run with the gate's reasons; the champion stays as it is."""
     _, catalog, _ = settings(run)
     registry = Registry(catalog.registry_root)
-    registry.record_run(run["run_key"], _lineage(run, teacher, student, evaluation, gate))
+    registry.record_run(_lineage(run, teacher, student, evaluation, gate))
     for reason in gate["reasons"]:
         log.warning("student NOT_BLESSED: %s", reason)
     log.warning("champion unchanged: %s", registry.champion())

@@ -137,3 +137,10 @@ def test_empty_histories_and_no_costs_still_give_figures(tmp_path):
     write_report(tmp_path / "report", RUN, evaluation, REJECTED_GATE, {"teacher": []}, None)
     for name in ("training_curves.png", "quality_vs_cost.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_headline_says_a_rerun_left_the_champion_alone():
+    rerun = {"version": 2, "registry": "/data/registry", "champion": 1, "rerun": True}
+    assert report._headline(BLESSED_GATE, rerun).endswith(
+        "; a re-run: version 2 was published before, the champion stays version 1")
+    assert report._headline(BLESSED_GATE, {**rerun, "rerun": False}).endswith("; promoted as version 2")
