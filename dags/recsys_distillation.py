@@ -17,6 +17,9 @@ rejection -> run **report**.
   (`python -m pipeline.registry list`).
 * Trigger by hand with params (date, window, epochs, T, alpha, beta, gate thresholds,
   reuse of the teacher). `data_root` must stay inside `$RECSYS_DATA_ROOT`.
+* The gate settings a trigger may use are bounded by the operator, not by the form: the
+  Airflow Variable `recsys_gate_bounds` or `$RECSYS_GATE_BOUNDS` (JSON, e.g.
+  `{"min_change_vs_teacher": -0.1}`). A trigger beyond them fails at `resolve_config`.
 * Spark runs through the `recsys_spark` connection: `local[2]` by default, a cluster
   master URL in a real deployment; nothing else changes.
 * The report task's log and XCom give the HTML report's path.
@@ -30,14 +33,14 @@ import sys
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, Variable, dag, task
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # tasks import the project's `pipeline` package
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from pipeline.catalog import Catalog  # noqa: E402  (light: paths and settings only)
-from pipeline.config import param_defaults  # noqa: E402
+from pipeline.config import GATE_BOUNDS_VARIABLE, param_defaults  # noqa: E402
 
 CATALOG = Catalog(Path(os.environ.get("RECSYS_DATA_ROOT") or PROJECT_ROOT / "data"))
 SPARK_CONN_ID = os.environ.get("RECSYS_SPARK_CONN_ID", "recsys_spark")
@@ -57,11 +60,11 @@ PARAMS = {
     "distill_temperature": Param(DEFAULT["distill_temperature"], type="number", exclusiveMinimum=0, description="Distillation temperature T of the soft loss."),
     "alpha": Param(DEFAULT["alpha"], type="number", minimum=0, maximum=1, description="Weight of the hard loss (1 - alpha: soft loss)."),
     "beta": Param(DEFAULT["beta"], type="number", minimum=0, description="Weight of the hint loss."),
-    "min_change_vs_teacher": Param(DEFAULT["min_change_vs_teacher"], type="number", description="Gate: signed minimum change of the student against the teacher (-0.1 = at most 10% below)."),
-    "min_change_vs_champion": Param(DEFAULT["min_change_vs_champion"], type="number", description="Gate: signed minimum change against the serving champion."),
+    "min_change_vs_teacher": Param(DEFAULT["min_change_vs_teacher"], type="number", description="Gate: signed minimum change of the student against the teacher (-0.1 = at most 10% below); no lower than the operator's bound (Variable recsys_gate_bounds)."),
+    "min_change_vs_champion": Param(DEFAULT["min_change_vs_champion"], type="number", description="Gate: signed minimum change against the serving champion; no lower than the operator's bound (Variable recsys_gate_bounds)."),
     "reuse_teacher": Param(False, type="boolean", description="Reuse the teacher already trained on these features and settings."),
     "data_root": Param(None, type=["null", "string"], description="Data root; must be inside $RECSYS_DATA_ROOT (empty: that root)."),
-    "config_overrides": Param({}, type="object", description='Any other settings of pipeline/config, e.g. {"serving": {"top_k": 50}}.'),
+    "config_overrides": Param({}, type="object", description='Any other settings of pipeline/config, e.g. {"serving": {"top_k": 50}}; gate settings stay within the operator\'s bounds.'),
 }
 
 
@@ -88,10 +91,12 @@ PARAMS = {
 def recsys_distillation():
     @task(retries=0)
     def resolve_config(params=None, dag_run=None, run_id=None) -> dict:
-        """Turn the trigger's params into the run's checked settings (and the date it processes)."""
+        """Turn the trigger's params into the run's checked settings (and the date it processes), within the operator's gate bounds."""
         from pipeline.run import resolve_run
 
-        return resolve_run(params, dag_run.run_after, run_id)
+        # Read here, not from params: the bounds must be out of reach of whoever triggers the run.
+        bounds = Variable.get(GATE_BOUNDS_VARIABLE, default=None)
+        return resolve_run(params, dag_run.run_after, run_id, gate_bounds=bounds)
 
     @task(retries=0, execution_timeout=dt.timedelta(minutes=10))
     def validate_raw(run: dict) -> dict:

@@ -1,7 +1,10 @@
 """The validation gate: may this student replace the serving model?
 
-A pure function of metrics and thresholds. It fails closed (a missing, NaN or infinite
-metric rejects) and collects every failed check with its numbers, not just the first.
+A pure function of metrics and thresholds. It fails closed: a missing, NaN, infinite or
+out-of-range metric rejects, so does a reference (teacher or champion) that is zero or
+negative, a gated name that is not a quality metric, and a missing champion when the
+registry says there should be one. It collects every failed check with its numbers, not
+just the first.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import dataclasses
 import math
 from typing import Mapping
 
-from pipeline.config import GateConfig
+from pipeline.config import GateConfig, is_quality_metric
 
 BLESSED = "BLESSED"
 NOT_BLESSED = "NOT_BLESSED"
@@ -18,14 +21,19 @@ NOT_BLESSED = "NOT_BLESSED"
 
 @dataclasses.dataclass(frozen=True)
 class GateCheck:
-    """One comparison: ``value`` against ``reference`` (or a floor) with its threshold."""
+    """One check: ``value`` against ``reference`` (or a floor) with its threshold.
+
+    ``name`` is ``student_vs_teacher``, ``student_vs_champion``, ``floor``, or, for checks
+    that compare nothing because an input is unusable, ``quality_metric`` (the gated name
+    is not a quality metric), ``champion_present`` and ``metrics_present``.
+    """
 
     name: str
     metric: str
     value: float | None
     reference: float | None
     change: float | None
-    threshold: float
+    threshold: float | None
     passed: bool
     reason: str
 
@@ -56,53 +64,90 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _unusable(value, reference: bool) -> str | None:
+    """Why ``value`` cannot be compared, or None. Quality metrics lie in [0, 1]; a reference
+    must be positive, since a change against zero says nothing (0 vs 0 would pass as 0%)."""
+    if not _finite(value):
+        return f"is missing or not finite ({value!r})"
+    if reference and value <= 0:
+        return f"{value!r} is not positive, so there is nothing to compare against"
+    if not 0 <= value <= 1:
+        return f"{value!r} is outside [0, 1]"
+    return None
+
+
+def _metrics(values) -> Mapping:
+    # Anything that is not a mapping of metrics reads as "every metric missing", which rejects.
+    return values if isinstance(values, Mapping) else {}
+
+
 def _compare(name: str, metric: str, student, reference, threshold: float, mode: str) -> GateCheck:
-    if not _finite(student) or not _finite(reference):
-        bad = "student" if not _finite(student) else name.split("_vs_")[-1]
-        value = student if not _finite(student) else reference
-        return GateCheck(name, metric, None if not _finite(student) else student, None if not _finite(reference) else reference,
-                         None, threshold, False, f"{metric}: {bad} value is missing or not finite ({value!r}); the gate fails closed")
+    who = name.split("_vs_")[-1]
+    problems = [f"{side} value {why}" for side, why in (("student", _unusable(student, False)), (who, _unusable(reference, True))) if why]
+    if problems:
+        return GateCheck(name, metric, float(student) if _finite(student) else None, float(reference) if _finite(reference) else None,
+                         None, threshold, False, f"{metric}: {'; '.join(problems)}; the gate fails closed")
     if mode == "relative":
-        if reference == 0:
-            change = 0.0 if student == 0 else math.inf
-        else:
-            change = (student - reference) / abs(reference)
+        change = (student - reference) / reference
         shown = f"{change:+.2%}"
         limit = f"{threshold:+.2%}"
     else:
         change = student - reference
         shown, limit = f"{change:+.4f}", f"{threshold:+.4f}"
     passed = change >= threshold
-    reason = (f"{metric}: student {student:.4f} vs {name.split('_vs_')[-1]} {reference:.4f}: change {shown} "
+    reason = (f"{metric}: student {student:.4f} vs {who} {reference:.4f}: change {shown} "
               f"{'>=' if passed else '<'} allowed {limit} ({mode})")
     return GateCheck(name, metric, float(student), float(reference), float(change), threshold, passed, reason)
 
 
+def _floor(metric: str, value, floor: float) -> GateCheck:
+    problem = _unusable(value, False)
+    ok = problem is None and value >= floor
+    reason = (f"{metric}: student value {problem}; the gate fails closed" if problem
+              else f"{metric}: student {value:.4f} {'>=' if ok else '<'} floor {floor:.4f}")
+    return GateCheck("floor", metric, float(value) if _finite(value) else None, floor, None, floor, ok, reason)
+
+
 def evaluate_gate(student: Mapping[str, float], teacher: Mapping[str, float], champion: Mapping[str, float] | None,
-                  thresholds: GateConfig) -> GateResult:
+                  thresholds: GateConfig, *, champion_expected: bool) -> GateResult:
     """Decide whether ``student`` may be promoted.
 
     Args:
         student: The candidate's test metrics.
         teacher: The teacher's test metrics on the same split.
-        champion: The serving champion's metrics on the same split, or None on a first run.
+        champion: The serving champion's metrics on the same split, or None when there are none.
         thresholds: Gated metrics, signed change thresholds and floors.
+        champion_expected: Whether the registry holds a version or a champion record, so
+            the student must be compared with a champion. Only a first run (an empty
+            registry) passes False; then a None ``champion`` skips the champion checks
+            with a warning, otherwise it rejects.
 
     Returns:
-        A :class:`GateResult`; blessed only if every check passed.
+        A :class:`GateResult`; blessed only if there was at least one check and every
+        check passed.
     """
+    student, teacher = _metrics(student), _metrics(teacher)
     checks, warnings = [], []
-    if champion is None:
+    if champion is None and champion_expected:
+        checks.append(GateCheck("champion_present", "", None, None, None, None, False,
+                                "no champion metrics, but the registry is not empty (it has published versions or a champion record): the champion "
+                                "record is missing, unreadable or names an unpublished version, or the champion was not evaluated; "
+                                "the gate fails closed"))
+    elif champion is None:
         warnings.append("no champion yet: champion checks skipped (first run)")
+    else:
+        champion = _metrics(champion)
+    if not thresholds.metrics:
+        checks.append(GateCheck("metrics_present", "", None, None, None, None, False, "no gated metrics; the gate fails closed"))
     for metric in thresholds.metrics:
+        if not is_quality_metric(metric):
+            checks.append(GateCheck("quality_metric", str(metric), None, None, None, None, False,
+                                    f"{metric!r} is not a quality metric (recall@K, ndcg@K, hitrate@K or mrr); the gate fails closed"))
+            continue
         value = student.get(metric)
         checks.append(_compare("student_vs_teacher", metric, value, teacher.get(metric), thresholds.min_change_vs_teacher, thresholds.mode))
         if champion is not None:
             checks.append(_compare("student_vs_champion", metric, value, champion.get(metric), thresholds.min_change_vs_champion, thresholds.mode))
         if metric in thresholds.floors:
-            floor = thresholds.floors[metric]
-            ok = _finite(value) and value >= floor
-            reason = (f"{metric}: student {value:.4f} {'>=' if ok else '<'} floor {floor:.4f}" if _finite(value)
-                      else f"{metric}: student value is missing or not finite ({value!r}); the gate fails closed")
-            checks.append(GateCheck("floor", metric, value if _finite(value) else None, floor, None, floor, ok, reason))
-    return GateResult(all(c.passed for c in checks), tuple(checks), tuple(warnings))
+            checks.append(_floor(metric, value, thresholds.floors[metric]))
+    return GateResult(bool(checks) and all(c.passed for c in checks), tuple(checks), tuple(warnings))

@@ -6,6 +6,7 @@ call them too. ``python -m pipeline.run --ds ... [--set ...]`` prints a run's su
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -16,11 +17,19 @@ from typing import Any, Mapping
 
 from pipeline import cli
 from pipeline.catalog import METADATA, Catalog
-from pipeline.config import ConfigError, PipelineConfig, load_config, overrides_from_params, parse_ds
+from pipeline.config import (
+    ConfigError,
+    PipelineConfig,
+    check_gate_bounds,
+    load_config,
+    load_gate_bounds,
+    overrides_from_params,
+    parse_ds,
+)
 from pipeline.data.contract import check_raw_window
 from pipeline.evaluate import format_table
 from pipeline.gate import evaluate_gate
-from pipeline.registry import Registry
+from pipeline.registry import Registry, RegistryError
 from pipeline.report import write_report
 
 log = logging.getLogger(__name__)
@@ -49,7 +58,8 @@ def nightly_ds(run_after: dt.datetime) -> str:
     return (run_after.astimezone(dt.timezone.utc) - dt.timedelta(days=1)).date().isoformat()
 
 
-def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str) -> dict:
+def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str,
+                gate_bounds: str | Mapping[str, Any] | None = None) -> dict:
     """Turn trigger parameters into the run's settings, once, with every check.
 
     Args:
@@ -57,13 +67,17 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str) 
         run_after: When the run became due; the run processes :func:`nightly_ds` of it
             unless ``params["ds"]`` names a date.
         run_id: The Airflow run id (lineage, and the registry's record of the attempt).
+        gate_bounds: The operator's Airflow Variable ``recsys_gate_bounds`` (JSON), if set;
+            applied over ``$RECSYS_GATE_BOUNDS`` and the built-in bounds
+            (see :func:`pipeline.config.load_gate_bounds`).
 
     Returns:
-        ``{"ds", "data_root", "overrides", "config", "config_hash", "run_key", "run_id", "reuse_teacher"}``:
-        ``config`` is every setting, fixed here for the whole run.
+        ``{"ds", "data_root", "overrides", "config", "config_hash", "run_key", "run_id", "reuse_teacher",
+        "gate_bounds"}``: ``config`` is every setting, fixed here for the whole run.
 
     Raises:
-        ConfigError: A bad date, setting, or a data root outside the configured one.
+        ConfigError: A bad date, setting, a data root outside the configured one, or gate
+            settings beyond the operator's bounds.
     """
     ds = parse_ds(params.get("ds") or nightly_ds(run_after)).isoformat()
     allowed = configured_data_root()
@@ -73,8 +87,11 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str) 
         raise ConfigError(f"data_root {params.get('data_root')!r} resolves to {data_root}, outside the configured data root {allowed} (${DATA_ROOT_ENV})")
     overrides = overrides_from_params(params)
     cfg = load_config(overrides)
+    bounds = load_gate_bounds(gate_bounds)
+    check_gate_bounds(cfg, bounds)
     return {"ds": ds, "data_root": str(data_root), "overrides": overrides, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-            "run_key": run_key(ds, cfg), "run_id": run_id, "reuse_teacher": bool(params.get("reuse_teacher"))}
+            "run_key": run_key(ds, cfg), "run_id": run_id, "reuse_teacher": bool(params.get("reuse_teacher")),
+            "gate_bounds": dataclasses.asdict(bounds)}
 
 
 def run_key(ds: str, cfg: PipelineConfig) -> str:
@@ -120,18 +137,50 @@ def spark_arguments(run: Mapping[str, Any]) -> list[str]:
             "--config-json", json.dumps({"features": run["config"]["features"]})]
 
 
+# What reading a damaged registry raises: a bad champion.json (JSON, missing key), an unreadable file.
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, RegistryError)
+
+
 def champion_dir(catalog: Catalog) -> str | None:
-    """The registry directory of the serving champion, if there is one."""
+    """The registry directory of the serving champion, or None when there is none to evaluate.
+
+    An unreadable champion record, or one naming a version that is not published, is
+    logged and gives None: the run goes on without champion metrics, and the gate rejects
+    it because the registry is not empty (see :func:`champion_expected`).
+    """
     registry = Registry(catalog.registry_root)
-    version = registry.champion()
+    try:
+        version = registry.champion()
+        published = registry.versions()
+    except _UNREADABLE as err:
+        log.warning("champion record of %s is unreadable (%s): no champion to evaluate", registry.path, err)
+        return None
+    if version is not None and version not in published:
+        log.warning("champion record of %s names version %s, not among the published %s", registry.path, version, published)
+        return None
     return str(registry.path / str(version)) if version is not None else None
+
+
+def champion_expected(catalog: Catalog) -> bool:
+    """Whether the gate must compare the student with a champion.
+
+    Only an empty registry (no version, no champion record) is a first run. Versions without
+    a champion record, or a registry that cannot be read, expect one, so its absence rejects
+    instead of being taken for a first run.
+    """
+    registry = Registry(catalog.registry_root)
+    try:
+        return bool(registry.versions()) or registry.champion() is not None
+    except _UNREADABLE:
+        return True
 
 
 def decide(run: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict:
     """The gate's decision for the run's distilled student (see :func:`pipeline.gate.evaluate_gate`)."""
-    _, _, cfg = settings(run)
+    _, catalog, cfg = settings(run)
     models = evaluation["models"]
-    result = evaluate_gate(models.get("student_kd", {}), models.get("teacher", {}), models.get("champion"), cfg.gate)
+    result = evaluate_gate(models.get("student_kd", {}), models.get("teacher", {}), models.get("champion"), cfg.gate,
+                           champion_expected=champion_expected(catalog))
     for warning in result.warnings:
         log.warning("gate: %s", warning)
     for check in result.checks:

@@ -130,6 +130,8 @@ def airflow_env(home: Path, data_root: Path, db_url: str | None = None) -> dict:
     env.update({
         "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "RECSYS_DATA_ROOT": str(data_root), "AIRFLOW_CONN_RECSYS_SPARK": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        # The operator's gate bounds, as an Airflow Variable: tiny models need a lenient teacher threshold.
+        "AIRFLOW_VAR_RECSYS_GATE_BOUNDS": json.dumps({"min_change_vs_teacher": -1.0}),
         "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONPATH": str(REPO),
     })
     if db_url:
@@ -160,7 +162,8 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     migrated = airflow(env, "db", "migrate")
     assert migrated.returncode == 0, migrated.stderr[-3000:]
 
-    # 1. A first run: no champion yet, a lenient teacher threshold -> BLESSED and promoted.
+    # 1. A first run: no champion yet, a lenient teacher threshold (within the operator's
+    #    bound, see airflow_env) -> BLESSED and promoted.
     first = run_dag(env, DS, {**TINY, "ds": DS, "min_change_vs_teacher": -1.0})
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     states = task_states(env, DS)
@@ -187,6 +190,12 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     outside = run_dag(env, "2024-02-02", {**TINY, "ds": DS, "data_root": "/etc"})
     assert "outside the configured data root" in outside.stdout + outside.stderr
     assert task_states(env, "2024-02-02")["resolve_config"].endswith("failed")
+    assert registry.versions() == [1] and registry.champion() == 1
+
+    # 4. A trigger below the operator's bound on the teacher threshold fails at its first task too.
+    loose = run_dag(env, "2024-02-03", {**TINY, "ds": DS, "min_change_vs_teacher": -5.0})
+    assert "gate.min_change_vs_teacher=-5.0 is below the operator's bound min_change_vs_teacher=-1.0" in loose.stdout + loose.stderr
+    assert task_states(env, "2024-02-03")["resolve_config"].endswith("failed")
     assert registry.versions() == [1] and registry.champion() == 1
 
 

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping
 
 from pipeline.config.checks import _check
+
+# Fixed cut-offs of the single-number summaries (the Recall/NDCG cut-offs are EvalConfig.ks).
+HITRATE_K = 10
+COVERAGE_K = 10
+
+# The metric families the gate may compare: ranking quality in [0, 1], higher is better.
+# Coverage is left out on purpose (a random ranker covers the whole catalogue), and so are
+# counts and costs (``users``, ``trainable_params``, latency): none of them says the
+# student ranks well.
+QUALITY_METRIC_FAMILIES = ("recall", "ndcg", "hitrate", "mrr")
+_QUALITY_METRIC = re.compile(r"(recall|ndcg|hitrate)@[1-9][0-9]*|mrr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +49,25 @@ class EvalConfig:
         _check(all(k >= 1 for k in self.ks), "evaluate.ks must be >= 1")
 
 
+def is_quality_metric(name: object) -> bool:
+    """Whether ``name`` is ``recall@K``, ``ndcg@K``, ``hitrate@K`` (K >= 1) or ``mrr``."""
+    return isinstance(name, str) and _QUALITY_METRIC.fullmatch(name) is not None
+
+
+def computed_quality_metrics(cfg: EvalConfig) -> tuple[str, ...]:
+    """The quality metrics an evaluation with ``cfg`` computes (see :func:`pipeline.evaluation.evaluate_scorer`)."""
+    return (*(f"recall@{k}" for k in cfg.ks), *(f"ndcg@{k}" for k in cfg.ks), f"hitrate@{HITRATE_K}", "mrr")
+
+
 @dataclasses.dataclass(frozen=True)
 class GateConfig:
     """Validation gate between a distilled student and the model registry.
 
     A change is ``(student - reference) / reference`` when ``mode="relative"`` and
     ``student - reference`` when ``"absolute"``; a check passes when the change is at
-    least the (signed) minimum: ``-0.05`` lets the student be up to 5% below.
+    least the (signed) minimum: ``-0.05`` lets the student be up to 5% below. How far a run
+    may move these settings is bounded by the operator (:class:`pipeline.config.GateBounds`),
+    not by this class.
 
     Attributes:
         metrics: Gated test metrics.

@@ -6,9 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-# Fixed cut-offs of the single-number summaries (the Recall/NDCG cut-offs are EvalConfig.ks).
-HITRATE_K = 10
-COVERAGE_K = 10
+from pipeline.config import COVERAGE_K, HITRATE_K  # noqa: F401  (COVERAGE_K re-exported; the config owns both so the gate bounds know which metrics exist)
 
 
 def top_k_items(scores: np.ndarray, k: int) -> np.ndarray:
