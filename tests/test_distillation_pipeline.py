@@ -142,12 +142,12 @@ def test_identities_follow_exactly_the_settings_each_artifact_depends_on(chain):
     assert catalog.teacher(DS, change("serving", top_k=5)) != teacher
     assert catalog.teacher(DS, change("training", learning_rate=0.01)) != teacher
     # Student, distillation, soft-target and gate settings do not touch the teacher ...
-    for other in (change("student", epochs=9), change("distill", alpha=0.5), change("soft_targets", top_k=7),
+    for other in (change("student", epochs=9), change("distill", alpha=0.25), change("soft_targets", top_k=7),
                   change("gate", min_change_vs_teacher=-0.5)):
         assert catalog.teacher(DS, other) == teacher
     # ... but soft targets follow their K, and the student follows the distillation settings.
     assert catalog.soft_targets(DS, change("soft_targets", top_k=7)) != catalog.soft_targets(DS, TINY)
-    assert catalog.student(DS, change("distill", alpha=0.5)) != catalog.student(DS, TINY)
+    assert catalog.student(DS, change("distill", alpha=0.25)) != catalog.student(DS, TINY)
     assert catalog.student(DS, change("gate", min_change_vs_teacher=-0.5)) == catalog.student(DS, TINY)
 
 
