@@ -11,7 +11,7 @@ Layout under ``<registry>/``::
     <model>/runs.jsonl              every run attempt, appended: BLESSED / NOT_BLESSED and why
     <model>/.lock                   the lock that serialises writers of this model
 
-A version is copied into a hidden temporary directory and flushed outside the lock; under
+A version is copied into a locked temporary directory and flushed outside the lock; under
 the lock it gets the next number and is renamed into place (TF Serving and readers never
 see a partial version), then ``champion.json`` and ``models.config`` are rewritten
 atomically and the change is journaled. A re-run of a ``run_key`` published before adds
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.io import append_jsonl, file_lock, fsync_tree, read_jsonl, write_json, write_text
+from pipeline.io import (append_jsonl, crash_point, file_lock, fsync_dir, fsync_tree, read_jsonl, temp_dir, write_json,
+                         write_text)
 from pipeline.tf_serving import models_config
 
 DEFAULT_MODEL = "recsys_student"
@@ -152,7 +153,10 @@ class Registry:
 
         The rule for re-runs: if ``lineage["run_key"]`` was published before, no version is
         added and the champion is not touched (it may be a rolled-back or a newer version);
-        the decision is journaled as ``rerun``. Only a new run_key moves the champion.
+        the decision is journaled as ``rerun``. Only a new run_key moves the champion. The
+        one exception is a promotion that a crash cut short -- its version was published
+        but never made champion (no ``promote`` entry in the journal) -- which the re-run
+        completes, so a killed promotion and its re-run end as one uninterrupted promotion.
 
         Args:
             saved_model_dir: The student's exported SavedModel.
@@ -163,26 +167,30 @@ class Registry:
         """
         run_key, run_id = lineage["run_key"], lineage.get("run_id")
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with temp_dir(self.path / "version") as tmp:
             # Copied and flushed outside the lock, so a rollback never waits for a copy.
-            shutil.copytree(saved_model_dir, tmp)
+            shutil.copytree(saved_model_dir, tmp, dirs_exist_ok=True)
             fsync_tree(tmp)
             with self._lock():
                 existing = self.find(run_key)
-                if existing is not None:
+                if existing is not None and self._promoted(existing):
                     champion = self.champion()
                     reason = f"re-run of {run_key}: version {existing} was published before; champion stays {champion}"
                     self._journal_champion("rerun", champion, champion, run_key=run_key, run_id=run_id, reason=reason)
+                    self.write_serving_config()  # in case the earlier attempt died before it
                     return Promotion(existing, champion, rerun=True)
-                version = (self.versions() or [0])[-1] + 1
-                (tmp / "assets.extra").mkdir(exist_ok=True)
-                write_json(tmp / "assets.extra" / "lineage.json", {**lineage, "version": version, "model": self.model})
-                os.rename(tmp, self.path / str(version))
-                self._move_champion(version, "promote", f"promoted {run_key}", run_key=run_key, run_id=run_id)
+                if existing is None:
+                    version = (self.versions() or [0])[-1] + 1
+                    (tmp / "assets.extra").mkdir(exist_ok=True)
+                    write_json(tmp / "assets.extra" / "lineage.json", {**lineage, "version": version, "model": self.model})
+                    os.rename(tmp, self.path / str(version))
+                    fsync_dir(self.path)
+                    crash_point("promote.published")
+                    reason = f"promoted {run_key}"
+                else:
+                    version, reason = existing, f"promoted {run_key} (completing an interrupted promotion)"
+                self._move_champion(version, "promote", reason, run_key=run_key, run_id=run_id)
                 return Promotion(version, version, rerun=False)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def rollback(self, version: int | None = None, reason: str = "") -> int:
         """Re-point the champion at ``version``, or at the previous champion.
@@ -237,11 +245,19 @@ class Registry:
         if history is None:
             history = record.get("history", []) + ([previous] if previous not in (None, version) else [])
         write_json(self.path / CHAMPION_FILE, {"version": version, "history": history, "reason": reason, "at": utc_now()})
+        crash_point("promote.champion_written")
         self._journal_champion(action, version, previous, reason=reason, **context)
         self.write_serving_config()
 
     def _journal_champion(self, action: str, version: int | None, previous: int | None, **context) -> None:
         append_jsonl(self.path / CHAMPION_LOG, {"at": utc_now(), "action": action, "version": version, "previous": previous, **context})
+
+    def _promoted(self, version: int) -> bool:
+        """Whether ``version`` was ever made champion by a promotion, per the journal (always
+        true in a registry from before the journal existed, which kept ``runs/<run_key>.json``)."""
+        if not (self.path / CHAMPION_LOG).is_file() and (self.path / "runs").is_dir():
+            return True
+        return any(e.get("action") == "promote" and e.get("version") == version for e in self.champion_log())
 
     def _champion_record(self) -> dict | None:
         path = self.path / CHAMPION_FILE
