@@ -11,7 +11,7 @@ Layout under one data root::
     models/student_plain/<ds>-<identity>/       the same student trained without distillation
     registry/<model>/                           promoted versions (pipeline.registry)
     registry/models.config                      TF Serving config pinning each model to its champion
-    reports/ds=<ds>/<run key>/                  run reports
+    reports/ds=<ds>/<run key>/<run id>/         run reports, one per attempt
 
 An artifact's identity is a hash of the configuration sections it depends on and of its
 inputs' identities (recorded lineage, as TFX's resolver does), so the artifact "for this
@@ -29,7 +29,9 @@ and changing a setting that an artifact depends on gives it a new identity.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, stable_hash
@@ -144,9 +146,11 @@ class Catalog:
         return self.models_root / role / f"{ds}-{identity}"
 
     # ------------------------------------------------------------------ runs
-    def report(self, ds: str, run_key: str) -> Path:
-        """The report directory of one run (``run_key``: its date and settings)."""
-        return date_partition(self.reports_root, ds) / run_key
+    def report(self, ds: str, run_key: str, run_id: str) -> Path:
+        """The report directory of one run attempt (``run_key``: its date and settings;
+        ``run_id``: the attempt), so a re-run adds a report and never rewrites an earlier one."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+        return date_partition(self.reports_root, ds) / run_key / f"{safe}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}"
 
 
 def require(path: Path, marker: str, what: str, hint: str) -> Path:

@@ -246,7 +246,7 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                  for name, model in (("teacher", teacher), ("student_kd", student))}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
             "teacher_version": teacher["version"], "student": student["path"]}
-    out = write_report(catalog.report(ds, run["run_key"]), info, dict(evaluation), dict(gate), histories,
+    out = write_report(catalog.report(ds, run["run_key"], run["run_id"]), info, dict(evaluation), dict(gate), histories,
                        dict(promotion) if promotion else None)
     log.info("report: %s", out["html"])
     return out
@@ -260,14 +260,20 @@ def main(argv=None) -> int:
     """
     args = cli.parser(main.__doc__.splitlines()[0]).parse_args(argv)
     ds, catalog, cfg = cli.settings(args)
-    report_dir = catalog.report(ds, run_key(ds, cfg))
+    key = run_key(ds, cfg)
+    registry = Registry(catalog.registry_root)
+    attempts = registry.runs(key)
+    if not attempts:
+        print(f"no run of ds={ds} with these settings has been recorded in {registry.path}", file=sys.stderr)
+        return 1
+    report_dir = catalog.report(ds, key, attempts[-1]["run_id"])
     if not (report_dir / "summary.json").is_file():
-        print(f"no run report at {report_dir}: no run of ds={ds} with these settings has finished", file=sys.stderr)
+        print(f"the latest attempt {attempts[-1]['run_id']} has no report at {report_dir} (its report task failed?)",
+              file=sys.stderr)
         return 1
     summary = json.loads((report_dir / "summary.json").read_text())
     gate, manifest = summary["gate"], catalog.feature_manifest(ds)
-    registry = Registry(catalog.registry_root)
-    print(f"\nrun {summary['run']['run_key']}  (ds {ds})\n")
+    print(f"\nrun {summary['run']['run_key']}  (ds {ds}), attempt {attempts[-1]['run_id']} of {len(attempts)}\n")
     print("features: " + ", ".join(f"{name} {table['rows']:,}" for name, table in manifest["tables"].items()))
     print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items() if isinstance(v, int)))
     print("splits:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"]["interactions_by_split"].items()) + "\n")

@@ -172,8 +172,9 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     registry = Registry(data_root / "registry")
     assert registry.versions() == [1] and registry.champion() == 1
     assert registry.runs()[0]["decision"] == "BLESSED"
-    reports = list((data_root / "reports" / f"ds={DS}").glob("*/report.html"))
+    reports = list((data_root / "reports" / f"ds={DS}").glob("*/*/report.html"))
     assert len(reports) == 1 and "BLESSED" in reports[0].read_text()
+    blessed_report = reports[0].read_text()
 
     # 2. Impossible thresholds (the student must beat the teacher by 1000%) -> NOT_BLESSED;
     #    promote is skipped, the rejection recorded, the champion unchanged.
@@ -185,6 +186,9 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     assert registry.versions() == [1] and registry.champion() == 1
     rejected = [r for r in registry.runs() if r["decision"] == "NOT_BLESSED"]
     assert len(rejected) == 1 and "< allowed +1000.00%" in " ".join(rejected[0]["reasons"])
+    # Each attempt has a report of its own: the rejection did not overwrite the blessed one.
+    reports = sorted((data_root / "reports" / f"ds={DS}").glob("*/*/report.html"))
+    assert len(reports) == 2 and blessed_report in [r.read_text() for r in reports]
 
     # 3. A manual trigger pointing outside the data root fails at its first task.
     outside = run_dag(env, "2024-02-02", {**TINY, "ds": DS, "data_root": "/etc"})

@@ -249,3 +249,32 @@ def test_run_steps_record_every_attempt(tmp_path):
         ("scheduled__2024-01-02", "BLESSED", 1), ("manual__1", "NOT_BLESSED", None), ("manual__2", "BLESSED", 1)]
     assert {(r["ds"], r["config_hash"], r["run_key"]) for r in runs} == {(ds, cfg.config_hash(), run["run_key"])}
     assert runs[1]["reasons"] == rejected["reasons"]
+
+
+def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp_path, capsys):
+    cfg = load_config({})
+    ds = "2024-01-02"
+    data_root = tmp_path / "data"
+    run = {"ds": ds, "data_root": str(data_root), "overrides": {}, "config": cfg.to_dict(),
+           "config_hash": cfg.config_hash(), "run_key": run_module.run_key(ds, cfg)}
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 1.0}]}))
+    teacher, student = {"version": "t1", "path": str(tmp_path / "teacher")}, {"path": str(tmp_path / "student")}
+    features = data_root / "features" / f"ds={ds}"
+    features.mkdir(parents=True)
+    (features / "manifest.json").write_text(json.dumps({"tables": {}, "counts": {"interactions_by_split": {}}}))
+    evaluation = {"models": {"student_kd": {"ndcg@10": 0.3}, "teacher": {"ndcg@10": 0.31}}}
+    outcomes = {"scheduled__2024-01-02T02:00:00+00:00": {"blessed": True, "decision": "BLESSED", "reasons": [], "warnings": []},
+                "manual__2024-01-02T09:00:00+00:00": {"blessed": False, "decision": "NOT_BLESSED", "warnings": [],
+                                                      "reasons": ["ndcg@10 -3.23% < allowed -2.00%"]}}
+    registry = Registry(data_root / "registry")
+    for run_id, gate in outcomes.items():
+        registry.record_run(run_record(run["run_key"], gate["decision"], run_id=run_id))
+        run_module.write_run_report({**run, "run_id": run_id}, teacher, student, evaluation, gate, None)
+
+    reports = sorted((data_root / "reports" / f"ds={ds}" / run["run_key"]).glob("*/summary.json"))
+    assert sorted(json.loads(p.read_text())["gate"]["decision"] for p in reports) == ["BLESSED", "NOT_BLESSED"]
+    assert run_module.main(["--ds", ds, "--data-root", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    assert "attempt manual__2024-01-02T09:00:00+00:00 of 2" in out and "NOT_BLESSED" in out
