@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 
 from pipeline.catalog import date_partition
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_TYPES, RawWindowError, window_partitions
+from pipeline.data.contract import EVENT_TYPES, WHITESPACE, RawWindowError, window_partitions
+from pipeline.data.raw_files import check_event_files, check_side_table
 from pipeline.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ def extract_features_duckdb(raw_root: str | Path, out_root: str | Path, ds: dt.d
     """The Spark job's aggregation in DuckDB SQL: same rules, same tables, single node.
 
     Mirrors ``spark_jobs.extract_features.run`` without the GX suites: reads only the
-    window's partitions; drops exact duplicates on all seven contract columns; flags
+    window's partitions, the same files (:func:`pipeline.data.raw_files.data_files`, footers
+    checked); keeps the last row read per side-table key; drops exact duplicates on all
+    seven contract columns; flags
     quarantined rows (first failing rule wins); aggregates valid events per (user, item)
     with ``cfg.event_weights``; splits each user's interactions chronologically (latest
     by ``(first_ts, item_id)`` go to test, then validation; users below
@@ -73,7 +76,9 @@ def extract_features_duckdb(raw_root: str | Path, out_root: str | Path, ds: dt.d
     raw_root, out_root = Path(raw_root), Path(out_root)
     window_start, window_end = cfg.window(ds)
     partitions = window_partitions(raw_root, window_start, window_end)
-    event_files = sql_list([p / "*.parquet" for p in partitions])
+    event_files = sql_list([f.path for f in check_event_files(partitions)])
+    side_files = {name: sql_list([f.path for f in check_side_table(raw_root, name)]) for name in ("items", "users")}
+    ws = sql_string(WHITESPACE)
     start, end = _utc_midnight(window_start), _utc_midnight(window_end + dt.timedelta(days=1))
     event_types = ", ".join(sql_string(t) for t in EVENT_TYPES)
     weight = "CASE event_type " + " ".join(f"WHEN {sql_string(t)} THEN {w!r}::DOUBLE" for t, w in sorted(cfg.event_weights.items())) + " END"
@@ -104,9 +109,11 @@ def extract_features_duckdb(raw_root: str | Path, out_root: str | Path, ds: dt.d
                 )
                 SELECT *, CASE
                     WHEN event_id IS NULL OR user_id IS NULL OR item_id IS NULL THEN 'null_id'
+                    WHEN trim(event_id, {ws}) = '' OR trim(user_id, {ws}) = '' OR trim(item_id, {ws}) = '' THEN 'blank_id'
                     WHEN event_type IS NULL OR event_type NOT IN ({event_types}) THEN 'unknown_event_type'
                     WHEN event_ts IS NULL OR event_ts < {start} OR event_ts >= {end} THEN 'timestamp_outside_window'
-                    WHEN isnan(value) OR value < 0 THEN 'invalid_value'
+                    WHEN isnan(value) OR isinf(value) THEN 'non_finite_value'
+                    WHEN value < 0 THEN 'invalid_value'
                     WHEN count(*) OVER (PARTITION BY event_id) > 1 THEN 'conflicting_event_id'
                 END AS quarantine_reason
                 FROM deduped
@@ -124,13 +131,15 @@ def extract_features_duckdb(raw_root: str | Path, out_root: str | Path, ds: dt.d
         con.execute("CREATE TEMP VIEW valid AS SELECT * EXCLUDE (quarantine_reason) FROM flagged WHERE quarantine_reason IS NULL")
         con.execute(f"""
             CREATE TEMP VIEW items AS
-            SELECT DISTINCT ON (item_id) item_id, CAST(year AS INT) AS year, CAST(categories AS VARCHAR[]) AS categories
-            FROM read_parquet({sql_string(raw_root / 'items' / '*.parquet')})
+            SELECT item_id, CAST(year AS INT) AS year, CAST(categories AS VARCHAR[]) AS categories
+            FROM read_parquet({side_files['items']}, filename = true, file_row_number = true)
+            QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY filename DESC, file_row_number DESC) = 1
             """)
         con.execute(f"""
             CREATE TEMP VIEW users AS
-            SELECT DISTINCT ON (user_id) user_id, CAST(age AS INT) AS age, gender, occupation
-            FROM read_parquet({sql_string(raw_root / 'users' / '*.parquet')})
+            SELECT user_id, CAST(age AS INT) AS age, gender, occupation
+            FROM read_parquet({side_files['users']}, filename = true, file_row_number = true)
+            QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY filename DESC, file_row_number DESC) = 1
             """)
 
         with stage("interactions_split"):

@@ -26,7 +26,7 @@ from pipeline.config import (
     overrides_from_params,
     parse_ds,
 )
-from pipeline.data.contract import check_raw_window
+from pipeline.data.raw_files import check_raw_window
 from pipeline.evaluate import format_table
 from pipeline.gate import evaluate_gate
 from pipeline.registry import Registry, RegistryError
@@ -105,7 +105,7 @@ def settings(run: Mapping[str, Any]) -> tuple[str, Catalog, PipelineConfig]:
 
 
 def validate_raw(run: Mapping[str, Any]) -> dict:
-    """Structural pre-flight check of the run's raw window (see :func:`pipeline.data.contract.check_raw_window`)."""
+    """Structural pre-flight check of the run's raw window (see :func:`pipeline.data.raw_files.check_raw_window`)."""
     ds, catalog, cfg = settings(run)
     return check_raw_window(catalog.raw, *cfg.features.window(dt.date.fromisoformat(ds)), cfg.features.min_events)
 

@@ -1,12 +1,16 @@
-"""The one Spark session factory: the feature job, the ALS baseline and the tests use it.
+"""The one Spark session factory: the feature job, the ALS baseline and the tests use it;
+and :func:`spark_failure`, which reads what went wrong out of a Spark error.
 
-pyspark is imported inside :func:`spark_session`, so importing this module is cheap.
+pyspark is imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from typing import Any, Mapping
+from urllib.parse import unquote, urlparse
 
 # Settings every session of this project shares: UTC everywhere (window bounds and
 # timestamps must not depend on the driver's time zone), no console progress bars.
@@ -38,3 +42,57 @@ def spark_session(app_name: str, master: str | None = None, shuffle_partitions: 
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
         builder = builder.master(master or default_master)
     return builder.getOrCreate()
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkFailure:
+    """What a Spark error says went wrong, in the words a person needs.
+
+    Attributes:
+        file: The input file Spark names (a local path for ``file:`` URIs), or None.
+        column: The column Spark names, or None.
+        rule: Spark's messages from the outermost error to its root cause, e.g.
+            ``[FAILED_READ_FILE.NO_HINT] Encountered error while reading file ... <- can not
+            read class org.apache.parquet.format.PageHeader ...``.
+    """
+
+    file: str | None
+    column: str | None
+    rule: str
+
+
+_URI = re.compile(r"\b(?:file|hdfs|s3a?|gs|abfss?|wasbs?):/[^\s,;'\"]*[^\s,;'\".]")
+_COLUMN = re.compile(r"[Cc]olumn:? *\[`?([^\]`]+?)`?\]|parameter with name `([^`]+)`|column `([^`]+)`")
+
+
+def spark_failure(err: BaseException) -> SparkFailure:
+    """Read the file, the column and the rule out of a Spark error.
+
+    Py4J reports a failed action as "An error occurred while calling o123.count", which
+    names none of them; the Java exception and its causes do.
+
+    Args:
+        err: A ``py4j.protocol.Py4JJavaError`` or an error pyspark converted from the JVM
+            (``AnalysisException`` and kin); anything else is described by its own message.
+
+    Returns:
+        The file and column Spark names, if any, and its messages.
+    """
+    messages: list[str] = []
+    java = getattr(err, "java_exception", None)  # Py4JJavaError; converted errors carry the message themselves
+    while java is not None and len(messages) < 6:
+        text = java.getMessage()
+        if text and text.strip():
+            messages.append(text.strip().splitlines()[0])
+        java = java.getCause()
+    if not messages:
+        messages = [next((line for line in str(err).splitlines() if line.strip()), type(err).__name__).strip()]
+    text = " ".join(messages)
+    uri = _URI.search(text)
+    file = None
+    if uri:
+        parsed = urlparse(uri.group(0))
+        file = unquote(parsed.path) if parsed.scheme == "file" else uri.group(0)
+    column = next((g for m in _COLUMN.finditer(text) for g in m.groups() if g), None)
+    unique = list(dict.fromkeys(m[:400] for m in messages))
+    return SparkFailure(file=file, column=column, rule=" <- ".join(unique))

@@ -12,11 +12,12 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, window_bounds
+from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, window_bounds
 from pipeline.features import SPLITS
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -84,11 +85,14 @@ def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureCon
         e.ExpectTableRowCountToBeBetween(min_value=cfg.min_events),
         *[e.ExpectColumnToExist(column=c) for c in EVENT_SCHEMA.names],
         *[e.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in (*ID_COLUMNS, "event_ts")],
+        # Rule "blank_id". A regex, as GX has no trim; the class spells out the same characters.
+        *[e.ExpectColumnValuesToNotMatchRegex(column=c, regex=f"^[{WHITESPACE}]*$", mostly=mostly) for c in ID_COLUMNS],
         e.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), mostly=mostly),
         # The window is [start, end); GX's max is inclusive, so stop one microsecond before end.
         e.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end - dt.timedelta(microseconds=1), mostly=mostly),
         e.ExpectColumnValuesToBeUnique(column="event_id", mostly=mostly),
-        e.ExpectColumnValuesToBeBetween(column="value", min_value=MIN_VALUE, mostly=mostly),
+        # An upper bound catches +inf (rule "non_finite_value"); -inf is below MIN_VALUE.
+        e.ExpectColumnValuesToBeBetween(column="value", min_value=MIN_VALUE, max_value=sys.float_info.max, mostly=mostly),
     ]
 
 

@@ -10,7 +10,7 @@ Output, under ``<out>/ds=<ds>/`` (renamed into place only after every check pass
     interactions/split=<train|validation|test>/   one row per (user, item)
     user_features/  item_features/  user_vocab/  item_vocab/
     quarantine/                                   invalid rows, with the reason
-    manifest.json                                 counts, schemas, inputs, config
+    manifest.json                                 counts, schemas, input files, config
 
 GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fails.
 """
@@ -18,69 +18,159 @@ GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import pyarrow as pa
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.catalog import date_partition, validation_docs  # noqa: E402
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
-from pipeline.data.contract import ITEM_SCHEMA, USER_SCHEMA, RawWindowError, window_partitions  # noqa: E402
+from pipeline.data.contract import SIDE_TABLES, RawWindowError, window_partitions  # noqa: E402
+from pipeline.data.raw_files import CheckedFile, check_event_files, check_side_table  # noqa: E402
 from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
-from pipeline.spark import spark_session  # noqa: E402
+from pipeline.spark import spark_failure, spark_session  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
-from spark_jobs.feature_transforms import check_raw_schema, deduplicate_events, flag_invalid_events, transform  # noqa: E402
+from spark_jobs.feature_transforms import (  # noqa: E402
+    check_raw_schema, deduplicate_events, events_from_storage, flag_invalid_events, keep_last_per_key, transform,
+)
 
+from py4j.protocol import Py4JJavaError  # noqa: E402
+from pyspark.errors.exceptions.captured import CapturedException  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
-from pyspark.sql.pandas.types import from_arrow_schema  # noqa: E402
+from pyspark.sql import types as T  # noqa: E402
+from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type  # noqa: E402
 
 log = logging.getLogger("extract_features")
 
 
-def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date) -> tuple[DataFrame, DataFrame, DataFrame, list[Path]]:
-    """Read the window's event partitions (only those), the catalogue and the profiles.
+@dataclasses.dataclass(frozen=True)
+class RawInputs:
+    """The raw window as read, and what reading it found.
+
+    Attributes:
+        events: Contract columns of every event file of the window.
+        items: Item catalogue, one row per ``item_id``.
+        users: User profiles, one row per ``user_id``.
+        partitions: The window's partition directories, oldest first.
+        files: Every event file read, as the footer check found it.
+        duplicate_ids: Side table -> rows dropped because their key was seen again.
+    """
+
+    events: DataFrame
+    items: DataFrame
+    users: DataFrame
+    partitions: list[Path]
+    files: list[CheckedFile]
+    duplicate_ids: dict[str, int]
+
+
+@contextlib.contextmanager
+def spark_stage(stage: str, inputs: str) -> Iterator[None]:
+    """Turn a Spark error during ``stage`` into a :class:`RawWindowError` naming the input,
+    the column and the rule (the original error stays chained).
+
+    Args:
+        stage: What the job was doing, e.g. ``"reading raw events"``.
+        inputs: The inputs to name when Spark names no file.
+    """
+    try:
+        yield
+    except (Py4JJavaError, CapturedException) as err:  # raised by the JVM; a Python-side PySparkException is a bug here
+        failure = spark_failure(err)
+        raise RawWindowError(
+            f"{stage} failed: input {failure.file or inputs}, column {failure.column or '(not named by Spark)'}: {failure.rule}"
+        ) from err
+
+
+def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date) -> RawInputs:
+    """Read the window's event files (only those), the catalogue and the profiles.
+
+    The files are the ones the pre-flight check judges (:func:`pipeline.data.raw_files.data_files`),
+    each checked again by its footer here; Spark is given the file paths, not directories.
 
     Raises:
-        RawWindowError: No partition in the window, or a file Spark cannot read.
+        RawWindowError: No partition in the window, or a file, column or rule at fault.
     """
+    raw_root = Path(raw_root)
     partitions = window_partitions(raw_root, window_start, window_end)
-    try:
-        events = spark.read.parquet(*[str(p) for p in partitions])
-        items = _read_side_table(spark, raw_root / "items", ITEM_SCHEMA)
-        users = _read_side_table(spark, raw_root / "users", USER_SCHEMA)
-    except Exception as err:  # noqa: BLE001 - Spark raises many kinds; name the input instead
-        raise RawWindowError(f"cannot read raw data under {raw_root}: {_first_line(err)}") from err
-    return check_raw_schema(events), items, users, partitions
+    files = check_event_files(partitions)
+    if not files:
+        raise RawWindowError(f"empty window: no event files in ds={window_start}..ds={window_end} under {raw_root / 'events'}")
+    nanos = sum(_nanosecond_ts(f.columns) for f in files)
+    if nanos:
+        log.info("%d event file(s) store event_ts in nanoseconds: read as integers, floored to microseconds", nanos)
+    where = f"{len(files)} event file(s) in {partitions[0].name}..{partitions[-1].name} under {raw_root / 'events'}"
+    with spark_stage("reading raw events", where):
+        events = functools.reduce(DataFrame.unionByName, [
+            events_from_storage(frame, nanosecond_ts=_nanosecond_ts(columns)) for columns, frame in _read_checked(spark, files)
+        ])
+    side, duplicates = {}, {}
+    for name in SIDE_TABLES:
+        with spark_stage(f"reading the {name} table", str(raw_root / name)):
+            side[name], duplicates[name] = _read_side_table(spark, raw_root, name)
+    return RawInputs(check_raw_schema(events), side["items"], side["users"], partitions, files, duplicates)
 
 
-def _read_side_table(spark: SparkSession, path: Path, contract: pa.Schema) -> DataFrame:
-    """A side table cast to its contract schema, one row per key (its first column)."""
+def _read_checked(spark: SparkSession, files: Sequence[CheckedFile]) -> list[tuple[pa.Schema, DataFrame]]:
+    """Read files in groups that store the contract's columns alike, each under an explicit schema.
+
+    One explicit schema per group, because Spark reads many files under one schema (inferred
+    from one of them): a file storing a column differently would fail mid-job.
+    """
+    groups: dict[pa.Schema, list[str]] = {}
+    for checked in files:
+        groups.setdefault(checked.columns, []).append(str(checked.path))
+    return [(columns, spark.read.schema(_read_schema(columns)).parquet(*paths)) for columns, paths in groups.items()]
+
+
+def _nanosecond_ts(columns: pa.Schema) -> bool:
+    return columns.field("event_ts").type.unit == "ns"
+
+
+def _read_schema(columns: pa.Schema) -> T.StructType:
+    """The Spark schema to read stored ``columns`` with; nanosecond timestamps as integers."""
+    return T.StructType([
+        T.StructField(f.name, T.LongType() if pa.types.is_timestamp(f.type) and f.type.unit == "ns" else from_arrow_type(f.type))
+        for f in columns
+    ])
+
+
+def _read_side_table(spark: SparkSession, raw_root: Path, name: str) -> tuple[DataFrame, int]:
+    """Side table ``name`` cast to its contract schema, one row per key (its first column).
+
+    Returns:
+        The table and how many rows were dropped as repeated keys (the last row read wins:
+        :func:`spark_jobs.feature_transforms.keep_last_per_key`).
+    """
+    contract = SIDE_TABLES[name]
     schema, key = from_arrow_schema(contract), contract.names[0]
-    if not path.exists():
-        log.warning("no %s table at %s; side features will be null", path.name, path)
-        return spark.createDataFrame([], schema)
-    table = spark.read.parquet(str(path))
-    missing = [f.name for f in schema.fields if f.name not in table.columns]
-    if missing:
-        raise RawWindowError(f"{path.name} table at {path} lacks column(s) {missing}")
-    return table.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields]).dropDuplicates([key])
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return next((line for line in text if line.strip()), type(err).__name__)[:500]
+    files = check_side_table(raw_root, name)
+    if not files:
+        log.warning("no %s table under %s; side features will be null", name, raw_root / name)
+        return spark.createDataFrame([], schema), 0
+    source = [F.col("_metadata.file_name").alias("_source_file"), F.col("_metadata.row_index").alias("_source_row")]
+    table = functools.reduce(DataFrame.unionByName, [
+        frame.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields], *source) for _, frame in _read_checked(spark, files)
+    ])
+    latest = keep_last_per_key(table, key)
+    duplicates = sum(f.rows for f in files) - latest.count()
+    if duplicates:
+        log.warning("%s table: %d row(s) repeat a %s already seen; the last one read was kept", name, duplicates, key)
+    return latest, duplicates
 
 
 def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> dict[str, dict]:
@@ -120,7 +210,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         The manifest (also written as ``manifest.json``).
 
     Raises:
-        RawWindowError: Structural faults or too many quarantined rows.
+        RawWindowError: Structural faults, a Spark failure on the input (naming the file,
+            column and rule Spark reports), or too many quarantined rows.
         DataValidationError: A GX suite failed.
     """
     started = time.perf_counter()
@@ -128,24 +219,26 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     window_start, window_end = cfg.window(ds)
     final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
     shutil.rmtree(docs_root, ignore_errors=True)  # the docs describe this run only
-    events, items, users, partitions = read_raw(spark, raw_root, window_start, window_end)
-    log.info("read %d partition(s) ds=%s..ds=%s", len(partitions), window_start, window_end)
+    inputs = read_raw(spark, raw_root, window_start, window_end)
+    events_dir = raw_root / "events"
+    where = f"{len(inputs.files)} event file(s) in ds={window_start}..ds={window_end} under {events_dir}"
+    log.info("read %d partition(s), %s", len(inputs.partitions), where)
 
-    try:
-        raw_count = events.count()
-        deduped = deduplicate_events(events).cache()
+    raw_count = sum(f.rows for f in inputs.files)  # from the footers: Spark reads exactly these rows
+    with spark_stage("reading raw events", where):  # e.g. a corrupt page surfaces only here
+        deduped = deduplicate_events(inputs.events).cache()
         deduped_count = deduped.count()
-    except Exception as err:  # noqa: BLE001 - e.g. a corrupt Parquet file surfaces only here
-        raise RawWindowError(f"cannot read raw events under {raw_root / 'events'}: {_first_line(err)}") from err
     if deduped_count < cfg.min_events:
-        raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end}, need >= {cfg.min_events}")
+        raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end} under {events_dir}, "
+                             f"need >= {cfg.min_events} (features.min_events)")
     log.info("events: %d raw, %d exact duplicates removed", raw_count, raw_count - deduped_count)
     checks: dict[str, dict] = {}
     if validate_data:
         checks["raw"] = validate({"raw_events": deduped}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
 
     flagged = flag_invalid_events(deduped, window_start, window_end).cache()
-    by_reason = {r["quarantine_reason"]: r["count"] for r in flagged.where(F.col("quarantine_reason").isNotNull()).groupBy("quarantine_reason").count().collect()}
+    with spark_stage("applying the quarantine rules", where):
+        by_reason = {r["quarantine_reason"]: r["count"] for r in flagged.where(F.col("quarantine_reason").isNotNull()).groupBy("quarantine_reason").count().collect()}
     quarantined = sum(by_reason.values())
     share = quarantined / deduped_count
     log.info("quarantined %d of %d events (%.3f%%): %s", quarantined, deduped_count, 100 * share, by_reason or "none")
@@ -154,13 +247,13 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         flagged.where(F.col("quarantine_reason").isNotNull()).write.mode("overwrite").parquet(str(rejected))
         raise RawWindowError(
             f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
-            f"features.max_quarantine_share={cfg.max_quarantine_share:.2%}; rows written to {rejected}"
+            f"features.max_quarantine_share={cfg.max_quarantine_share:.2%} in {where}; rows written to {rejected}"
         )
     valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason")
-    tables = transform(valid, items, users, window_end, cfg)
+    tables = transform(valid, inputs.items, inputs.users, window_end, cfg)
 
     try:
-        with atomic_dir(final_dir) as tmp_dir:
+        with spark_stage("building the feature tables", where), atomic_dir(final_dir) as tmp_dir:
             schemas = write_tables({**tables.as_dict(), "quarantine": flagged.where(F.col("quarantine_reason").isNotNull())},
                                    tmp_dir, cfg.shuffle_partitions)
             written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
@@ -170,10 +263,13 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             manifest = {
                 "ds": ds.isoformat(),
                 "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
-                "input_partitions": [p.name for p in partitions],
+                "input_partitions": [p.name for p in inputs.partitions],
+                "input_files": [f.path.relative_to(events_dir).as_posix() for f in inputs.files],
                 "counts": {
                     "raw_events": raw_count,
                     "exact_duplicates": raw_count - deduped_count,
+                    "duplicate_item_ids": inputs.duplicate_ids["items"],
+                    "duplicate_user_ids": inputs.duplicate_ids["users"],
                     "quarantined": quarantined,
                     "quarantined_by_reason": dict(sorted(by_reason.items())),
                     "valid_events": deduped_count - quarantined,

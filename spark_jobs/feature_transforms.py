@@ -14,9 +14,11 @@ import pyarrow as pa
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_type
 
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, RawWindowError, schema_problems, window_bounds
+from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, RawWindowError, window_bounds
+from pipeline.data.raw_files import schema_problems
 from pipeline.features import SPLITS
 
 RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
@@ -36,11 +38,52 @@ class FeatureTables:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def events_from_storage(events: DataFrame, nanosecond_ts: bool) -> DataFrame:
+    """Events read from files that store ``event_ts`` one way, with ``event_ts`` as a timestamp.
+
+    Args:
+        events: The contract's columns as read (an all-null column may be of null type).
+        nanosecond_ts: ``event_ts`` was read as integer nanoseconds since the epoch (Spark
+            cannot read Parquet's nanosecond timestamps as timestamps).
+
+    Returns:
+        The contract's columns with the contract's types (a null-typed column becomes a null
+        column of its type); ``event_ts`` floored to microseconds, Spark's precision.
+    """
+    event_ts = F.col("event_ts")
+    if nanosecond_ts:
+        # Integer floor division: a double would lose nanoseconds, `div` alone rounds towards zero before 1970.
+        event_ts = F.timestamp_micros(F.expr("(event_ts - pmod(event_ts, 1000)) div 1000"))
+    return events.select(*[(event_ts if f.name == "event_ts" else F.col(f.name)).cast(from_arrow_type(f.type)).alias(f.name) for f in EVENT_SCHEMA])
+
+
+def keep_last_per_key(table: DataFrame, key: str) -> DataFrame:
+    """One row per ``key`` in a side table: the last one read.
+
+    Rule: files in name order, rows in file order; a later row replaces an earlier one, as
+    an update sent after the original would. Deterministic whatever Spark's partitioning.
+
+    Args:
+        table: The side table with ``_source_file`` (file name) and ``_source_row`` (row
+            index in that file), e.g. from Spark's ``_metadata`` column.
+        key: The key column.
+
+    Returns:
+        ``table`` without the two source columns, one row per key.
+    """
+    latest_first = Window.partitionBy(key).orderBy(F.col("_source_file").desc(), F.col("_source_row").desc())
+    return (
+        table.withColumn("_rank", F.row_number().over(latest_first))
+        .where(F.col("_rank") == 1)
+        .select(*[c for c in table.columns if c not in ("_source_file", "_source_row")])
+    )
+
+
 def check_raw_schema(events: DataFrame) -> DataFrame:
     """Check the raw contract's columns and types, and select exactly those columns.
 
     Spark's schema is turned into Arrow types and judged by the same rule as the
-    pre-flight check (:func:`pipeline.data.contract.schema_problems`).
+    pre-flight check (:func:`pipeline.data.raw_files.schema_problems`).
 
     Raises:
         RawWindowError: Naming every missing column and every column of the wrong type.
@@ -74,17 +117,20 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
     """
     start, end = window_bounds(window_start, window_end)
     copies = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
-    null_id = F.lit(False)
+    null_id, blank_id = F.lit(False), F.lit(False)
     for column in ID_COLUMNS:
         null_id = null_id | F.col(column).isNull()
+        blank_id = blank_id | (F.btrim(F.col(column), F.lit(WHITESPACE)) == "")
     reason = (
         F.when(null_id, "null_id")
+        .when(blank_id, "blank_id")
         .when(F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "unknown_event_type")
         .when(
             F.col("event_ts").isNull() | (F.col("event_ts") < F.lit(start)) | (F.col("event_ts") >= F.lit(end)),
             "timestamp_outside_window",
         )
-        .when(F.isnan("value") | (F.col("value") < MIN_VALUE), "invalid_value")
+        .when(F.isnan("value") | F.col("value").isin(float("inf"), float("-inf")), "non_finite_value")
+        .when(F.col("value") < MIN_VALUE, "invalid_value")
         .when(copies > 1, "conflicting_event_id")
     )
     return events.withColumn("quarantine_reason", reason)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +16,8 @@ from pyspark.testing import assertDataFrameEqual
 
 from pipeline.config import ConfigError, FeatureConfig, parse_ds
 from pipeline.validation import DataValidationError
-from pipeline.data.contract import RawWindowError
+from pipeline.data.contract import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, RawWindowError, event_partition_dir, write_table
+from pipeline.data.raw_files import check_raw_window
 from spark_jobs import extract_features as job
 from spark_jobs import feature_transforms as transforms
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
@@ -116,6 +119,21 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
     assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
 
 
+def test_blank_ids_and_non_finite_values_are_quarantined(spark):
+    rows = ALICE_BOB + [
+        event("b1", "", "i1", "view", ts(2)),  # empty user_id
+        event("b2", "bob", " \t", "view", ts(2)),  # whitespace-only item_id
+        event("\u00a0", "bob", "i1", "view", ts(2)),  # a no-break space is whitespace too
+        event("v1", "bob", "i1", "rate", ts(2), value=float("inf")),
+        event("v2", "bob", "i1", "rate", ts(2), value=float("-inf")),
+        event("v3", "bob", "i1", "rate", ts(2), value=float("nan")),
+    ]
+    flagged = transforms.flag_invalid_events(frame(spark, rows), dt.date(2024, 1, 1), DS)
+    reasons = {r.event_id: r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
+    assert reasons == {"b1": "blank_id", "b2": "blank_id", "\u00a0": "blank_id",
+                       "v1": "non_finite_value", "v2": "non_finite_value", "v3": "non_finite_value"}
+
+
 def read_sorted(path):
     table = pq.read_table(path)
     table = table.cast(pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in table.schema]))
@@ -123,12 +141,23 @@ def read_sorted(path):
 
 
 def test_run_writes_validated_features_atomically_and_reruns_identically(spark, tmp_path):
-    raw = write_raw(tmp_path / "raw", ALICE_BOB + [ALICE_BOB[0], event("bad", "bob", "i3", "like", ts(2))] * 1, ITEMS, ["alice", "bob"])
-    cfg = dataclasses.replace(CFG, max_quarantine_share=0.2)
+    bad = [event("bad", "bob", "i3", "like", ts(2)), event("blank", " ", "i3", "view", ts(2))]
+    raw = write_raw(tmp_path / "raw", ALICE_BOB + [ALICE_BOB[0]] + bad, ITEMS)
+    # Side tables re-sent with changes: a later file's row replaces an earlier one, and so does a later row.
+    write_table(pa.Table.from_pylist([dict(item_id="i1", title="old", year=1990, categories=["x"]), dict(item_id="i1", title="new", year=1991, categories=["y"])],
+                                     schema=ITEM_SCHEMA), raw / "items" / "update.parquet")  # sorts after items.parquet
+    write_table(pa.Table.from_pylist([dict(user_id=u, age=a, gender="F", occupation="engineer") for u, a in [("alice", 20), ("bob", 21), ("bob", 50)]],
+                                     schema=USER_SCHEMA), raw / "users" / "users.parquet")
+    cfg = dataclasses.replace(CFG, max_quarantine_share=0.2)  # 2 of 10 events are quarantined
     first = job.run(spark, raw, tmp_path / "out", DS, cfg)
     out = tmp_path / "out" / f"ds={DS}"
     assert sorted(p.name for p in out.iterdir()) == sorted(["interactions", "user_features", "item_features", "user_vocab", "item_vocab", "quarantine", "manifest.json"])
-    assert first["counts"]["exact_duplicates"] == 1 and first["counts"]["quarantined_by_reason"] == {"unknown_event_type": 1}
+    assert first["counts"]["exact_duplicates"] == 1
+    assert first["counts"]["quarantined_by_reason"] == {"blank_id": 1, "unknown_event_type": 1}
+    # i1 three times (items.parquet, then twice in update.parquet): 2 dropped; bob twice: 1 dropped.
+    assert (first["counts"]["duplicate_item_ids"], first["counts"]["duplicate_user_ids"]) == (2, 1)
+    assert {r["item_id"]: r["year"] for r in pq.read_table(out / "item_features").to_pylist()}["i1"] == 1991
+    assert {r["user_id"]: r["age"] for r in pq.read_table(out / "user_features").to_pylist()}["bob"] == 50
     assert first["counts"]["interactions_by_split"] == {"train": 5, "validation": 1, "test": 1}
     assert first["input_partitions"] == ["ds=2024-01-01", "ds=2024-01-02", "ds=2024-01-03"]
     assert json.loads((out / "manifest.json").read_text()) == first
@@ -147,9 +176,73 @@ def test_window_reads_only_its_partitions(spark, tmp_path):
     old = event("old", "alice", "i6", "view", ts(1))
     # An event stamped Jan 1 but stored in partition ds=2023-12-31 is outside the window's partitions.
     raw = write_raw(tmp_path / "raw", ALICE_BOB + [old], ITEMS, partition_of=lambda e: dt.date(2023, 12, 31) if e["event_id"] == "old" else e["event_ts"].date())
-    events, _, _, partitions = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
-    assert [p.name for p in partitions] == ["ds=2024-01-01", "ds=2024-01-02", "ds=2024-01-03"]
-    assert events.where("event_id = 'old'").count() == 0
+    inputs = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
+    assert [p.name for p in inputs.partitions] == ["ds=2024-01-01", "ds=2024-01-02", "ds=2024-01-03"]
+    assert inputs.events.where("event_id = 'old'").count() == 0
+
+
+def test_job_reads_exactly_the_files_the_preflight_checks(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    day = event_partition_dir(raw, dt.date(2024, 1, 2))
+    (day / "_SUCCESS").write_bytes(b"")
+    (day / ".part-00000.parquet.crc").write_bytes(b"crc")
+    shutil.copy(day / "part-00000.parquet", day / "_rewrite-in-progress.parquet")  # hidden: Spark skips it
+    assert check_raw_window(raw, dt.date(2024, 1, 1), DS, 1) == {"partitions": 3, "files": 3, "rows": len(ALICE_BOB)}
+    inputs = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
+    assert inputs.events.count() == len(ALICE_BOB) and len(inputs.files) == 3
+    # A file Spark would read but the contract does not name: both refuse it, naming it.
+    shutil.copy(day / "part-00000.parquet", day / "part-00001.pq")
+    for check in (lambda: check_raw_window(raw, dt.date(2024, 1, 1), DS, 1), lambda: job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)):
+        with pytest.raises(RawWindowError, match=re.escape(str(day / "part-00001.pq")) + r": not a \.parquet file"):
+            check()
+
+
+def test_timestamps_in_any_utc_unit_are_read_as_instants(spark, tmp_path):
+    import pandas as pd
+
+    on_day = lambda day: [e for e in ALICE_BOB if e["event_ts"].day == day]  # noqa: E731
+    raw = write_raw(tmp_path / "raw", on_day(3), ITEMS)  # day 3: microseconds, as this project writes
+    # Day 1 as pandas writes it: nanoseconds, and the all-None session_id stored as Parquet's null type.
+    pandas_day = pd.DataFrame(on_day(1))
+    pandas_day["event_ts"] += pd.to_timedelta([1500, 0, 0], unit="ns")  # e1 at 08:00 plus 1.5 microseconds
+    event_partition_dir(raw, dt.date(2024, 1, 1)).mkdir()
+    pandas_day.to_parquet(event_partition_dir(raw, dt.date(2024, 1, 1)) / "part-00000.parquet", index=False)
+    # Day 2: milliseconds, large strings, value and session_id all null (null-typed).
+    millis = pa.schema([f.with_type(pa.timestamp("ms", tz="UTC")) if f.name == "event_ts" else
+                        f.with_type(pa.null()) if f.nullable else f.with_type(pa.large_string()) for f in EVENT_SCHEMA])
+    write_table(pa.Table.from_pylist(on_day(2), schema=millis), event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet")
+
+    assert check_raw_window(raw, dt.date(2024, 1, 1), DS, 1)["rows"] == len(ALICE_BOB)
+    inputs = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
+    micros = {r.event_id: (r.us, r.value, r.session_id) for r in inputs.events.select("event_id", F.unix_micros("event_ts").alias("us"), "value", "session_id").collect()}
+    expected = {e["event_id"]: (int(e["event_ts"].timestamp()) * 1_000_000, e["value"], None) for e in ALICE_BOB}
+    expected["e1"] = (expected["e1"][0] + 1, None, None)  # 1500 ns floors to 1 microsecond, Spark's precision
+    assert micros == expected
+    assert dict(inputs.events.dtypes) == {"event_id": "string", "user_id": "string", "item_id": "string", "event_type": "string",
+                                          "event_ts": "timestamp", "value": "double", "session_id": "string"}
+
+
+def test_naive_timestamps_fail_the_job_naming_file_and_column(spark, tmp_path):
+    import pandas as pd
+
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    bad = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    naive = pd.DataFrame([e for e in ALICE_BOB if e["event_ts"].day == 2])
+    naive.assign(event_ts=naive["event_ts"].dt.tz_localize(None)).to_parquet(bad, index=False)
+    run_fails(spark, tmp_path, raw, re.escape(str(bad)) + r": event_ts .*without a time zone")
+
+
+def test_duplicate_side_table_ids_keep_the_last_row(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ["i1", "i2"])
+    write_table(pa.Table.from_pylist([dict(item_id="i1", title="a", year=2010, categories=[]), dict(item_id="i1", title="b", year=2011, categories=[])],
+                                     schema=ITEM_SCHEMA), raw / "items" / "update.parquet")
+    # In file order: i2 (2001) in items.parquet, then i1 twice in update.parquet (2010, 2011).
+    write_table(pa.Table.from_pylist([dict(user_id=u, age=a, gender=None, occupation=None) for u, a in [("bob", 40), ("alice", 30), ("bob", 41)]],
+                                     schema=USER_SCHEMA), raw / "users" / "users.parquet")
+    inputs = job.read_raw(spark, raw, dt.date(2024, 1, 1), DS)
+    assert {r.item_id: r.year for r in inputs.items.collect()} == {"i1": 2011, "i2": 2001}
+    assert {r.user_id: r.age for r in inputs.users.collect()} == {"alice": 30, "bob": 41}
+    assert inputs.duplicate_ids == {"items": 2, "users": 1}
 
 
 def run_fails(spark, tmp_path, raw, match, cfg=CFG, error=RawWindowError):
@@ -179,7 +272,42 @@ def test_empty_window_fails_with_no_output(spark, tmp_path):
 def test_corrupt_parquet_fails_with_no_output(spark, tmp_path):
     raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
     (raw / "events" / "ds=2024-01-02" / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
-    run_fails(spark, tmp_path, raw, r"cannot read raw (data|events) under")
+    run_fails(spark, tmp_path, raw, r"corrupt Parquet file .*ds=2024-01-02/part-00001.parquet")
+
+
+def test_spark_read_failure_names_the_file(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    # Smash the first page header but keep the footer: the pre-flight reads only footers, Spark fails mid-read.
+    pq.write_table(pq.read_table(path), path, compression="NONE")
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+    with pytest.raises(RawWindowError) as caught:
+        job.run(spark, raw, tmp_path / "out", DS, CFG, validate_data=False)
+    message = str(caught.value)
+    assert str(path) in message and "An error occurred while calling" not in message
+    assert not (tmp_path / "out" / f"ds={DS}").exists()
+
+
+def test_spark_errors_are_read_for_file_column_and_rule(spark, tmp_path):
+    from pipeline.spark import spark_failure
+
+    path = tmp_path / "value.parquet"
+    pq.write_table(pa.table({"value": pa.array([1], pa.int64())}), path)
+    with pytest.raises(Exception) as caught:  # Py4J's message names only "o123.collectToPython"
+        spark.read.schema("value double").parquet(str(path)).collect()
+    failure = spark_failure(caught.value)
+    assert (failure.file, failure.column) == (str(path), "value")
+    assert "Expected Spark type double, actual Parquet type INT64" in failure.rule
+
+
+def test_blank_ids_count_towards_the_quarantine_limit(spark, tmp_path):
+    # 8 good + 1 blank user_id + 1 infinite value = 2 of 10 quarantined (20%) > 10%.
+    rows = ALICE_BOB + [event("b1", "", "i1", "view", ts(2)), event("v1", "bob", "i1", "rate", ts(2), value=float("inf"))]
+    raw = write_raw(tmp_path / "raw", rows, ITEMS)
+    with pytest.raises(RawWindowError, match=r"quarantined share 20.00% \(2 of 10 events.*blank_id.*non_finite_value"):
+        job.run(spark, raw, tmp_path / "out", DS, dataclasses.replace(CFG, max_quarantine_share=0.1), validate_data=False)
 
 
 def test_bad_ds_is_rejected():

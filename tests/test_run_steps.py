@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +14,8 @@ import pytest
 from pipeline import cli
 from pipeline.catalog import Catalog
 from pipeline.config import ConfigError, load_config
-from pipeline.data.contract import RawWindowError, check_raw_window
+from pipeline.data.contract import RawWindowError, event_partition_dir
+from pipeline.data.raw_files import check_raw_window
 from pipeline.run import check_features
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
@@ -43,6 +46,74 @@ def test_raw_window_structural_faults_name_the_problem(tmp_path):
     bad.unlink()
     with pytest.raises(RawWindowError, match=r"1 event\(s\) in ds=2024-01-01..ds=2024-01-03, need >= 5"):
         check_raw_window(raw, START, END, 5)
+
+
+def test_raw_window_skips_what_spark_skips(tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    day = event_partition_dir(raw, dt.date(2024, 1, 2))
+    # Names starting with "_" or ".": writers' markers, checksums and unfinished files.
+    for hidden in ("_SUCCESS", ".part-00000.parquet.crc", "_partial.parquet", ".inflight.parquet", "_temporary/0/part-00009.parquet"):
+        (day / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (day / hidden).write_bytes(b"not parquet at all")
+    assert check_raw_window(raw, START, END, 1) == {"partitions": 3, "files": 3, "rows": len(ALICE_BOB_EVENTS)}
+
+
+@pytest.mark.parametrize("entry", ["part-00001.pq", "part-00001", "hour=01/part-00000.parquet"])
+def test_raw_window_rejects_what_spark_would_read_unchecked(tmp_path, entry):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    day = event_partition_dir(raw, dt.date(2024, 1, 2))
+    (day / entry).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(day / "part-00000.parquet", day / entry)  # valid Parquet: only its name or place is wrong
+    offender = day / entry.split("/")[0]
+    with pytest.raises(RawWindowError, match=re.escape(str(offender)) + r": .*(not a \.parquet file|a sub-directory)"):
+        check_raw_window(raw, START, END, 1)
+
+
+def test_raw_window_accepts_what_a_pandas_producer_writes(tmp_path):
+    import pandas as pd
+
+    raw = write_raw(tmp_path / "raw", [e for e in ALICE_BOB_EVENTS if e["event_ts"].day != 2])
+    # pandas' defaults: nanosecond timestamps, and an all-None column stored as Parquet's null type.
+    frame = pd.DataFrame([e for e in ALICE_BOB_EVENTS if e["event_ts"].day == 2])
+    event_partition_dir(raw, dt.date(2024, 1, 2)).mkdir()
+    frame.to_parquet(event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet", index=False)
+    assert check_raw_window(raw, START, END, 1)["rows"] == len(ALICE_BOB_EVENTS)
+
+
+def test_raw_window_rejects_timestamps_without_a_time_zone(tmp_path):
+    import pandas as pd
+
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    bad = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    frame = pd.DataFrame([e for e in ALICE_BOB_EVENTS if e["event_ts"].day == 2])
+    frame.assign(event_ts=frame["event_ts"].dt.tz_localize(None)).to_parquet(bad, index=False)
+    with pytest.raises(RawWindowError, match=re.escape(str(bad)) + r": event_ts .*without a time zone"):
+        check_raw_window(raw, START, END, 1)
+
+
+def test_raw_window_accepts_null_typed_columns_only_where_nullable(tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    table = pq.read_table(path)
+    rows = table.num_rows
+    nullable = table.set_column(6, "session_id", pa.nulls(rows)).set_column(5, "value", pa.nulls(rows))
+    strings = pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in nullable.schema])
+    pq.write_table(nullable.cast(strings), path)
+    assert check_raw_window(raw, START, END, 1)["rows"] == len(ALICE_BOB_EVENTS)
+    pq.write_table(table.set_column(1, "user_id", pa.nulls(rows)), path)
+    with pytest.raises(RawWindowError, match=re.escape(str(path)) + r": user_id is null-typed .*must hold values"):
+        check_raw_window(raw, START, END, 1)
+    pq.write_table(table.append_column("item_id", table.column("item_id")), path)
+    with pytest.raises(RawWindowError, match=re.escape(str(path)) + r": has column\(s\) \['item_id'\] more than once"):
+        check_raw_window(raw, START, END, 1)
+
+
+def test_raw_window_checks_the_side_tables_too(tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS, ["i1"], ["alice"])
+    bad = raw / "items" / "items.parquet"
+    pq.write_table(pa.table({"item_id": ["i1"], "title": ["t"], "year": ["MCMXCV"], "categories": [["a"]]}), bad)
+    with pytest.raises(RawWindowError, match=re.escape(str(bad)) + r": year is string, expected int32"):
+        check_raw_window(raw, START, END, 1)
 
 
 def test_feature_check_requires_a_validated_manifest_with_every_split(tmp_path):

@@ -6,10 +6,11 @@ Layout under a raw root::
     <raw>/items/items.parquet                   item catalogue
     <raw>/users/users.parquet                   user profiles
 
-This module is the one statement of the contract. The pre-flight check
-(:func:`check_raw_window`), the Spark feature job (schema check and quarantine rules) and
-the GX raw suite all read the schema, the row rules and the window listing from here, and
-all raise :class:`RawWindowError` when a window cannot be processed.
+This module is the one statement of the contract. The pre-flight check, the Spark feature
+job (schema check and quarantine rules) and the GX raw suite all read the schema, the row
+rules and the window listing from here, and all raise :class:`RawWindowError` when a window
+cannot be processed. Which files are data and whether what they store satisfies these
+schemas is :mod:`pipeline.data.raw_files`.
 
 Every writer in this project goes through :func:`write_event_partition` and
 :func:`write_table`, so files appear atomically (written aside, then renamed).
@@ -18,15 +19,12 @@ Every writer in this project goes through :func:`write_event_partition` and
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rate")
 
@@ -60,15 +58,26 @@ USER_SCHEMA = pa.schema(
     ]
 )
 
+# The side tables beside the events, by directory name under the raw root. Their first
+# column is the key; when a key appears more than once the last row read wins, files in
+# name order and rows in file order (see
+# spark_jobs.feature_transforms.keep_last_per_key).
+SIDE_TABLES = {"items": ITEM_SCHEMA, "users": USER_SCHEMA}
+
 # What makes an event row valid. A row breaking a rule is quarantined with the rule's
 # reason; the first failing rule (in this order) names it.
-ID_COLUMNS = ("event_id", "user_id", "item_id")  # rule "null_id": none of them may be null
-MIN_VALUE = 0.0  # rule "invalid_value": `value` is null, or a number >= MIN_VALUE (NaN is not)
+ID_COLUMNS = ("event_id", "user_id", "item_id")  # rules "null_id" and "blank_id" apply to each
+# Unicode's White_Space characters, spelled out so that every engine (Spark's btrim, DuckDB's
+# trim, Python's strip) agrees on what a whitespace-only id is.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+MIN_VALUE = 0.0  # `value` is null, or a finite number >= MIN_VALUE
 QUARANTINE_REASONS = (
     "null_id",                   # an id column is null
+    "blank_id",                  # an id column is empty or only WHITESPACE: no real user, item or event
     "unknown_event_type",        # event_type is null or not in EVENT_TYPES
     "timestamp_outside_window",  # event_ts is null or outside [window start, window end + 1 day) UTC
-    "invalid_value",             # value is NaN or below MIN_VALUE
+    "non_finite_value",          # value is NaN, +inf or -inf
+    "invalid_value",             # value is below MIN_VALUE
     "conflicting_event_id",      # one event_id with different content (exact copies are dropped)
 )
 PARTITION_KEY = "ds"
@@ -76,7 +85,8 @@ PARTITION_KEY = "ds"
 
 class RawWindowError(ValueError):
     """The raw window cannot be processed: no partitions, too few rows, a corrupt file, a
-    missing column or one of the wrong type, or too many quarantined rows."""
+    file the contract does not name, a missing column or one of the wrong type, or too many
+    quarantined rows. The message names the input, the column and the rule at fault."""
 
 
 def event_partition_dir(raw_root: str | Path, ds: dt.date) -> Path:
@@ -87,6 +97,11 @@ def event_partition_dir(raw_root: str | Path, ds: dt.date) -> Path:
 def window_days(window_start: dt.date, window_end: dt.date) -> list[dt.date]:
     """Every day of ``[window_start, window_end]``, oldest first."""
     return [window_start + dt.timedelta(days=i) for i in range((window_end - window_start).days + 1)]
+
+
+def side_table_dir(raw_root: str | Path, name: str) -> Path:
+    """Directory of one side table: ``<raw>/items`` or ``<raw>/users``."""
+    return Path(raw_root) / name
 
 
 def window_partitions(raw_root: str | Path, window_start: dt.date, window_end: dt.date) -> list[Path]:
@@ -109,62 +124,6 @@ def window_bounds(window_start: dt.date, window_end: dt.date) -> tuple[dt.dateti
     start = dt.datetime.combine(window_start, dt.time.min, tzinfo=dt.timezone.utc)
     end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
     return start, end
-
-
-def compatible(found: pa.DataType, wanted: pa.DataType) -> bool:
-    """Whether a column stored as ``found`` satisfies the contract's ``wanted`` type.
-
-    Any timestamp unit is accepted but it must carry a time zone (UTC adjusted); float32
-    for float64; large strings for strings.
-    """
-    if pa.types.is_timestamp(wanted):
-        return pa.types.is_timestamp(found) and found.tz is not None
-    if pa.types.is_floating(wanted):
-        return pa.types.is_floating(found)
-    if pa.types.is_string(wanted):
-        return pa.types.is_string(found) or pa.types.is_large_string(found)
-    return found == wanted
-
-
-def schema_problems(schema: pa.Schema) -> list[str]:
-    """Every way ``schema`` breaks :data:`EVENT_SCHEMA`: missing columns and wrong types."""
-    missing = [f.name for f in EVENT_SCHEMA if f.name not in schema.names]
-    wrong = [f"{f.name} is {schema.field(f.name).type}, expected {f.type}" for f in EVENT_SCHEMA
-             if f.name in schema.names and not compatible(schema.field(f.name).type, f.type)]
-    return ([f"lacks column(s) {missing}"] if missing else []) + wrong
-
-
-def check_raw_window(raw_root: str | Path, window_start: dt.date, window_end: dt.date, min_events: int) -> dict:
-    """Cheap structural checks of the raw window from Parquet footers alone (no Spark).
-
-    Every partition file must open as Parquet and hold the contract's columns with their
-    types; the window must hold at least ``min_events`` rows. Row-level checks (nulls,
-    event types, duplicates) run in the Spark job's GX suite.
-
-    Returns:
-        ``{"partitions", "files", "rows"}``.
-
-    Raises:
-        RawWindowError: Naming the file or column at fault.
-    """
-    partitions = window_partitions(raw_root, window_start, window_end)
-    files, rows = 0, 0
-    for partition in partitions:
-        for path in sorted(partition.glob("*.parquet")):
-            try:
-                meta = pq.read_metadata(path)
-                schema = pq.read_schema(path)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise RawWindowError(f"corrupt Parquet file {path}: {err}") from err
-            problems = schema_problems(schema)
-            if problems:
-                raise RawWindowError(f"{path}: " + "; ".join(problems))
-            files += 1
-            rows += meta.num_rows
-    if rows < min_events:
-        raise RawWindowError(f"empty window: {rows} event(s) in ds={window_start}..ds={window_end}, need >= {min_events}")
-    log.info("raw window ds=%s..ds=%s: %d partitions, %d files, %d rows", window_start, window_end, len(partitions), files, rows)
-    return {"partitions": len(partitions), "files": files, "rows": rows}
 
 
 def write_table(table: pa.Table, path: str | Path) -> Path:
