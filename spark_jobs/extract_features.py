@@ -244,7 +244,9 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     log.info("quarantined %d of %d events (%.3f%%): %s", quarantined, deduped_count, 100 * share, by_reason or "none")
     if share > cfg.max_quarantine_share:
         rejected = docs_root / "quarantine"  # kept for inspection; no feature output is written
-        flagged.where(F.col("quarantine_reason").isNotNull()).write.mode("overwrite").parquet(str(rejected))
+        with atomic_dir(rejected) as tmp:  # all of the rows or none, like every other output
+            # "append": "overwrite" would delete the locked temporary directory and make a new one.
+            flagged.where(F.col("quarantine_reason").isNotNull()).write.mode("append").parquet(str(tmp))
         raise RawWindowError(
             f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
             f"features.max_quarantine_share={cfg.max_quarantine_share:.2%} in {where}; rows written to {rejected}"
