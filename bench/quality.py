@@ -117,12 +117,15 @@ def paired(runs: list[dict], a: str, b: str, metric: str) -> dict:
 def targets(dataset: str, summary: dict, runs: list[dict]) -> dict:
     """The issue's targets, each with its measured value and whether it is met."""
     mean = lambda m, k: summary[m][k]["mean"]  # noqa: E731
-    teacher_vs_als = mean("teacher", "ndcg@10") / mean("als", "ndcg@10")
+    # Tuned ALS: the better of ALS folding in train + validation and ALS refitted on them
+    # (the two-tower models are refitted on train + validation too).
+    als = max(("als", "als_refit"), key=lambda m: mean(m, "ndcg@10"))
+    teacher_vs_als = mean("teacher", "ndcg@10") / mean(als, "ndcg@10")
     wanted_vs_als = 1.10 if dataset == "ml100k" else 1.0
     kd_gain = paired(runs, "student_kd", "student_plain", "ndcg@10")
     checks = {
-        "teacher_ndcg@10_over_als": {"value": teacher_vs_als, "target": f">= {wanted_vs_als:.2f}",
-                                     "met": teacher_vs_als >= wanted_vs_als, "paired": paired(runs, "teacher", "als", "ndcg@10")},
+        "teacher_ndcg@10_over_als": {"value": teacher_vs_als, "target": f">= {wanted_vs_als:.2f} (vs {als})",
+                                     "met": teacher_vs_als >= wanted_vs_als, "paired": paired(runs, "teacher", als, "ndcg@10")},
         "kd_retention_ndcg@10": {"value": mean("student_kd", "ndcg@10") / mean("teacher", "ndcg@10"), "target": ">= 0.97"},
         "kd_retention_recall@20": {"value": mean("student_kd", "recall@20") / mean("teacher", "recall@20"), "target": ">= 0.97"},
         "student_params_share": {"value": mean("student_kd", "trainable_params") / mean("teacher", "trainable_params"),

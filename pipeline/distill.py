@@ -132,18 +132,19 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     targets = read_soft_targets(soft_targets_dir, users.size, items.size)
-    student = build_student(users, items, cfg)
-    model = DistillationModel(student, targets, cfg.distill, cfg.training.retrieval_temperature)
-    fit, validation, params = train_two_tower(model, lambda m: m.student, features_dir, users.size, items.size, cfg,
-                                              cfg.student.epochs, role)
+    trained = train_two_tower(
+        lambda u: DistillationModel(build_student(u, items, cfg), targets, cfg.distill, cfg.training.retrieval_temperature),
+        lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role)
+    student, fit, params = trained.model.student, trained.fit, trained.params
     final = catalog.student(ds, cfg, role)
     soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
     meta = {
         "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
         "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
         "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
-        "metrics": {"validation": validation}, "best_epoch": fit.best_epoch,
-        "history": fit.history, "seconds": fit.seconds, "tensorflow": tf.__version__,
+        "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
+        "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
+        "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
@@ -153,7 +154,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
              cfg.training.early_stopping_k, fit.best_score)
     return {"path": str(final), "version": final.name, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
             "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta["teacher_version"],
-            "soft_targets": str(soft_targets_dir), "seconds": fit.seconds}
+            "soft_targets": str(soft_targets_dir), "seconds": meta["seconds"]}
 
 
 def main(argv=None) -> int:

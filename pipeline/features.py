@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,16 +31,19 @@ def _interactions(features_dir: str | Path) -> pads.Dataset:
     return pads.dataset(Path(features_dir) / "interactions", format="parquet", partitioning="hive")
 
 
-def stream_interactions(features_dir: str | Path, split: str, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``user_idx``, ``item_idx``, ``weight`` of one split, in file order.
+def stream_interactions(features_dir: str | Path, split: str | Sequence[str],
+                        batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``user_idx``, ``item_idx``, ``weight`` of one split (or several), in file order.
 
     The feature job writes interactions in a pseudo-random (hashed) order, so a streaming
     shuffle buffer mixes users well.
     """
-    if split not in SPLITS:
+    splits = [split] if isinstance(split, str) else list(split)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     scanner = _interactions(features_dir).scanner(
-        columns=["user_idx", "item_idx", "weight"], filter=pc.field("split") == split, batch_size=batch_rows
+        columns=["user_idx", "item_idx", "weight"], filter=pc.field("split").isin(splits), batch_size=batch_rows
     )
     for batch in scanner.to_batches():
         if batch.num_rows:

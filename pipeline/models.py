@@ -19,7 +19,7 @@ import tensorflow_recommenders as tfrs
 
 from pipeline.catalog import METADATA, require
 from pipeline.config import ConfigError, PipelineConfig, ServingConfig, TowerConfig, TrainingConfig, load_config
-from pipeline.features import ItemTable, UserTable, load_item_table, load_user_table
+from pipeline.features import ItemTable, UserTable, load_item_table, load_user_table, with_history_before_test
 from pipeline.retrieval import build_index, save_index
 
 
@@ -251,7 +251,8 @@ def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, 
     """Rebuild the teacher of ``teacher_dir`` from its recorded settings and load its weights.
 
     Returns:
-        ``(model, users, items, metadata)``.
+        ``(model, users, items, metadata)``; ``users`` holds the history the teacher last
+        trained with (train + validation for a refitted teacher, else train).
 
     Raises:
         ArtifactNotFound: When ``teacher_dir`` holds no exported teacher.
@@ -260,6 +261,9 @@ def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, 
     meta = json.loads((teacher_dir / METADATA).read_text())
     features_dir = Path(meta["features"])
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    model = build_teacher(users, items, load_config(meta["config"]))
+    cfg = load_config(meta["config"])
+    if cfg.training.refit:  # it last trained knowing train + validation: query with that history
+        users = with_history_before_test(features_dir, users, items.size)
+    model = build_teacher(users, items, cfg)
     model.load_weights(str(teacher_dir / "checkpoint" / "weights")).expect_partial()
     return model, users, items, meta

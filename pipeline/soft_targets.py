@@ -3,7 +3,8 @@
 ``python -m pipeline.soft_targets --ds ... [--config ...]`` writes, atomically, the
 catalogue's soft-target directory of the teacher that the settings identify:
 
-``users.parquet``, one row per user with train interactions, in ``user_idx`` order:
+``users.parquet``, one row per user with train interactions, in ``user_idx`` order (the
+user's known items are those of train, plus validation for a teacher refitted on both):
 
 =========================  ===========================  =================================
 column                     type                         meaning
@@ -11,7 +12,7 @@ column                     type                         meaning
 user_idx                   int32                        feature vocabulary index
 user_id                    string                       original id
 topk_item_idx              fixed_size_list<int32>[K]    teacher's top-K items, best first,
-                                                        the user's train items excluded
+                                                        the user's known items excluded
 topk_scores                fixed_size_list<float32>[K]  teacher scores (dot products)
 teacher_user_embedding     fixed_size_list<float32>[D]  teacher query-tower output
 =========================  ===========================  =================================
@@ -98,7 +99,10 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig) -> dic
     features_dir = catalog.features(ds)
     k = min(cfg.soft_targets.top_k, items.size - 1)
     item_vectors = embed_all(model.candidate, items.size)
-    train_users, train_items = load_split_pairs(features_dir, "train")
+    # The items each user is known to have had when the teacher last trained are excluded.
+    known = ("train", "validation") if meta["config"]["training"].get("refit") else ("train",)
+    pairs = [load_split_pairs(features_dir, split) for split in known]
+    train_users, train_items = np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])
     order = np.argsort(train_users, kind="stable")
     train_users, train_items = train_users[order], train_items[order]
     user_list = np.unique(train_users)

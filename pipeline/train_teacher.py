@@ -48,22 +48,23 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
 
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    model = build_teacher(users, items, cfg)
-    fit, validation, params = train_two_tower(model, lambda m: m, features_dir, users.size, items.size, cfg,
-                                              cfg.teacher.epochs, "teacher")
+    trained = train_two_tower(lambda u: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size, cfg,
+                              cfg.teacher.epochs, "teacher")
+    model, fit = trained.model, trained.fit
     meta = {
         "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
         "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
-        "config_hash": cfg.config_hash(), "trainable_params": params,
-        "metrics": {"validation": validation}, "best_epoch": fit.best_epoch, "history": fit.history,
-        "seconds": fit.seconds, "tensorflow": tf.__version__,
+        "config_hash": cfg.config_hash(), "trainable_params": trained.params,
+        "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history, "refit": trained.refit,
+        "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2), "tensorflow": tf.__version__,
     }
     with atomic_dir(final) as tmp:
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
-    log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs", final.name, params, fit.best_epoch,
-             cfg.training.early_stopping_k, fit.best_score, fit.seconds)
+    log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs%s", final.name, trained.params,
+             fit.best_epoch, cfg.training.early_stopping_k, fit.best_score, meta["seconds"],
+             " (refitted on train + validation)" if trained.refit else "")
     return {**_summary(meta, final), "reused": False}
 
 

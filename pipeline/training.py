@@ -13,16 +13,16 @@ import numpy as np
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.config import EvalConfig, PipelineConfig
+from pipeline.config import EvalConfig, PipelineConfig, TrainingConfig
 from pipeline.evaluation import EmbeddingScorer, evaluate_scorer
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import Sequences, load_train_sequences, stream_interactions
+from pipeline.features import Sequences, UserTable, load_sequences, stream_interactions, with_history_before_test
 from pipeline.models import embed_all
 
 log = logging.getLogger(__name__)
 
 
-def interaction_dataset(features_dir: str | Path, split: str, batch_size: int, shuffle_buffer: int, seed: int,
+def interaction_dataset(features_dir: str | Path, split: str | tuple[str, ...], batch_size: int, shuffle_buffer: int, seed: int,
                         sequences: Sequences | None = None, history_length: int = 0) -> tf.data.Dataset:
     """Batches ``{"user_idx": [batch], "item_idx": [batch]}`` streamed from the feature Parquet.
 
@@ -107,38 +107,91 @@ def fit_with_early_stopping(
     return FitResult(best_epoch, float(best_score), history, round(time.perf_counter() - started, 2))
 
 
-def train_two_tower(model: tf.keras.Model, towers: Callable[[tf.keras.Model], tf.keras.Model], features_dir: str | Path,
-                    num_users: int, num_items: int, cfg: PipelineConfig, epochs: int, label: str) -> tuple[FitResult, dict, int]:
-    """Compile and fit ``model`` on the train split, early-stopping on validation Recall@K.
+@dataclasses.dataclass
+class Trained:
+    """A trained two-tower model (or distillation model around one) and how it was trained.
+
+    Attributes:
+        model: The model to export: refitted on train + validation when ``training.refit``.
+        fit: The selection run on the train split, early-stopped on validation.
+        validation: Validation metrics of the selection run's best weights.
+        params: Trainable parameters of the two towers.
+        refit: ``{"epochs", "splits", "history", "seconds"}`` of the refit, or None.
+    """
+
+    model: tf.keras.Model
+    fit: FitResult
+    validation: dict
+    params: int
+    refit: dict | None
+
+
+def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
+                    features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,
+                    label: str) -> Trained:
+    """Select the epochs on validation, then (``training.refit``) retrain on all that is known.
+
+    The selection run fits on the train split and keeps the weights of the best validation
+    Recall@K. With ``refit``, a fresh model (same seed) is then trained on train +
+    validation for that many epochs, each pair seeing the items before it, and its stored
+    history is the latest of train + validation: the validation days are the newest before
+    the held-out test days (and before tomorrow's requests, in production), and a model
+    that never trained on them serves a stale picture of every user. Only the test split
+    stays held out, so the gate and the benchmark still judge unseen interactions.
 
     Args:
-        model: The model to train (a two-tower model, or a distillation model around one).
+        build: Builds the model to train from a user table (a two-tower model, or a
+            distillation model around one); called again for the refit.
         towers: ``model`` -> the two-tower model whose query and candidate towers are judged.
         features_dir: The feature partition.
-        num_users, num_items: Vocabulary sizes (with padding).
+        users: The user table (latest train history).
+        num_items: Item vocabulary size (with padding).
         cfg: Settings (``training`` and ``evaluate``).
-        epochs: Most epochs.
+        epochs: Most epochs of the selection run.
         label: Name in the log lines.
-
-    Returns:
-        ``(fit result, validation metrics of the best weights, trainable parameters of the towers)``.
     """
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
-        scorer = EmbeddingScorer(embed_all(two_tower.query, num_users), embed_all(two_tower.candidate, num_items))
+        scorer = EmbeddingScorer(embed_all(two_tower.query, users.size), embed_all(two_tower.candidate, num_items))
         return evaluate_scorer(scorer, features_dir, "validation", eval_cfg)
 
     training = cfg.training
-    model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
     eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
     watch = f"recall@{training.early_stopping_k}"
-    sequences = load_train_sequences(features_dir, num_items) if training.causal_history else None
-    history_length = int(towers(model).query.history.shape[1])
-    dataset = interaction_dataset(features_dir, "train", training.batch_size, training.shuffle_buffer, training.seed,
-                                  sequences, history_length)
+    model = _compiled(build(users), training)
+    dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training)
     fit = fit_with_early_stopping(model, dataset, epochs, training.patience, lambda m: validation(m)[watch], label)
-    params = count_trainable_params(towers(model))
-    return fit, validation(model), params
+    trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None)
+    if not training.refit:
+        return trained
+    started = time.perf_counter()
+    seed_everything(training.seed)
+    splits = ("train", "validation")
+    model = _compiled(build(with_history_before_test(features_dir, users, num_items)), training)
+    dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training)
+    history = []
+    for epoch in range(1, fit.best_epoch + 1):
+        tick = time.perf_counter()
+        losses = {k: float(v[-1]) for k, v in model.fit(dataset, epochs=1, verbose=0).history.items()}
+        history.append({"epoch": epoch, **losses, "seconds": round(time.perf_counter() - tick, 2)})
+        log.info("%s refit epoch %d/%d on train + validation: %s (%.1fs)", label, epoch, fit.best_epoch,
+                 " ".join(f"{k}={v:.4f}" for k, v in losses.items()), history[-1]["seconds"])
+    refit = {"epochs": fit.best_epoch, "splits": list(splits), "history": history,
+             "seconds": round(time.perf_counter() - started, 2)}
+    return dataclasses.replace(trained, model=model, refit=refit)
+
+
+def _compiled(model: tf.keras.Model, training: TrainingConfig) -> tf.keras.Model:
+    model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
+    return model
+
+
+def _dataset(features_dir: str | Path, splits: tuple[str, ...], num_items: int, history_length: int,
+             training: TrainingConfig) -> tf.data.Dataset:
+    """Training batches of ``splits``, each pair with its causal history when ``training.causal_history``."""
+    sequences = load_sequences(features_dir, num_items, splits) if training.causal_history else None
+    return interaction_dataset(features_dir, splits, training.batch_size, training.shuffle_buffer, training.seed,
+                               sequences, history_length)
 
 
 def with_k(cfg: EvalConfig, k: int) -> EvalConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -63,11 +64,13 @@ def test_soft_target_schema_and_determinism(chain):
     assert users.column("user_idx").to_pylist() == sorted(users.column("user_idx").to_pylist())
     scores = users.column("topk_scores").combine_chunks().flatten().to_numpy().reshape(-1, k)
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
-    # The user's train items are never among the teacher's candidates.
-    inter = pq.read_table(chain["catalog"].features(DS) / "interactions" / "split=train")
-    train = set(zip(inter.column("user_idx").to_pylist(), inter.column("item_idx").to_pylist()))
+    # The items the refitted teacher trained on (train and validation) are never among its candidates.
+    known = set()
+    for split in ("train", "validation"):
+        inter = pq.read_table(chain["catalog"].features(DS) / "interactions" / f"split={split}")
+        known |= set(zip(inter.column("user_idx").to_pylist(), inter.column("item_idx").to_pylist()))
     top = users.column("topk_item_idx").combine_chunks().flatten().to_numpy().reshape(-1, k)
-    assert not any((u, i) in train for u, row in zip(users.column("user_idx").to_pylist(), top) for i in row)
+    assert not any((u, i) in known for u, row in zip(users.column("user_idx").to_pylist(), top) for i in row)
     # Re-running with the same teacher rewrites identical rows.
     again = generate_soft_targets(DS, chain["catalog"], TINY)
     assert again["path"] == path and pq.read_table(f"{path}/users.parquet").equals(users)
@@ -162,3 +165,10 @@ def test_reuse_with_another_serving_k_trains_a_new_teacher(chain):
     user = load_user_table(chain["catalog"].features(DS)).user_ids[1:2].astype(str)
     scores, _ = tf.saved_model.load(f"{result['path']}/saved_model")(tf.constant(user))
     assert scores.shape == (1, 5)
+
+
+def test_models_are_refitted_on_train_and_validation_for_the_selected_epochs(chain):
+    for stage in ("teacher", "student"):
+        meta = json.loads((Path(chain[stage]["path"]) / "metadata.json").read_text())
+        assert meta["refit"]["splits"] == ["train", "validation"]
+        assert meta["refit"]["epochs"] == meta["best_epoch"] == len(meta["refit"]["history"])

@@ -68,6 +68,18 @@ def test_the_training_stream_carries_each_pairs_history(tmp_path):
                     (2, 4): [0, 0, 0], (2, 3): [0, 0, 4]}
 
 
+def test_the_refit_stream_holds_train_and_validation_with_histories_across_them(tmp_path):
+    write_interactions(tmp_path)
+    both = ("train", "validation")
+    batches = list(interaction_dataset(tmp_path, both, batch_size=16, shuffle_buffer=16, seed=1,
+                                       sequences=load_sequences(tmp_path, 10, both), history_length=3))
+    rows = {(int(u), int(i)): list(h) for b in batches
+            for u, i, h in zip(b["user_idx"].numpy(), b["item_idx"].numpy(), b["history"].numpy())}
+    # User 1's validation item 8 comes after 2, 7, 9, 5: its history is the last three train items.
+    assert rows == {(1, 2): [0, 0, 0], (1, 7): [0, 0, 2], (1, 9): [0, 2, 7], (1, 5): [2, 7, 9], (1, 8): [7, 9, 5],
+                    (2, 4): [0, 0, 0], (2, 3): [0, 0, 4]}
+
+
 def test_the_hard_loss_embeds_the_given_history_not_the_stored_one():
     tf.keras.utils.set_random_seed(3)
     training = load_config().training

@@ -87,6 +87,10 @@ class TrainingConfig:
         causal_history: Each train pair's query sees only the items its user touched
             before it, as at serving time (where the history ends before the items to
             recommend). False: every pair sees the user's latest history, its own item included.
+        refit: After early stopping on validation has chosen the number of epochs, train a
+            fresh model (same seed) on train + validation for that many epochs and export
+            it: the exported model knows the newest interactions before the test split.
+            Validation metrics in the metadata are the selection run's.
     """
 
     batch_size: int = 1024
@@ -99,6 +103,7 @@ class TrainingConfig:
     full_softmax_max_items: int = 5_000
     retrieval_temperature: float = 0.05
     causal_history: bool = True
+    refit: bool = True
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, "training.batch_size must be >= 2")
