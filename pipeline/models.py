@@ -222,6 +222,22 @@ def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.nd
     return np.concatenate(out, axis=0)
 
 
+def absent_token(vocabulary: list[str], base: str = "[UNK]") -> str:
+    """An OOV token for a ``StringLookup`` of ``vocabulary`` that is none of its ids.
+
+    ``StringLookup`` drops a vocabulary's first entry when it equals the OOV token (taking
+    it for the token it reserves), which would shift every later id down one row; an id
+    equal to the token anywhere else would be fine, but no id can be trusted not to be
+    ``"[UNK]"``. So the token is ``base`` followed by as few ``#`` as make it absent:
+    the same vocabulary always gives the same token.
+    """
+    taken = set(vocabulary)
+    token = base
+    while token in taken:
+        token += "#"
+    return token
+
+
 def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path,
                      serving: ServingConfig) -> Path:
     """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids.
@@ -235,7 +251,9 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     model stays behind. The exported query tower serves ``users.history`` (callers pass
     :func:`pipeline.features.with_history_before_test`), whatever history it trained with.
     """
-    lookup = tf.keras.layers.StringLookup(vocabulary=list(users.user_ids[1:]), num_oov_indices=1)
+    vocabulary = [str(user_id) for user_id in users.user_ids[1:]]
+    # Lookup index i is model row i: real ids 1.., unknown ids 0 (padding).
+    lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=1, oov_token=absent_token(vocabulary))
     trained_history = model.query.history
     model.query.history = tf.constant(users.history, dtype=tf.int32)  # traced into the SavedModel below
     try:
