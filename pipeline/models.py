@@ -265,8 +265,13 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
         model.query.history = trained_history
 
 
-def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
+def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
     """Rebuild the teacher of ``teacher_dir`` from its recorded settings and load its weights.
+
+    Args:
+        teacher_dir: The exported teacher.
+        features_dir: The features it was trained on, as the catalogue finds them (the
+            teacher's identity includes theirs); the path its metadata recorded is not followed.
 
     Returns:
         ``(model, users, items, metadata)``; ``users`` holds the history the teacher last
@@ -277,7 +282,6 @@ def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, 
     """
     teacher_dir = require(Path(teacher_dir), METADATA, "teacher", "run train_teacher first")
     meta = json.loads((teacher_dir / METADATA).read_text())
-    features_dir = Path(meta["features"])
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     cfg = load_config(meta["config"])
     if cfg.training.refit:  # it last trained knowing train + validation: query with that history
