@@ -16,7 +16,8 @@ rejection -> run **report**.
   where it is, so an operator's rollback holds; every attempt is recorded in the registry
   (`python -m pipeline.registry list`).
 * Trigger by hand with params (date, window, epochs, T, alpha, beta, gate thresholds,
-  reuse of the teacher). `data_root` must stay inside `$RECSYS_DATA_ROOT`.
+  reuse of the teacher). `data_root` must stay inside `$RECSYS_DATA_ROOT`, and so must every
+  path a task uses under it once symlinks are followed.
 * The gate settings a trigger may use are bounded by the operator, not by the form: the
   Airflow Variable `recsys_gate_bounds` or `$RECSYS_GATE_BOUNDS` (JSON, e.g.
   `{"min_change_vs_teacher": -0.1}`). A trigger beyond them fails at `resolve_config`.

@@ -24,18 +24,26 @@ run" is found by computing that identity, never by picking the newest directory:
 
 Re-running the same ``ds`` with the same settings therefore rewrites the same artifacts,
 and changing a setting that an artifact depends on gives it a new identity.
+
+Every path the catalogue hands out must resolve, symlinks followed, inside its allowed root
+(the data root, or ``$RECSYS_DATA_ROOT`` for a run): a symlink that stays inside is fine,
+one that leaves it (``raw -> /elsewhere``, ``features/ds=... -> /elsewhere``) raises
+:class:`OutsideDataRoot` at the step that would use it. The path handed out is the one
+asked for, not its resolution, so directory names (an artifact's version) keep their meaning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, stable_hash
-from pipeline.data.contract import PARTITION_KEY
+from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, side_table_dir, window_partitions
 
 STUDENT_ROLES = ("student", "student_plain")
 MANIFEST = "manifest.json"
@@ -44,6 +52,60 @@ METADATA = "metadata.json"
 
 class ArtifactNotFound(FileNotFoundError):
     """An artifact a step needs has not been published (its upstream step has not run)."""
+
+
+class OutsideDataRoot(ValueError):
+    """A path the pipeline would use resolves (through a symlink) outside the allowed data root."""
+
+
+def confine(path: str | Path, allowed: str | Path) -> Path:
+    """``path`` itself, once it is known to resolve inside ``allowed``.
+
+    Both are resolved with symlinks followed (so a data root reached through a link is
+    fine, and so is a link that stays inside it); ``path`` need not exist yet: its existing
+    part is resolved and the rest taken as written.
+
+    Raises:
+        OutsideDataRoot: Naming ``path``, where it resolves and the allowed root.
+    """
+    path = Path(path)
+    try:
+        target, root = path.resolve(), Path(allowed).resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise OutsideDataRoot(f"{path} cannot be resolved inside the data root {allowed}: {err}") from err
+    if target != root and root not in target.parents:
+        raise OutsideDataRoot(f"{path} resolves to {target}, outside the data root {root}: "
+                              "a symlink under the data root must point inside it")
+    return path
+
+
+def confine_tree(directory: str | Path, allowed: str | Path) -> Path:
+    """``directory`` itself, once it and every entry below it resolve inside ``allowed``.
+
+    For inputs read file by file (raw partitions, a SavedModel being copied): a link below
+    ``directory`` is checked, never descended.
+
+    Raises:
+        OutsideDataRoot: For the first entry that leaves ``allowed``.
+    """
+    directory = confine(directory, allowed)
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            confine(Path(parent) / name, allowed)
+    return directory
+
+
+def confine_raw_window(raw_root: str | Path, window_start: dt.date, window_end: dt.date, allowed: str | Path) -> None:
+    """Check that the raw window's event partitions and side tables, and every file in them,
+    resolve inside ``allowed`` (what the pre-flight check and the feature job read).
+
+    Raises:
+        OutsideDataRoot: For the first path that leaves ``allowed``.
+        RawWindowError: When the window holds no partition at all.
+    """
+    for directory in [*window_partitions(raw_root, window_start, window_end),
+                      *(side_table_dir(raw_root, name) for name in SIDE_TABLES)]:
+        confine_tree(directory, allowed)
 
 
 def date_partition(root: str | Path, ds: str) -> Path:
@@ -65,39 +127,57 @@ def features_identity(manifest: dict) -> str:
 class Catalog:
     """Every artifact path under one data root, found by meaning and by lineage.
 
+    Every path it hands out is checked with :func:`confine` first, so a step never reads or
+    writes outside ``allowed``; :meth:`confine` checks the paths a step got elsewhere (an
+    upstream task's result, a registry version).
+
     Attributes:
         root: The data root.
+        allowed: The root every path must resolve inside; the data root itself by default.
+
+    Raises:
+        OutsideDataRoot: From any path it would hand out that resolves outside ``allowed``.
     """
 
     root: Path
+    allowed: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "allowed", self.root if self.allowed is None else Path(self.allowed))
+
+    def confine(self, path: str | Path) -> Path:
+        """``path`` once it resolves inside the allowed root (see :func:`confine`)."""
+        return confine(path, self.allowed)
+
+    def confine_tree(self, directory: str | Path) -> Path:
+        """``directory`` once it and everything below it resolve inside the allowed root (see :func:`confine_tree`)."""
+        return confine_tree(directory, self.allowed)
 
     # ------------------------------------------------------------------ roots
     @property
     def raw(self) -> Path:
-        return self.root / "raw"
+        return self.confine(self.root / "raw")
 
     @property
     def features_root(self) -> Path:
-        return self.root / "features"
+        return self.confine(self.root / "features")
 
     @property
     def models_root(self) -> Path:
-        return self.root / "models"
+        return self.confine(self.root / "models")
 
     @property
     def soft_targets_root(self) -> Path:
-        return self.root / "soft_targets"
+        return self.confine(self.root / "soft_targets")
 
     @property
     def registry_root(self) -> Path:
-        return self.root / "registry"
+        return self.confine(self.root / "registry")
 
     @property
     def reports_root(self) -> Path:
-        return self.root / "reports"
+        return self.confine(self.root / "reports")
 
     # ------------------------------------------------------------------ raw and features
     def features(self, ds: str) -> Path:
@@ -106,8 +186,8 @@ class Catalog:
         Raises:
             ArtifactNotFound: When the feature job has not published it.
         """
-        path = date_partition(self.features_root, ds)
-        if not (path / MANIFEST).is_file():
+        path = self.confine(date_partition(self.features_root, ds))
+        if not self.confine(path / MANIFEST).is_file():
             raise ArtifactNotFound(f"no published features at {path} ({MANIFEST} missing): run extract_features for ds={ds} first")
         return path
 
@@ -117,7 +197,7 @@ class Catalog:
 
     def validation_docs(self, ds: str) -> Path:
         """The GX Data Docs of the feature job of ``ds``."""
-        return validation_docs(self.features_root, ds)
+        return self.confine(validation_docs(self.features_root, ds))
 
     # ------------------------------------------------------------------ models and soft targets
     def teacher_version(self, ds: str, cfg: PipelineConfig) -> str:
@@ -127,7 +207,7 @@ class Catalog:
 
     def teacher(self, ds: str, cfg: PipelineConfig) -> Path:
         """The teacher directory for ``ds`` and ``cfg`` (it may not exist yet)."""
-        return self.models_root / "teacher" / self.teacher_version(ds, cfg)
+        return self.confine(self.models_root / "teacher" / self.teacher_version(ds, cfg))
 
     def soft_targets_version(self, ds: str, cfg: PipelineConfig) -> str:
         """The identity of the soft targets that ``cfg``'s teacher writes for ``ds``."""
@@ -135,7 +215,7 @@ class Catalog:
 
     def soft_targets(self, ds: str, cfg: PipelineConfig) -> Path:
         """The soft targets that ``cfg``'s teacher writes for ``ds`` (they may not exist yet)."""
-        return date_partition(self.soft_targets_root, ds) / self.soft_targets_version(ds, cfg)
+        return self.confine(date_partition(self.soft_targets_root, ds) / self.soft_targets_version(ds, cfg))
 
     def student(self, ds: str, cfg: PipelineConfig, role: str = "student") -> Path:
         """The student directory for ``ds`` and ``cfg`` (``role``: distilled or plain)."""
@@ -143,14 +223,14 @@ class Catalog:
             raise ValueError(f"role must be one of {STUDENT_ROLES}, got {role!r}")
         inputs = {"soft_targets": self.soft_targets_version(ds, cfg)}
         identity = cfg.section_hash("training", "student", "distill", "serving", inputs=inputs)[:10]
-        return self.models_root / role / f"{ds}-{identity}"
+        return self.confine(self.models_root / role / f"{ds}-{identity}")
 
     # ------------------------------------------------------------------ runs
     def report(self, ds: str, run_key: str, run_id: str) -> Path:
         """The report directory of one run attempt (``run_key``: its date and settings;
         ``run_id``: the attempt), so a re-run adds a report and never rewrites an earlier one."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
-        return date_partition(self.reports_root, ds) / run_key / f"{safe}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}"
+        return self.confine(date_partition(self.reports_root, ds) / run_key / f"{safe}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}")
 
 
 def require(path: Path, marker: str, what: str, hint: str) -> Path:

@@ -55,27 +55,33 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
         ds: Logical date of the features.
         catalog: Where artifacts live.
         cfg: Settings (``evaluate``; ``training.seed`` seeds ALS).
-        exported: Model name -> model directory (``saved_model/`` and ``metadata.json`` inside).
-        champion_dir: A registry version directory (TF Serving layout), if there is a champion.
+        exported: Model name -> model directory (``saved_model/`` and ``metadata.json`` inside);
+            each must resolve inside the catalogue's allowed root.
+        champion_dir: A registry version directory (TF Serving layout), if there is a champion;
+            inside the allowed root too.
         spark: A Spark session for ALS (one is started when None).
         baselines: Also score MostPopular and ALS.
         latency: Time batched top-K queries of the exported models, side by side.
 
     Returns:
         ``{"split": "test", "users": n, "models": {name: metrics + costs}}``.
+
+    Raises:
+        OutsideDataRoot: When a model directory resolves outside the allowed root.
     """
+    exported = {name: catalog.confine(directory) for name, directory in exported.items()}
+    champion_dir = catalog.confine(champion_dir) if champion_dir else None
     limit_tf_threads()
     features_dir = catalog.features(ds)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     test = lambda scorer: evaluate_scorer(scorer, features_dir, "test", cfg.evaluate)  # noqa: E731
     models: dict[str, dict] = {}
     for name, directory in exported.items():
-        saved_model = Path(directory) / "saved_model"
-        meta = json.loads((Path(directory) / METADATA).read_text())
+        saved_model = directory / "saved_model"
+        meta = json.loads((directory / METADATA).read_text())
         models[name] = {**test(SavedModelScorer(saved_model, users.user_ids, items.item_ids)),
                         "trainable_params": meta["trainable_params"], "saved_model_bytes": directory_bytes(saved_model)}
     if champion_dir:
-        champion_dir = Path(champion_dir)
         models["champion"] = {**test(SavedModelScorer(champion_dir, users.user_ids, items.item_ids)),
                               "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir)}
     if baselines:
@@ -90,7 +96,7 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
         sample = users.user_ids[1:]
         for _ in range(2):  # two interleaved rounds, the second (warm) one is kept
             for name, directory in exported.items():
-                models[name].update(measure_latency(Path(directory) / "saved_model", sample, cfg.evaluate))
+                models[name].update(measure_latency(directory / "saved_model", sample, cfg.evaluate))
     log.info("test metrics:\n%s", format_table(models))
     return {"split": "test", "users": int(next(iter(models.values()))["users"]), "models": models}
 

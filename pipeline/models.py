@@ -222,6 +222,22 @@ def embed_all(tower: tf.keras.Model, size: int, batch_size: int = 4096) -> np.nd
     return np.concatenate(out, axis=0)
 
 
+def absent_token(vocabulary: list[str], base: str = "[UNK]") -> str:
+    """An OOV token for a ``StringLookup`` of ``vocabulary`` that is none of its ids.
+
+    ``StringLookup`` drops a vocabulary's first entry when it equals the OOV token (taking
+    it for the token it reserves), which would shift every later id down one row; an id
+    equal to the token anywhere else would be fine, but no id can be trusted not to be
+    ``"[UNK]"``. So the token is ``base`` followed by as few ``#`` as make it absent:
+    the same vocabulary always gives the same token.
+    """
+    taken = set(vocabulary)
+    token = base
+    while token in taken:
+        token += "#"
+    return token
+
+
 def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path,
                      serving: ServingConfig) -> Path:
     """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids.
@@ -235,7 +251,9 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     model stays behind. The exported query tower serves ``users.history`` (callers pass
     :func:`pipeline.features.with_history_before_test`), whatever history it trained with.
     """
-    lookup = tf.keras.layers.StringLookup(vocabulary=list(users.user_ids[1:]), num_oov_indices=1)
+    vocabulary = [str(user_id) for user_id in users.user_ids[1:]]
+    # Lookup index i is model row i: real ids 1.., unknown ids 0 (padding).
+    lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=1, oov_token=absent_token(vocabulary))
     trained_history = model.query.history
     model.query.history = tf.constant(users.history, dtype=tf.int32)  # traced into the SavedModel below
     try:
@@ -247,8 +265,13 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
         model.query.history = trained_history
 
 
-def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
+def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
     """Rebuild the teacher of ``teacher_dir`` from its recorded settings and load its weights.
+
+    Args:
+        teacher_dir: The exported teacher.
+        features_dir: The features it was trained on, as the catalogue finds them (the
+            teacher's identity includes theirs); the path its metadata recorded is not followed.
 
     Returns:
         ``(model, users, items, metadata)``; ``users`` holds the history the teacher last
@@ -259,7 +282,6 @@ def restore_teacher(teacher_dir: str | Path) -> tuple[TwoTowerModel, UserTable, 
     """
     teacher_dir = require(Path(teacher_dir), METADATA, "teacher", "run train_teacher first")
     meta = json.loads((teacher_dir / METADATA).read_text())
-    features_dir = Path(meta["features"])
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     cfg = load_config(meta["config"])
     if cfg.training.refit:  # it last trained knowing train + validation: query with that history

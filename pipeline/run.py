@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import cli
-from pipeline.catalog import METADATA, Catalog
+from pipeline.catalog import METADATA, Catalog, confine_raw_window
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
@@ -100,14 +100,32 @@ def run_key(ds: str, cfg: PipelineConfig) -> str:
 
 
 def settings(run: Mapping[str, Any]) -> tuple[str, Catalog, PipelineConfig]:
-    """``(ds, catalog, cfg)`` of a resolved run (what every later task starts from)."""
-    return run["ds"], Catalog(Path(run["data_root"])), load_config(run["config"])
+    """``(ds, catalog, cfg)`` of a resolved run (what every later task starts from).
+
+    The catalogue confines every path to the configured data root, symlinks followed:
+    :func:`resolve_run` checked the run's data root, a task checks each path it uses.
+    """
+    return run["ds"], Catalog(Path(run["data_root"]), allowed=configured_data_root()), load_config(run["config"])
+
+
+def open_registry(catalog: Catalog) -> Registry:
+    """The run's model registry (its model directory confined to the data root too)."""
+    opened = Registry(catalog.registry_root)
+    catalog.confine(opened.path)
+    return opened
 
 
 def validate_raw(run: Mapping[str, Any]) -> dict:
-    """Structural pre-flight check of the run's raw window (see :func:`pipeline.data.raw_files.check_raw_window`)."""
+    """Structural pre-flight check of the run's raw window (see :func:`pipeline.data.raw_files.check_raw_window`).
+
+    Raises:
+        OutsideDataRoot: When a partition or side table, or a file in one, resolves outside the data root.
+        RawWindowError: A structural fault of the window.
+    """
     ds, catalog, cfg = settings(run)
-    return check_raw_window(catalog.raw, *cfg.features.window(dt.date.fromisoformat(ds)), cfg.features.min_events)
+    window = cfg.features.window(dt.date.fromisoformat(ds))
+    confine_raw_window(catalog.raw, *window, catalog.allowed)
+    return check_raw_window(catalog.raw, *window, cfg.features.min_events)
 
 
 def check_features(catalog: Catalog, ds: str) -> dict:
@@ -133,7 +151,7 @@ def check_features(catalog: Catalog, ds: str) -> dict:
 def spark_arguments(run: Mapping[str, Any]) -> list[str]:
     """``application_args`` of the feature job for a resolved run."""
     ds, catalog, _ = settings(run)
-    return ["--raw", str(catalog.raw), "--out", str(catalog.features_root), "--ds", ds,
+    return ["--raw", str(catalog.raw), "--out", str(catalog.features_root), "--ds", ds, "--allowed-root", str(catalog.allowed),
             "--config-json", json.dumps({"features": run["config"]["features"]})]
 
 
@@ -148,7 +166,7 @@ def champion_dir(catalog: Catalog) -> str | None:
     logged and gives None: the run goes on without champion metrics, and the gate rejects
     it because the registry is not empty (see :func:`champion_expected`).
     """
-    registry = Registry(catalog.registry_root)
+    registry = open_registry(catalog)
     try:
         version = registry.champion()
         published = registry.versions()
@@ -158,7 +176,7 @@ def champion_dir(catalog: Catalog) -> str | None:
     if version is not None and version not in published:
         log.warning("champion record of %s names version %s, not among the published %s", registry.path, version, published)
         return None
-    return str(registry.path / str(version)) if version is not None else None
+    return str(catalog.confine(registry.path / str(version))) if version is not None else None
 
 
 def champion_expected(catalog: Catalog) -> bool:
@@ -168,7 +186,7 @@ def champion_expected(catalog: Catalog) -> bool:
     a champion record, or a registry that cannot be read, expect one, so its absence rejects
     instead of being taken for a first run.
     """
-    registry = Registry(catalog.registry_root)
+    registry = open_registry(catalog)
     try:
         return bool(registry.versions()) or registry.champion() is not None
     except _UNREADABLE:
@@ -215,9 +233,9 @@ def promote(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluati
     if not gate.get("blessed"):
         raise ValueError(f"refusing to promote a student the gate did not bless: {gate.get('reasons')}")
     _, catalog, _ = settings(run)
-    registry = Registry(catalog.registry_root)
+    registry = open_registry(catalog)
     lineage = _lineage(run, teacher, student, evaluation, gate)
-    promotion = registry.promote(Path(student["path"]) / "saved_model", lineage)
+    promotion = registry.promote(catalog.confine_tree(Path(student["path"]) / "saved_model"), lineage)
     registry.record_run({**lineage, "version": promotion.version, "rerun": promotion.rerun})
     if promotion.rerun:
         log.warning("re-run of %s: version %d was published before; champion left at %s",
@@ -230,7 +248,7 @@ def promote(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluati
 def record_rejection(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
     """Record a NOT_BLESSED run with the gate's reasons; the champion stays as it is."""
     _, catalog, _ = settings(run)
-    registry = Registry(catalog.registry_root)
+    registry = open_registry(catalog)
     registry.record_run(_lineage(run, teacher, student, evaluation, gate))
     for reason in gate["reasons"]:
         log.warning("student NOT_BLESSED: %s", reason)
@@ -242,7 +260,7 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                      gate: Mapping, promotion: Mapping | None) -> dict:
     """The run's HTML and Markdown report in the catalogue's report directory."""
     ds, catalog, _ = settings(run)
-    histories = {name: json.loads((Path(model["path"]) / METADATA).read_text())["history"]
+    histories = {name: json.loads(catalog.confine(Path(model["path"]) / METADATA).read_text())["history"]
                  for name, model in (("teacher", teacher), ("student_kd", student))}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
             "teacher_version": teacher["version"], "student": student["path"]}
@@ -261,7 +279,7 @@ def main(argv=None) -> int:
     args = cli.parser(main.__doc__.splitlines()[0]).parse_args(argv)
     ds, catalog, cfg = cli.settings(args)
     key = run_key(ds, cfg)
-    registry = Registry(catalog.registry_root)
+    registry = open_registry(catalog)
     attempts = registry.runs(key)
     if not attempts:
         print(f"no run of ds={ds} with these settings has been recorded in {registry.path}", file=sys.stderr)

@@ -94,9 +94,8 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig) -> dic
         ArtifactNotFound: When the teacher has not been trained.
     """
     started = time.perf_counter()
-    teacher_dir = catalog.teacher(ds, cfg)
-    model, users, items, meta = restore_teacher(teacher_dir)
-    features_dir = catalog.features(ds)
+    teacher_dir, features_dir = catalog.teacher(ds, cfg), catalog.features(ds)
+    model, users, items, meta = restore_teacher(teacher_dir, features_dir)
     k = min(cfg.soft_targets.top_k, items.size - 1)
     item_vectors = embed_all(model.candidate, items.size)
     # The items each user is known to have had when the teacher last trained are excluded.

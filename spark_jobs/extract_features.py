@@ -35,7 +35,7 @@ import pyarrow as pa
 if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.catalog import date_partition, validation_docs  # noqa: E402
+from pipeline.catalog import OutsideDataRoot, confine, confine_raw_window, date_partition, validation_docs  # noqa: E402
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
 from pipeline.data.contract import SIDE_TABLES, RawWindowError, window_partitions  # noqa: E402
 from pipeline.data.raw_files import CheckedFile, check_event_files, check_side_table  # noqa: E402
@@ -96,16 +96,21 @@ def spark_stage(stage: str, inputs: str) -> Iterator[None]:
         ) from err
 
 
-def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date) -> RawInputs:
+def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date,
+             allowed_root: str | Path | None = None) -> RawInputs:
     """Read the window's event files (only those), the catalogue and the profiles.
 
     The files are the ones the pre-flight check judges (:func:`pipeline.data.raw_files.data_files`),
     each checked again by its footer here; Spark is given the file paths, not directories.
 
+    Every directory and file read must resolve inside ``allowed_root`` (default: ``raw_root``).
+
     Raises:
         RawWindowError: No partition in the window, or a file, column or rule at fault.
+        OutsideDataRoot: An input resolves outside ``allowed_root``.
     """
     raw_root = Path(raw_root)
+    confine_raw_window(raw_root, window_start, window_end, allowed_root or raw_root)
     partitions = window_partitions(raw_root, window_start, window_end)
     files = check_event_files(partitions)
     if not files:
@@ -195,7 +200,7 @@ def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> d
 
 
 def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.date, cfg: FeatureConfig,
-        validate_data: bool = True) -> dict:
+        validate_data: bool = True, allowed_root: str | Path | None = None) -> dict:
     """Extract, check, transform and publish one ``ds``.
 
     Args:
@@ -205,6 +210,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         ds: Logical date; the window ends on it.
         cfg: Feature settings.
         validate_data: Run the GX suites (the benchmark turns this off to time the transform alone).
+        allowed_root: What every path read or written must resolve inside, symlinks followed
+            (the run's data root); by default the inputs stay in ``raw_root``, the outputs in ``out_root``.
 
     Returns:
         The manifest (also written as ``manifest.json``).
@@ -213,13 +220,16 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         RawWindowError: Structural faults, a Spark failure on the input (naming the file,
             column and rule Spark reports), or too many quarantined rows.
         DataValidationError: A GX suite failed.
+        OutsideDataRoot: A path resolves outside ``allowed_root``.
     """
     started = time.perf_counter()
     raw_root, out_root = Path(raw_root), Path(out_root)
     window_start, window_end = cfg.window(ds)
     final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
+    for path in (final_dir, docs_root):
+        confine(path, allowed_root or out_root)
     shutil.rmtree(docs_root, ignore_errors=True)  # the docs describe this run only
-    inputs = read_raw(spark, raw_root, window_start, window_end)
+    inputs = read_raw(spark, raw_root, window_start, window_end, allowed_root)
     events_dir = raw_root / "events"
     where = f"{len(inputs.files)} event file(s) in ds={window_start}..ds={window_end} under {events_dir}"
     log.info("read %d partition(s), %s", len(inputs.partitions), where)
@@ -298,6 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config-json", help="nested settings as a JSON string, applied after --config")
     parser.add_argument("--window-days", type=int, help="override features.window_days")
     parser.add_argument("--master", help="Spark master when not run by spark-submit (default: config)")
+    parser.add_argument("--allowed-root", help="every path must resolve inside it, symlinks followed (default: --raw for inputs, --out for outputs)")
     parser.add_argument("--no-validation", action="store_true", help="skip the GX suites (benchmarks only)")
     return parser.parse_args(argv)
 
@@ -318,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spark = spark_session("extract_features", args.master, cfg.shuffle_partitions, default_master=cfg.spark_master)
     spark.sparkContext.setLogLevel("WARN")
     try:
-        manifest = run(spark, args.raw, args.out, ds, cfg, validate_data=not args.no_validation)
-    except (RawWindowError, DataValidationError) as err:
+        manifest = run(spark, args.raw, args.out, ds, cfg, validate_data=not args.no_validation, allowed_root=args.allowed_root)
+    except (RawWindowError, DataValidationError, OutsideDataRoot) as err:
         log.error("%s", err)
         return 1
     finally:

@@ -10,9 +10,9 @@ import pytest
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.config import ConfigError, TowerConfig, load_config
+from pipeline.config import ConfigError, ServingConfig, TowerConfig, load_config
 from pipeline.features import ItemTable, UserTable
-from pipeline.models import build_model, build_student, count_tower_params, size_student
+from pipeline.models import absent_token, build_model, build_student, count_tower_params, export_retrieval, size_student
 
 # 2 users + padding, 3 items + padding; side codes: age buckets up to 1, genders up to 1,
 # occupations up to 2; year buckets up to 1, categories up to 2.
@@ -77,3 +77,34 @@ def test_full_catalogue_hard_loss_is_the_mean_softmax_cross_entropy_over_every_r
     assert float(model.hard_loss(batch)) == pytest.approx(expected, rel=1e-5, abs=1e-5)  # float32 log-sum-exp
     # Above the threshold: the in-batch softmax of tfrs.tasks.Retrieval.
     assert build_model(USERS, ITEMS, TINY, dataclasses.replace(training, full_softmax_max_items=2), "m").catalogue is None
+
+
+# Ids sorted as the feature job numbers them: "[UNK]" (StringLookup's default OOV token) sorts
+# before "[UNK]#" and "a" ('[' is 0x5B, 'a' 0x61), so it would be the vocabulary's first entry.
+OOV_USERS = UserTable(user_ids=np.array(["", "[UNK]", "[UNK]#", "a"], dtype=object),
+                      history=np.array([[0, 0], [0, 1], [2, 3], [0, 2]], np.int32),
+                      age_bucket=np.array([0, 1, 1, 0], np.int32), gender=np.array([0, 1, 0, 1], np.int32),
+                      occupation=np.array([0, 1, 2, 0], np.int32))
+OOV_ITEMS = dataclasses.replace(ITEMS, item_ids=np.array(["", "[UNK]", "x", "y"], dtype=object))
+
+
+@pytest.mark.parametrize("index", ["brute_force", "ivf"])
+def test_ids_equal_to_the_oov_token_keep_their_own_rows_in_the_export(tmp_path, index):
+    assert absent_token(list(OOV_USERS.user_ids[1:])) == "[UNK]##"  # "[UNK]" and "[UNK]#" are real ids
+    tf.keras.utils.set_random_seed(5)
+    model = build_model(OOV_USERS, OOV_ITEMS, TINY, load_config().training, "m")
+    serving = ServingConfig(top_k=3, index=index, num_partitions=1, probe_partitions=1)
+    export_retrieval(model, OOV_USERS, OOV_ITEMS, tmp_path / "sm", serving)
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    # Every real id gets its own row (1, 2, 3); an unknown id gets the padding row 0.
+    ids = tf.constant(["[UNK]", "[UNK]#", "a", "nobody"])
+    want = model.query(tf.constant([1, 2, 3, 0])).numpy()
+    np.testing.assert_allclose(loaded.query_model(ids).numpy(), want, rtol=1e-5, atol=1e-6)
+    # The index returns item ids as they are, "[UNK]" included, ranked by the same scores.
+    item_vectors = model.candidate(tf.constant([1, 2, 3])).numpy()
+    scores, returned = loaded(ids)
+    for row, user_vector in enumerate(want):
+        expected = user_vector @ item_vectors.T  # [3] scores of "[UNK]", "x", "y"
+        order = np.argsort(-expected, kind="stable")
+        np.testing.assert_allclose(scores.numpy()[row], expected[order], rtol=1e-5, atol=1e-6)
+        assert [i.decode() for i in returned.numpy()[row]] == list(OOV_ITEMS.item_ids[1:][order])

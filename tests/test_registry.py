@@ -223,13 +223,15 @@ def test_concurrent_promoters_get_distinct_versions_and_lose_no_champion_change(
     assert sorted(r["version"] for r in reg.runs()) == list(range(2, 14))
 
 
-def test_run_steps_record_every_attempt(tmp_path):
+def test_run_steps_record_every_attempt(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
     cfg = load_config({})
     ds = "2024-01-02"
     run = {"ds": ds, "data_root": str(tmp_path / "data"), "overrides": {}, "config": cfg.to_dict(),
            "config_hash": cfg.config_hash(), "run_key": run_module.run_key(ds, cfg), "run_id": "scheduled__2024-01-02"}
-    teacher, student = {"version": "t1", "path": "teacher"}, {"path": str(tmp_path / "student"), "soft_targets": "st"}
-    saved_model(tmp_path / "student", "saved_model")
+    student_dir = tmp_path / "data" / "models" / "student" / "s1"
+    teacher, student = {"version": "t1", "path": "teacher"}, {"path": str(student_dir), "soft_targets": "st"}
+    saved_model(student_dir, "saved_model")
     features = tmp_path / "data" / "features" / f"ds={ds}"
     features.mkdir(parents=True)
     (features / "manifest.json").write_text("{}")
@@ -251,16 +253,18 @@ def test_run_steps_record_every_attempt(tmp_path):
     assert runs[1]["reasons"] == rejected["reasons"]
 
 
-def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp_path, capsys):
+def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
     cfg = load_config({})
     ds = "2024-01-02"
     data_root = tmp_path / "data"
     run = {"ds": ds, "data_root": str(data_root), "overrides": {}, "config": cfg.to_dict(),
            "config_hash": cfg.config_hash(), "run_key": run_module.run_key(ds, cfg)}
     for name in ("teacher", "student"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metadata.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 1.0}]}))
-    teacher, student = {"version": "t1", "path": str(tmp_path / "teacher")}, {"path": str(tmp_path / "student")}
+        (data_root / "models" / name / "v1").mkdir(parents=True)
+        (data_root / "models" / name / "v1" / "metadata.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 1.0}]}))
+    teacher = {"version": "t1", "path": str(data_root / "models" / "teacher" / "v1")}
+    student = {"path": str(data_root / "models" / "student" / "v1")}
     features = data_root / "features" / f"ds={ds}"
     features.mkdir(parents=True)
     (features / "manifest.json").write_text(json.dumps({"tables": {}, "counts": {"interactions_by_split": {}}}))
