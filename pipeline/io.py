@@ -96,7 +96,10 @@ def _claimed(make: Callable[[Path], None], fresh_path: Callable[[], Path]) -> It
     while True:
         path = fresh_path()
         make(path)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # swept before we could open it
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):

@@ -41,6 +41,7 @@ ONE_SHOT = "airflow-init"
 PLATFORM_ENV = {
     "GX_ANALYTICS_ENABLED": "pipeline/validation.py sets its own default (off)",
     "PYSPARK_GATEWAY_PORT": "set by spark-submit for the Python driver it starts",
+    "RECSYS_KILL_AT": "the crash tests' hook (pipeline.io.crash_point); never set in a deployment",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN|(^|_)KEY($|_)")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME, and $$ (a literal $).
