@@ -10,10 +10,10 @@ DEMO_WINDOW_DAYS ?= 240
 
 # A project-local Airflow: SQLite metadata DB under airflow_home/, this repo's dags/, Spark on local[2].
 AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False RECSYS_DATA_ROOT=$(CURDIR)/$(DATA) PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False RECSYS_DATA_ROOT=$(CURDIR)/$(DATA) PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
 	AIRFLOW_CONN_RECSYS_SPARK='{"conn_type": "spark", "host": "local[2]"}'
 
-.PHONY: install test demo airflow bench bench-quality clean
+.PHONY: install test demo airflow services services-stop services-status bench bench-quality clean
 
 install: $(STAMP)
 
@@ -39,6 +39,18 @@ demo: $(STAMP)
 # The Airflow UI with this DAG (user admin; password printed on start and kept in airflow_home/).
 airflow: $(STAMP)
 	$(AIRFLOW_ENV) airflow standalone
+
+# The pipeline as services, without Docker: a Spark standalone master and two workers, and
+# Airflow (api-server, scheduler with LocalExecutor, dag-processor, triggerer) on PostgreSQL.
+# State, logs and PID files in services_home/; settings: RECSYS_SERVICES_* (see the README).
+services: $(STAMP)
+	RECSYS_DATA_ROOT=$${RECSYS_DATA_ROOT:-$(CURDIR)/$(DATA)} $(PY) -m deploy.services start
+
+services-stop: $(STAMP)
+	$(PY) -m deploy.services stop
+
+services-status: $(STAMP)
+	$(PY) -m deploy.services status
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -23,34 +23,88 @@ rejection -> run **report**.
   `{"min_change_vs_teacher": -0.1}`). A trigger beyond them fails at `resolve_config`.
 * Spark runs through the `recsys_spark` connection: `local[2]` by default, a cluster
   master URL in a real deployment; nothing else changes.
+* **Monitoring.** The run's note carries the gate decision, NDCG@10 of student, teacher and
+  champion, and a link to the run's HTML report (also the run page's "Run report" tab, from
+  `plugins/`); the note needs the connection `recsys_airflow_api` (an Airflow user allowed to
+  edit runs). A failed or retried task logs one line with the cause. A run still going
+  `$RECSYS_RUN_DEADLINE_MINUTES` (default 360) after it was queued is flagged: its note says
+  so and the scheduler's callback logs an error.
 * The report task's log and XCom give the HTML report's path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import os
 import sys
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, Variable, dag, task
+from airflow.sdk import (Asset, AssetAlias, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param, SyncCallback,
+                         Variable, dag, task)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # tasks import the project's `pipeline` package
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from pipeline.catalog import Catalog  # noqa: E402  (light: paths and settings only)
 from pipeline.config import GATE_BOUNDS_VARIABLE, param_defaults  # noqa: E402
 
-CATALOG = Catalog(Path(os.environ.get("RECSYS_DATA_ROOT") or PROJECT_ROOT / "data"))
-SPARK_CONN_ID = os.environ.get("RECSYS_SPARK_CONN_ID", "recsys_spark")
-SCHEDULE = os.environ.get("RECSYS_SCHEDULE", "0 2 * * *")
+log = logging.getLogger(__name__)
 
-FEATURES = Asset(name="recsys_features", uri=f"file://{CATALOG.features_root}")
-TEACHER = Asset(name="recsys_teacher", uri=f"file://{CATALOG.models_root / 'teacher'}")
-SOFT_TARGETS = Asset(name="recsys_soft_targets", uri=f"file://{CATALOG.soft_targets_root}")
-STUDENT = Asset(name="recsys_student", uri=f"file://{CATALOG.registry_root}")
+SPARK_CONN_ID = os.environ.get("RECSYS_SPARK_CONN_ID", "recsys_spark")
+API_CONN_ID = "recsys_airflow_api"  # an Airflow user that may edit runs: the run's note
+SCHEDULE = os.environ.get("RECSYS_SCHEDULE", "0 2 * * *")  # "none": manual runs only
+RUN_DEADLINE = dt.timedelta(minutes=float(os.environ.get("RECSYS_RUN_DEADLINE_MINUTES", "360")))
+
+# Each artifact's Asset is the folder under the run's own data root (a trigger may pick a
+# data root inside $RECSYS_DATA_ROOT), so the tasks name it through an alias at run time.
+FEATURES = AssetAlias("recsys_features")
+TEACHER = AssetAlias("recsys_teacher")
+SOFT_TARGETS = AssetAlias("recsys_soft_targets")
+STUDENT = AssetAlias("recsys_student")
+
+
+def emit(outlet_events, alias: AssetAlias, path, ds: str) -> None:
+    """Record an event of the Asset ``file://<path>`` (the artifact of day ``ds``) through ``alias``."""
+    outlet_events[alias].add(Asset(uri=f"file://{path}"), extra={"ds": ds})
+
+
+def set_note(dag_id: str, run_id: str, note: str) -> None:
+    """Set the run's note through the REST API as the ``recsys_airflow_api`` connection's user;
+    without that connection (e.g. under ``airflow dags test``) only log it."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from deploy.airflow_api import AirflowAPI, AirflowAPIError
+
+    try:
+        conn = Connection.get(API_CONN_ID)
+    except AirflowNotFoundException:
+        log.info("run note (not set: no connection %s): %s", API_CONN_ID, note)
+        return
+    base = conn.host if "://" in (conn.host or "") else f"{conn.schema or 'http'}://{conn.host}"
+    try:
+        AirflowAPI(f"{base}:{conn.port}" if conn.port else base, conn.login, conn.password).set_note(dag_id, run_id, note)
+    except AirflowAPIError as err:
+        log.warning("run note not set (%s): %s", err, note)
+
+
+def announce_failure(what: str, context) -> None:
+    """One log line a person reads first: which task failed, which try, and why."""
+    ti, error = context["ti"], context.get("exception")
+    log.error("%s %s (try %s of %s): %s: %s", ti.task_id, what, ti.try_number, ti.max_tries + 1,
+              type(error).__name__ if error else "error", str(error).splitlines()[0] if error and str(error) else "see above")
+
+
+def flag_overdue(**kwargs) -> None:
+    """The deadline's callback: the run is still going long after it was queued."""
+    run = kwargs.get("context", {}).get("dag_run", {})
+    message = f"**OVERDUE**: still running {RUN_DEADLINE} after it was queued (deadline {kwargs.get('context', {}).get('deadline', {}).get('deadline_time')})."
+    log.error("recsys_distillation run %s: %s", run.get("dag_run_id"), message)
+    if run.get("dag_run_id"):
+        set_note(run.get("dag_id", "recsys_distillation"), run["dag_run_id"], message)
 
 DEFAULT = param_defaults()
 PARAMS = {
@@ -74,11 +128,14 @@ PARAMS = {
     # A data-interval timetable (not Airflow 3's default CronTriggerTimetable for a cron
     # string): each run covers the interval that ends when it is due, so its logical date is
     # the day it processes and a backfill of D1..Dn processes those days.
-    schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
+    schedule=None if SCHEDULE.strip().lower() in ("", "none") else CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
     start_date=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
     default_args={
+        "owner": "recsys-ml",
+        "on_failure_callback": functools.partial(announce_failure, "failed"),
+        "on_retry_callback": functools.partial(announce_failure, "failed, will retry"),
         "retries": 2,
         "retry_delay": dt.timedelta(minutes=1),
         "retry_exponential_backoff": True,
@@ -86,6 +143,8 @@ PARAMS = {
         "execution_timeout": dt.timedelta(hours=2),
     },
     params=PARAMS,
+    deadline=DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=RUN_DEADLINE,
+                           callback=SyncCallback(flag_overdue), name="run overdue"),
     doc_md=__doc__,
     tags=["recsys", "distillation"],
 )
@@ -113,30 +172,37 @@ def recsys_distillation():
 
         return spark_arguments(run)
 
-    @task(retries=0)
-    def validate_features(run: dict) -> dict:
+    @task(retries=0, outlets=[FEATURES])
+    def validate_features(run: dict, outlet_events=None) -> dict:
         """Check that the published features passed their GX suite and every split has rows."""
         from pipeline.run import check_features, settings
 
         ds, catalog, _ = settings(run)
-        return check_features(catalog, ds)
+        checked = check_features(catalog, ds)
+        emit(outlet_events, FEATURES, catalog.features_root, ds)
+        return checked
 
     @task(outlets=[TEACHER])
-    def train_teacher(run: dict) -> dict:
+    def train_teacher(run: dict, outlet_events=None) -> dict:
         """Train and export the teacher (or reuse the one with the same identity)."""
         from pipeline.run import settings
         from pipeline.train_teacher import train_teacher as train
 
         ds, catalog, cfg = settings(run)
-        return train(ds, catalog, cfg, reuse=run["reuse_teacher"])
+        teacher = train(ds, catalog, cfg, reuse=run["reuse_teacher"])
+        emit(outlet_events, TEACHER, catalog.models_root / "teacher", ds)
+        return teacher
 
     @task(outlets=[SOFT_TARGETS])
-    def soft_targets(run: dict, teacher: dict) -> dict:
+    def soft_targets(run: dict, teacher: dict, outlet_events=None) -> dict:
         """Write the teacher's top-K scores and embeddings for every training user to Parquet."""
         from pipeline.run import settings
         from pipeline.soft_targets import generate_soft_targets
 
-        return generate_soft_targets(*settings(run))
+        ds, catalog, cfg = settings(run)
+        targets = generate_soft_targets(ds, catalog, cfg)
+        emit(outlet_events, SOFT_TARGETS, catalog.soft_targets_root, ds)
+        return targets
 
     @task
     def distill_student(run: dict, targets: dict) -> dict:
@@ -169,11 +235,14 @@ def recsys_distillation():
         return "promote" if gate_result["blessed"] else "record_rejection"
 
     @task(retries=0, outlets=[STUDENT])
-    def promote(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict) -> dict:
+    def promote(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict, outlet_events=None) -> dict:
         """Publish the blessed student as the next registry version and make it the champion."""
-        from pipeline.run import promote as publish
+        from pipeline.run import promote as publish, settings
 
-        return publish(run, teacher, student, evaluation, gate_result)
+        promotion = publish(run, teacher, student, evaluation, gate_result)
+        ds, catalog, _ = settings(run)
+        emit(outlet_events, STUDENT, catalog.registry_root, ds)
+        return promotion
 
     @task(retries=0)
     def record_rejection(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict) -> dict:
@@ -184,11 +253,16 @@ def recsys_distillation():
 
     @task(trigger_rule="none_failed_min_one_success")
     def report(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict,
-               promotion: dict | None, rejection: dict | None) -> dict:
-        """Write the run's HTML and Markdown report (its path is in the log and the XCom)."""
+               promotion: dict | None, rejection: dict | None, dag_run=None) -> dict:
+        """Write the run's HTML and Markdown report (its path is in the log and the XCom) and the run's note."""
+        from deploy.airflow_api import report_url
+        from pipeline.report import run_note
         from pipeline.run import write_run_report
 
-        return write_run_report(run, teacher, student, evaluation, gate_result, promotion)
+        written = write_run_report(run, teacher, student, evaluation, gate_result, promotion)
+        set_note(dag_run.dag_id, dag_run.run_id,
+                 run_note(gate_result, evaluation, promotion, report_url(dag_run.dag_id, dag_run.run_id)))
+        return written
 
     run = resolve_config()
     checked = validate_raw(run)
@@ -200,7 +274,6 @@ def recsys_distillation():
         application_args=feature_job_args(run),
         name="recsys_extract_features",
         env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "PYTHONPATH": str(PROJECT_ROOT)},
-        outlets=[FEATURES],
         execution_timeout=dt.timedelta(hours=1),
     )
     checked >> extract

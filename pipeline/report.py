@@ -108,6 +108,34 @@ def _headline(gate: dict, promotion: dict | None) -> str:
     return f"the student passed all {len(checks)} gate checks{promoted}"
 
 
+def run_note(gate: dict, evaluation: dict, promotion: dict | None, report_link: str | None = None) -> str:
+    """The run's note for the orchestrator's UI (Markdown, under 1,000 characters): the gate's
+    decision, the headline, NDCG@10 of student, teacher and champion, and the report's link.
+
+    The link comes first: the UI shows a long note cut to one line.
+
+    Example: ``**BLESSED** ([Run report](/recsys/...)): the student passed all 4 gate checks;
+    promoted as version 2. NDCG@10 student 0.1547, teacher 0.1588 (-2.6%), champion 0.1502 (+3.0%).``
+    """
+    models = evaluation.get("models", {})
+    student = models.get("student_kd", {}).get("ndcg@10")
+
+    def against(name: str) -> str | None:
+        value = models.get(name, {}).get("ndcg@10")
+        if not _finite(value):
+            return None
+        change = f" ({student / value - 1:+.1%})" if _finite(student) and value > 0 else ""
+        return f"{name} {value:.4f}{change}"
+
+    parts = [f"student {student:.4f}" if _finite(student) else "student n/a"] + list(filter(None, map(against, ("teacher", "champion"))))
+    link = f" ([Run report]({report_link}))" if report_link else ""
+    note = f"**{gate.get('decision')}**{link}: {_md_text(_headline(gate, promotion))}. NDCG@10 {', '.join(parts)}."
+    failed = [c.get("reason", "") for c in gate.get("checks", []) if not c.get("passed")]
+    if failed:
+        note += " Failed: " + "; ".join(_md_text(reason) for reason in failed[:3]) + ("; ..." if len(failed) > 3 else "") + "."
+    return note if len(note) <= 1000 else note[:997] + "..."
+
+
 def _html_table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f'<td{" class=n" if _NUMERIC_CELL.match(c) else ""}>{html.escape(c)}</td>' for c in row)

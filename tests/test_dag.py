@@ -1,8 +1,8 @@
 """The Airflow DAG: integrity, parameters, and end-to-end runs under ``airflow dags test``.
 
-The end-to-end runs use a tiny synthetic log and a project-free ``AIRFLOW_HOME`` in a
-temporary directory: SQLite always, and PostgreSQL at 127.0.0.1:5432 when reachable
-(a database of its own, created and dropped).
+The end-to-end run uses a tiny synthetic log and a project-free ``AIRFLOW_HOME`` on SQLite in a
+temporary directory. The same DAG on PostgreSQL, a real scheduler and a Spark cluster is
+``tests/test_services.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -69,6 +68,36 @@ def test_dag_imports_and_wires_the_expected_graph():
     assert {name: dag.params[name] for name in param_defaults()} == param_defaults()
     assert all(dag.get_task(t).doc_md for t in dag.task_ids), "every task has a one-line doc"
     assert dag.get_task("report").trigger_rule == "none_failed_min_one_success"
+    assert dag.owner == "recsys-ml"
+
+
+def test_a_run_past_its_deadline_is_flagged_and_the_deadline_is_configurable(monkeypatch):
+    from airflow.sdk import DeadlineReference
+
+    (alert,) = load_dag().deadline
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT and alert.interval == dt.timedelta(hours=6)
+    monkeypatch.setenv("RECSYS_RUN_DEADLINE_MINUTES", "90")
+    assert load_dag().deadline[0].interval == dt.timedelta(minutes=90)
+
+
+def test_schedule_none_makes_a_manual_only_dag(monkeypatch):
+    monkeypatch.setenv("RECSYS_SCHEDULE", "none")
+    assert load_dag().schedule is None
+
+
+def test_a_failed_or_retried_task_logs_one_line_with_its_cause(caplog):
+    import types
+
+    dag = load_dag()
+    ti = types.SimpleNamespace(task_id="train_teacher", try_number=2, max_tries=2)
+    context = {"ti": ti, "exception": ValueError("no features at /data/features/ds=2024-01-31: run extract_features\ndetails")}
+    with caplog.at_level("ERROR"):
+        dag.default_args["on_retry_callback"](context)
+        dag.default_args["on_failure_callback"]({**context, "ti": types.SimpleNamespace(task_id="gate", try_number=1, max_tries=0)})
+    assert [r.getMessage() for r in caplog.records] == [
+        "train_teacher failed, will retry (try 2 of 3): ValueError: no features at /data/features/ds=2024-01-31: run extract_features",
+        "gate failed (try 1 of 1): ValueError: no features at /data/features/ds=2024-01-31: run extract_features",
+    ]
 
 
 def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
@@ -209,31 +238,3 @@ def test_end_to_end_on_sqlite(tiny_logs, tmp_path):
     (data_root).mkdir()
     shutil.copytree(tiny_logs / "raw", data_root / "raw")  # a symlink out of the data root would be refused
     check_blessed_then_rejected(airflow_env(tmp_path / "airflow", data_root), data_root)
-
-
-def _postgres():
-    try:
-        import psycopg2
-
-        return psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except Exception as err:  # noqa: BLE001 - any failure means: no server to test against
-        return err
-
-
-def test_end_to_end_on_postgres(tiny_logs, tmp_path):
-    conn = _postgres()
-    if isinstance(conn, Exception):
-        print(f"\nSKIPPED: PostgreSQL at 127.0.0.1:5432 not reachable ({conn})")
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {conn}")
-    name = f"recsys_airflow_test_{uuid.uuid4().hex[:8]}"
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    try:
-        data_root = tiny_logs.parent / "pg_data"
-        data_root.mkdir()
-        shutil.copytree(tiny_logs / "raw", data_root / "raw")
-        env = airflow_env(tmp_path / "airflow", data_root, f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
-        check_blessed_then_rejected(env, data_root)
-    finally:
-        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()

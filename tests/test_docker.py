@@ -2,18 +2,22 @@
 
 No Docker engine runs on CI or in development, so ``docker/`` is only ever read: these tests check that
 the Dockerfile, the compose file and ``.env.example`` agree with each other, with ``requirements.txt``,
-with the installed Airflow and Spark provider, and with the environment variables the code reads.
-Compose's own rules (interpolation, merge keys) are reproduced here as far as the files use them.
+with the installed Airflow and Spark provider, with the environment variables the code reads, and with
+the commands and settings of the native services (``deploy/services.py``, run for real by
+``tests/test_services.py``). Compose's own rules (interpolation, merge keys) are reproduced here as far
+as the files use them.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,11 +41,29 @@ AIRFLOW_SERVICES = ("airflow-init", "airflow-api-server", "airflow-scheduler", "
 SPARK_SERVICES = ("spark-master", "spark-worker")
 CELERY_SERVICES = ("redis", "airflow-worker")
 ONE_SHOT = "airflow-init"
-# Environment variables the code reads that no deployment sets, and why.
+# Folders of the code the scans below read (deploy/: the DAG and the plugin import deploy.airflow_api).
+CODE_FOLDERS = ("dags", "pipeline", "spark_jobs", "deploy", "plugins")
+SERVICES_TOOL_SETTING = "deploy/services.py's own setting (the services without Docker); compose sets its own ports and paths"
+# Environment variables the code reads that no Docker deployment sets, and why.
 PLATFORM_ENV = {
     "GX_ANALYTICS_ENABLED": "pipeline/validation.py sets its own default (off)",
     "PYSPARK_GATEWAY_PORT": "set by spark-submit for the Python driver it starts",
     "RECSYS_KILL_AT": "the crash tests' hook (pipeline.io.crash_point); never set in a deployment",
+    **{name: SERVICES_TOOL_SETTING for name in (
+        "RECSYS_SERVICES_HOME", "RECSYS_SERVICES_DB_URL", "RECSYS_SERVICES_AIRFLOW_PORT", "RECSYS_SERVICES_SPARK_MASTER_PORT",
+        "RECSYS_SERVICES_SPARK_UI_PORT", "RECSYS_SERVICES_SPARK_WORKER_UI_PORTS", "RECSYS_SERVICES_SPARK_WORKER_CORES",
+        "RECSYS_SERVICES_SPARK_WORKER_MEMORY")},
+}
+# Settings of the native services (deploy/services.service_env) that the Docker stack leaves to the
+# image or to Airflow's defaults, and why; every other AIRFLOW* and RECSYS_* setting must be the same.
+NATIVE_ONLY_SETTINGS = {
+    "AIRFLOW_HOME": "the image's own, /opt/airflow",
+    "AIRFLOW__API__HOST": "natively 127.0.0.1; in its container the api-server listens on every interface (default) "
+                          "and compose publishes its port on HOST_BIND_ADDRESS",
+    "AIRFLOW__API__PORT": "Airflow's default, 8080",
+    "AIRFLOW__API__BASE_URL": "the browser's address depends on AIRFLOW_UI_HOST_PORT; Airflow's default (none) serves it",
+    "AIRFLOW__CORE__PARALLELISM": "natively sized for a 2-core machine; compose keeps Airflow's default",
+    "AIRFLOW__LOGGING__BASE_LOG_FOLDER": "Airflow's default, /opt/airflow/logs: the airflow-logs volume",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET|TOKEN|(^|_)KEY($|_)")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME, and $$ (a literal $).
@@ -173,11 +195,29 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
+def _environ_key(node: ast.AST) -> ast.expr | None:
+    """X of ``os.environ.get(X)``, ``os.getenv(X)``, ``os.environ.setdefault(X, ...)``, ``os.environ.pop(X)``,
+    ``os.environ[X]`` or ``X in os.environ``; None for any other node."""
+    def is_environ(expr: ast.expr) -> bool:
+        return ast.unparse(expr) in ("os.environ", "environ")
+
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+        if (is_environ(node.func.value) and node.func.attr in ("get", "setdefault", "pop")) or ast.unparse(node.func) == "os.getenv":
+            return node.args[0]
+    elif isinstance(node, ast.Subscript) and is_environ(node.value):
+        return node.slice
+    elif isinstance(node, ast.Compare) and len(node.comparators) == 1 and is_environ(node.comparators[0]) \
+            and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+        return node.left
+    return None
+
+
 def env_reads(root: Path) -> dict[str, list[str]]:
     """Environment variable name -> places in ``root``'s Python source that read it.
 
-    Finds ``os.environ.get(X)``, ``os.getenv(X)``, ``os.environ.setdefault(X, ...)``, ``os.environ[X]`` and
-    ``X in os.environ``, where X is a string literal or a module-level string constant.
+    Finds the reads of :func:`_environ_key` where X is a string literal or a module-level string
+    constant, and calls ``f("X", ...)`` of a module-level function ``f`` that reads the variable its
+    parameter names (e.g. ``_env_int(name, default)``).
     """
     found: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.py")):
@@ -185,6 +225,16 @@ def env_reads(root: Path) -> dict[str, list[str]]:
         constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
                      and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
                      for target in node.targets if isinstance(target, ast.Name)}
+        readers: dict[str, int] = {}  # function -> position of the parameter that names the variable
+        by_parameter: set[int] = set()  # ids of the reads inside those functions
+        for function in tree.body:
+            if isinstance(function, ast.FunctionDef):
+                parameters = [arg.arg for arg in function.args.args]
+                for node in ast.walk(function):
+                    key = _environ_key(node)
+                    if isinstance(key, ast.Name) and key.id in parameters:
+                        readers[function.name] = parameters.index(key.id)
+                        by_parameter.add(id(node))
 
         def name_of(arg: ast.expr) -> str:
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
@@ -193,20 +243,10 @@ def env_reads(root: Path) -> dict[str, list[str]]:
                 return constants[arg.id]
             raise AssertionError(f"{path}:{arg.lineno}: environment variable name is not a constant: {ast.unparse(arg)}")
 
-        def is_environ(node: ast.expr) -> bool:
-            return ast.unparse(node) in ("os.environ", "environ")
-
         for node in ast.walk(tree):
-            key = None
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
-                if (is_environ(node.func.value) and node.func.attr in ("get", "setdefault", "pop")) \
-                        or ast.unparse(node.func) == "os.getenv":
-                    key = node.args[0]
-            elif isinstance(node, ast.Subscript) and is_environ(node.value):
-                key = node.slice
-            elif isinstance(node, ast.Compare) and len(node.comparators) == 1 and is_environ(node.comparators[0]) \
-                    and isinstance(node.ops[0], (ast.In, ast.NotIn)):
-                key = node.left
+            key = None if id(node) in by_parameter else _environ_key(node)
+            if key is None and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in readers:
+                key = node.args[readers[node.func.id]]
             if key is not None:
                 found.setdefault(name_of(key), []).append(f"{path.relative_to(REPO)}:{node.lineno}")
     return found
@@ -214,10 +254,61 @@ def env_reads(root: Path) -> dict[str, list[str]]:
 
 def code_env_reads() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for folder in ("dags", "pipeline", "spark_jobs"):
+    for folder in CODE_FOLDERS:
         for name, places in env_reads(REPO / folder).items():
             found.setdefault(name, []).extend(places)
     return found
+
+
+def project_imports(folder: Path) -> set[str]:
+    """This repository's top-level packages and modules that ``folder``'s Python files import."""
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {name for name in names if (REPO / name / "__init__.py").exists() or (REPO / f"{name}.py").exists()}
+
+
+def native_services(tmp_path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Commands (by service name) and environment of the services ``deploy/services.py`` starts without Docker."""
+    from deploy.services import Settings, service_env, services as native
+
+    settings = Settings(home=tmp_path / "services", data_root=tmp_path / "data",
+                        database_url="postgresql+psycopg2://postgres@127.0.0.1:5432/recsys_airflow")
+    return {service.name: service.command for service in native(settings)}, service_env(settings)
+
+
+def without_options(command: list[str], *flags: str) -> list[str]:
+    """``command`` less each of ``flags`` and the value after it."""
+    kept, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def simple_auth_users(value: str) -> dict[str, str]:
+    """``user:role,...`` (SimpleAuthManager's users setting) as user -> role, as the installed Airflow reads it."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", value)
+        return {user.username: user.role for user in SimpleAuthManager.get_users()}
+
+
+def run_init_passwords_step(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path]:
+    """airflow-init.sh's passwords-file step (its embedded Python) with ``env``; the result and the file."""
+    step = re.search(r"<<'PY'\n(.*?)\nPY\n", (DOCKER / "airflow-init.sh").read_text(), re.S)[1]
+    path = tmp_path / "simple_auth_manager_passwords.json"
+    result = subprocess.run([sys.executable, "-", str(path)], input=step, env=env, capture_output=True, text=True)
+    return result, path
 
 
 # ----------------------------------------------------------------------------- the compose file
@@ -230,17 +321,37 @@ def test_compose_parses_and_names_the_stack():
         assert service.get("profiles", []) == (["celery"] if name in CELERY_SERVICES else []), name
 
 
-def test_airflow_services_run_the_airflow_3_commands():
+def test_airflow_services_run_the_airflow_3_commands_of_the_native_services(tmp_path):
     from airflow.cli import cli_config
 
-    airflow_commands = {command.name for command in cli_config.core_commands}
+    options = {command.name: {flag for arg in command.args for flag in arg.flags} for command in cli_config.core_commands
+               if isinstance(command, cli_config.ActionCommand)}
+    native, _ = native_services(tmp_path)
     expected = {"airflow-api-server": "api-server", "airflow-scheduler": "scheduler",
                 "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}
-    for name, command in expected.items():
-        assert services()[name]["command"] == ["airflow", command]
-        assert command in airflow_commands
+    for name, subcommand in expected.items():
+        command = services()[name]["command"]
+        assert command[:2] == ["airflow", subcommand] and subcommand in options, name
+        assert set(command[2:]) <= options[subcommand], f"{name}: {command[2:]} are not all options of `airflow {subcommand}`"
+        # As deploy/services.py runs it, less the address it binds natively (127.0.0.1 and a port of its own).
+        assert command[1:] == without_options(native[name][1:], "--host", "--port"), name
     # The celery command comes from apache-airflow-providers-celery, not installed here.
     assert services()["airflow-worker"]["command"] == ["airflow", "celery", "worker"]
+
+
+def test_no_log_server_unless_the_api_server_reads_the_logs_from_the_shared_volume():
+    from airflow.configuration import retrieve_configuration_description
+
+    # Task and trigger logs go to [logging] base_log_folder: Airflow's default, under AIRFLOW_HOME (the image's /opt/airflow).
+    assert retrieve_configuration_description()["logging"]["options"]["base_log_folder"]["default"] == "{AIRFLOW_HOME}/logs"
+    log_volume = "airflow-logs:/opt/airflow/logs"
+    all_services = services()
+    assert log_volume in mounts(all_services["airflow-api-server"])
+    without_log_server = {name for name, service in all_services.items() if "--skip-serve-logs" in service.get("command", [])}
+    assert without_log_server == {"airflow-scheduler", "airflow-triggerer"}
+    for name in without_log_server:
+        assert log_volume in mounts(all_services[name]), name
+        assert not {"AIRFLOW_HOME", "AIRFLOW__LOGGING__BASE_LOG_FOLDER"} & set(environment(all_services[name])), name
 
 
 def test_every_long_running_service_has_a_health_check_and_waits_for_init():
@@ -349,6 +460,23 @@ def test_every_environment_variable_the_code_reads_is_configured():
     assert not unused, f"PLATFORM_ENV lists variables the code no longer reads: {unused}"
 
 
+def test_the_stack_has_the_settings_of_the_native_services(tmp_path):
+    _, native_env = native_services(tmp_path)
+    stack_env = {**dockerfile_env(), **environment(services()["airflow-scheduler"])}
+    for name in native_env:
+        if name.startswith(("AIRFLOW", "RECSYS_")) and name not in NATIVE_ONLY_SETTINGS:
+            assert name in stack_env, f"{name} is set by deploy/services.py but neither by the compose file nor the image"
+    stale = set(NATIVE_ONLY_SETTINGS) - set(native_env)
+    assert not stale, f"NATIVE_ONLY_SETTINGS lists settings deploy/services.py no longer sets: {stale}"
+    assert stack_env["AIRFLOW__CORE__EXECUTOR"] == native_env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert stack_env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == native_env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false"
+    assert simple_auth_users(stack_env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]) \
+        == simple_auth_users(native_env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]) == {"admin": "admin", "recsys": "user"}
+    native_api = json.loads(native_env["AIRFLOW_CONN_RECSYS_AIRFLOW_API"])
+    stack_api = json.loads(stack_env["AIRFLOW_CONN_RECSYS_AIRFLOW_API"])
+    assert {key: stack_api[key] for key in ("conn_type", "login")} == {key: native_api[key] for key in ("conn_type", "login")}
+
+
 def test_every_env_example_setting_is_used_by_the_compose_file():
     referenced = {match["braced"] or match["bare"] for match in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
     # COMPOSE_* variables are read by the compose CLI itself (e.g. COMPOSE_PROFILES).
@@ -358,7 +486,7 @@ def test_every_env_example_setting_is_used_by_the_compose_file():
 
 def test_env_example_ships_no_secret_values():
     assert secret_names() >= {"POSTGRES_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET",
-                              "AIRFLOW_API_SECRET_KEY", "_AIRFLOW_WWW_USER_PASSWORD"}
+                              "AIRFLOW_API_SECRET_KEY", "_AIRFLOW_WWW_USER_PASSWORD", "RECSYS_API_PASSWORD"}
     assert {name: value for name, value in env_example().items() if name in secret_names() and value} == {}
 
 
@@ -381,6 +509,10 @@ def test_no_secret_literal_in_the_compose_file():
                 assert re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}", value), f"{name}: {key} must come from ${{...:?}}"
             for password in re.findall(r"://[^/:@\s]+:([^@\s]+)@", value):
                 assert password.startswith("${"), f"{name}: {key} has a literal password"
+            if key.startswith("AIRFLOW_CONN_") and value.lstrip().startswith("{"):  # a connection in JSON form
+                password = json.loads(value).get("password")
+                assert password is None or re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}", password), \
+                    f"{name}: {key} must take its password from ${{...:?}}"
     passwords_file = environment(services()["airflow-api-server"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
     assert "_AIRFLOW_WWW_USER_PASSWORD" not in environment(services()["airflow-api-server"])
     assert {m.split(":")[1] for m in mounts(services()["airflow-api-server"])} >= {str(Path(passwords_file).parent)}
@@ -391,7 +523,7 @@ def test_airflow_settings_exist_in_the_installed_airflow():
 
     options = {(section, option) for section, spec in retrieve_configuration_description(include_providers=True).items()
                for option in spec["options"]}
-    for name, service in services().items():
+    for name, service in {**services(), "Dockerfile": {"environment": dockerfile_env()}}.items():
         for key in environment(service):
             if key.startswith("AIRFLOW__"):
                 section, option = key[len("AIRFLOW__"):].lower().split("__", 1)
@@ -403,12 +535,17 @@ def test_airflow_settings_exist_in_the_installed_airflow():
 # ----------------------------------------------------------------------------- the Spark connection
 
 
-def dag_spark_conn_id(monkeypatch) -> str:
+def load_dag_module(monkeypatch):
+    """dags/recsys_distillation.py, imported with the compose defaults of the variables it reads at import."""
     monkeypatch.delenv("RECSYS_SPARK_CONN_ID", raising=False)
     spec = importlib.util.spec_from_file_location("recsys_distillation_for_docker_test", REPO / "dags" / "recsys_distillation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SPARK_CONN_ID
+    return module
+
+
+def dag_spark_conn_id(monkeypatch) -> str:
+    return load_dag_module(monkeypatch).SPARK_CONN_ID
 
 
 def connection_from_env(value: str, conn_id: str, connection_class: str):
@@ -445,7 +582,7 @@ def test_the_spark_connection_submits_to_the_cluster_master(monkeypatch, connect
     assert conn_id == env_example()["RECSYS_SPARK_CONN_ID"]
     env = filled_env()
     if settings == "compose defaults":
-        env = {name: value for name, value in env.items() if not name.startswith("RECSYS_")}
+        env = {name: value for name, value in env.items() if not name.startswith("RECSYS_") or name in secret_names()}
     airflow_env = environment(services(env)["airflow-scheduler"])
     assert airflow_env["RECSYS_SPARK_CONN_ID"] == conn_id
 
@@ -466,6 +603,59 @@ def test_the_json_form_of_the_connection_is_equivalent(monkeypatch):
     assert (option(command, "--master"), option(command, "--deploy-mode")) == ("spark://spark-master:7077", "client")
 
 
+# ----------------------------------------------------------------------------- the run's note
+
+
+def test_the_dag_sets_the_run_note_through_the_api_server_as_its_own_user(monkeypatch):
+    import airflow.sdk
+
+    import deploy.airflow_api
+
+    dag = load_dag_module(monkeypatch)
+    env = filled_env()
+    value = environment(services(env)["airflow-scheduler"])[f"AIRFLOW_CONN_{dag.API_CONN_ID.upper()}"]
+    monkeypatch.setattr(airflow.sdk.Connection, "get",
+                        classmethod(lambda cls, conn_id: connection_from_env(value, conn_id, "airflow.sdk.Connection")))
+    calls = []
+
+    class RecordingAPI:
+        def __init__(self, base_url, username, password):
+            calls.append(("login", base_url, username, password))
+
+        def set_note(self, dag_id, run_id, note):
+            calls.append(("note", dag_id, run_id, note))
+
+    monkeypatch.setattr(deploy.airflow_api, "AirflowAPI", RecordingAPI)
+
+    dag.set_note("recsys_distillation", "manual__1", "BLESSED")
+
+    # The api-server's container port (test_published_ports), as the user airflow-init gives a password.
+    assert calls == [("login", "http://airflow-api-server:8080", "recsys", env["RECSYS_API_PASSWORD"]),
+                     ("note", "recsys_distillation", "manual__1", "BLESSED")]
+
+
+def test_airflow_init_writes_the_password_of_every_login(monkeypatch, tmp_path):
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    env = filled_env()
+    result, path = run_init_passwords_step(tmp_path, environment(services(env)["airflow-init"]))
+    assert result.returncode == 0, result.stderr
+    api_server = environment(services(env)["airflow-api-server"])
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(path))
+    # What the api-server reads: every configured user has the password from docker/.env.
+    users = simple_auth_users(api_server["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"])
+    assert SimpleAuthManager.get_passwords() == {"admin": env["_AIRFLOW_WWW_USER_PASSWORD"], "recsys": env["RECSYS_API_PASSWORD"]}
+    assert set(users) == set(SimpleAuthManager.get_passwords())
+
+
+def test_airflow_init_refuses_an_admin_named_like_the_dags_user(tmp_path):
+    env = {**filled_env(), "_AIRFLOW_WWW_USER_USERNAME": "recsys"}
+    result, path = run_init_passwords_step(tmp_path, environment(services(env)["airflow-init"]))
+    assert result.returncode != 0
+    assert "_AIRFLOW_WWW_USER_USERNAME must not be 'recsys'" in result.stderr
+    assert not path.exists()
+
+
 # ----------------------------------------------------------------------------- the image and its scripts
 
 
@@ -474,7 +664,24 @@ def test_dockerfile_sets_the_runtime_environment():
     assert env["TF_USE_LEGACY_KERAS"] == "1"
     assert env["PYTHONPATH"] == "/opt/airflow/project"
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/airflow/project/dags"
+    assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/airflow/project/plugins"
     assert env["JAVA_HOME"]
+
+
+def test_the_image_has_every_project_package_its_dags_and_plugins_import():
+    copied = {shlex.split(args)[-1].rstrip("/") for keyword, args in dockerfile_instructions() if keyword == "COPY"}
+    env = dockerfile_env()
+    project = Path(env["PYTHONPATH"])
+    todo = [Path(env["AIRFLOW__CORE__DAGS_FOLDER"]).relative_to(project).as_posix(),
+            Path(env["AIRFLOW__CORE__PLUGINS_FOLDER"]).relative_to(project).as_posix()]
+    seen = set(todo)
+    while todo:
+        name = todo.pop()
+        assert f"{project}/{name}" in copied, f"{name}/ is loaded or imported in the image but not copied into it"
+        for imported in project_imports(REPO / name) - seen:
+            seen.add(imported)
+            todo.append(imported)
+    assert {"dags", "plugins", "pipeline", "deploy"} <= seen
 
 
 def test_dockerfile_runs_as_a_non_root_user_with_no_secrets():
@@ -514,7 +721,7 @@ def test_scripts_the_stack_runs():
     assert init["entrypoint"][-1] == "/opt/airflow/project/docker/airflow-init.sh"
     assert any(args.endswith("docker/airflow-init.sh /opt/airflow/project/docker/airflow-init.sh")
                for keyword, args in dockerfile_instructions() if keyword == "COPY")
-    assert init["user"] == "0:0" and "_AIRFLOW_WWW_USER_PASSWORD" in environment(init)
+    assert init["user"] == "0:0" and {"_AIRFLOW_WWW_USER_PASSWORD", "RECSYS_API_PASSWORD"} <= set(environment(init))
     for name in SPARK_SERVICES:
         assert "./spark-node.sh:/opt/recsys/spark-node.sh:ro" in mounts(services()[name])
     script = (DOCKER / "spark-node.sh").read_text()

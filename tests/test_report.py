@@ -144,3 +144,19 @@ def test_headline_says_a_rerun_left_the_champion_alone():
     assert report._headline(BLESSED_GATE, rerun).endswith(
         "; a re-run: version 2 was published before, the champion stays version 1")
     assert report._headline(BLESSED_GATE, {**rerun, "rerun": False}).endswith("; promoted as version 2")
+
+
+def test_run_note_has_the_decision_metrics_failed_checks_and_report_link():
+    models = {**MODELS, "champion": {"ndcg@10": 0.2200}}
+    note = report.run_note(BLESSED_GATE, {"models": models}, {"version": 3, "champion": 3, "rerun": False}, "/recsys/runs/d/r/report")
+    # 0.2051 / 0.2103 - 1 = -2.47%; 0.2051 / 0.2200 - 1 = -6.77%
+    assert note == ("**BLESSED** ([Run report](/recsys/runs/d/r/report)): the student passed all 1 gate checks; promoted as version 3. "
+                    "NDCG@10 student 0.2051, teacher 0.2103 (-2.5%), champion 0.2200 (-6.8%).")
+    rejected = report.run_note(REJECTED_GATE, {"models": MODELS}, None)
+    assert rejected == ("**NOT_BLESSED**: 2 of 2 gate checks failed; the serving champion is unchanged. "
+                        "NDCG@10 student 0.2051, teacher 0.2103 (-2.5%). Failed: ndcg@10 failed; recall@20 failed.")
+    # Many long reasons: the note stays within the UI's 1,000 characters and keeps its link.
+    long_gate = {**REJECTED_GATE, "checks": [{**REJECTED_GATE["checks"][0], "reason": "x" * 400}] * 5}
+    long_note = report.run_note(long_gate, {"models": {}}, None, "/link")
+    assert len(long_note) == 1000 and long_note.startswith("**NOT_BLESSED** ([Run report](/link)): 5 of 5 gate checks failed")
+    assert "NDCG@10 student n/a." in long_note and long_note.endswith("...")

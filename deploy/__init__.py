@@ -1,0 +1,1 @@
+"""Running the pipeline as services: `python -m deploy.services start|stop|status`."""

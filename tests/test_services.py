@@ -1,0 +1,218 @@
+"""The DAG on real services: ``deploy/services.py`` starts a Spark standalone master with two
+workers and Airflow (api-server, scheduler with LocalExecutor, dag-processor, triggerer) on
+PostgreSQL; runs are triggered through the REST API as an operator would, and the UI is read
+in a real browser (headless Chromium).
+
+Needs PostgreSQL at 127.0.0.1:5432 and Java (CI has both); the browser test also needs
+``/usr/bin/chromium`` (``.ci/run`` installs it). Each missing piece skips with its reason,
+printed so that a skip is never silent. The data is tiny: the runs check the deployment, not
+the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deploy.airflow_api import AirflowAPI, report_url
+from deploy.services import Settings, _descendants, _port_open, _start_time, password, start, status, stop
+from pipeline.data.synthetic import generate_synthetic_logs
+from pipeline.registry import Registry
+from tests.test_dag import DS, TINY
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "recsys_distillation"
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = REPO / "screenshots"
+RUN_TIMEOUT = 1200
+
+
+def _skip(reason: str) -> None:
+    print(f"\nSKIPPED: {reason}")
+    pytest.skip(reason)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@dataclasses.dataclass
+class Deployment:
+    settings: Settings
+    api: AirflowAPI
+    runs: dict = dataclasses.field(default_factory=dict)  # name -> run id
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.settings.data_root / "registry")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    try:
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except Exception as err:  # noqa: BLE001 - any failure means: no server to deploy on
+        _skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {err}")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        _skip("no Java for the Spark cluster")
+    admin.autocommit = True
+    database = f"recsys_services_test_{uuid.uuid4().hex[:8]}"
+    root = tmp_path_factory.mktemp("services")
+    generate_synthetic_logs(root / "data" / "raw", users=150, items=120, days=14, events=12_000, seed=3, end_date=DS)
+    airflow_port, master, master_ui, worker_1, worker_2 = _free_ports(5)
+    settings = Settings(home=root / "home", data_root=root / "data", database_url=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
+                        airflow_port=airflow_port, spark_master_port=master, spark_ui_port=master_ui,
+                        spark_worker_ui_ports=(worker_1, worker_2), schedule="none")
+    try:
+        start(settings)
+        api = AirflowAPI(settings.airflow_url, "admin", password(settings))
+        _wait_for_dag(api)
+        api.unpause(DAG_ID)
+        # The operator's gate bounds (an Airflow Variable): tiny models need a lenient teacher threshold.
+        api.set_variable("recsys_gate_bounds", json.dumps({"min_change_vs_teacher": -1.0}))
+        yield Deployment(settings, api)
+    finally:
+        try:
+            stop(settings)
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            admin.close()
+
+
+def _wait_for_dag(api: AirflowAPI, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while api.dag(DAG_ID) is None:
+        assert time.monotonic() < deadline, f"the dag-processor did not parse {DAG_ID} within {timeout} s"
+        time.sleep(2)
+
+
+def _run(deployment: Deployment, conf: dict) -> tuple[str, dict, dict]:
+    run_id = deployment.api.trigger(DAG_ID, conf)
+    record = deployment.api.wait(DAG_ID, run_id, RUN_TIMEOUT)
+    return run_id, record, deployment.api.task_states(DAG_ID, run_id)
+
+
+def test_a_triggered_run_is_blessed_with_its_features_computed_on_the_cluster(deployment):
+    run_id, record, states = _run(deployment, {**TINY, "ds": DS, "min_change_vs_teacher": -1.0})
+    assert record["state"] == "success", states
+    assert states["promote"] == "success" and states["record_rejection"] == "skipped", states
+    deployment.runs["blessed"] = run_id
+    # The feature job was an application of the standalone master, with executors on its workers.
+    master = json.load(urllib.request.urlopen(f"{deployment.settings.spark_ui_url}/json/", timeout=10))
+    assert len([w for w in master["workers"] if w["state"] == "ALIVE"]) == 2
+    apps = [a for a in master["completedapps"] if a["name"] == "extract_features"]
+    assert len(apps) == 1 and apps[0]["state"] == "FINISHED" and apps[0]["cores"] >= 1, master["completedapps"]
+    assert deployment.registry.versions() == [1] and deployment.registry.champion() == 1
+    # What the operator sees first: the decision, the headline metrics, a link to the report.
+    assert "NDCG@10 student" in record["note"]
+    assert record["note"].startswith(f"**BLESSED** ([Run report]({report_url(DAG_ID, run_id)})): ")
+    # The Assets follow the run's data root.
+    events = deployment.api._call("GET", "/api/v2/assets/events?limit=50")["asset_events"]
+    assert {e["uri"] for e in events} == {f"file://{deployment.settings.data_root / d}"
+                                          for d in ("features", "models/teacher", "soft_targets", "registry")}
+
+
+def test_impossible_thresholds_end_not_blessed_and_keep_the_champion(deployment):
+    if "blessed" not in deployment.runs:
+        pytest.skip("needs the blessed run of the previous test")
+    run_id, record, states = _run(deployment, {**TINY, "ds": DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
+    assert record["state"] == "success", states
+    assert states["promote"] == "skipped" and states["record_rejection"] == "success", states
+    deployment.runs["rejected"] = run_id
+    assert deployment.registry.versions() == [1] and deployment.registry.champion() == 1
+    assert record["note"].startswith("**NOT_BLESSED**") and "< allowed +1000.00%" in record["note"]
+
+
+def test_the_ui_shows_the_run_its_gate_decision_and_report(deployment):
+    if "blessed" not in deployment.runs:
+        pytest.skip("needs the blessed run of the first test")
+    if not Path(CHROMIUM).exists():
+        _skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium; .ci/run does)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError as err:
+        _skip(f"playwright not installed: {err}")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    base = deployment.settings.airflow_url
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(base + "/")
+            page.locator("input[name=username]").fill("admin")
+            page.locator("input[name=password]").fill(password(deployment.settings))
+            page.locator("button[type=submit]").click()
+            page.wait_for_url(lambda url: "/auth/login" not in url)
+
+            for name, decision in (("blessed", "BLESSED"), ("rejected", "NOT_BLESSED")):
+                if name not in deployment.runs:
+                    continue
+                run_page = f"{base}/dags/{DAG_ID}/runs/{urllib.parse.quote(deployment.runs[name], safe='')}"
+                # The run's grid: its state and, in its note, the gate's decision.
+                page.goto(run_page)
+                expect(page.get_by_text(decision, exact=True).first).to_be_visible(timeout=60_000)
+                expect(page.get_by_text("Success").first).to_be_visible()
+                page.screenshot(path=str(SCREENSHOTS / f"run_{name}.png"))
+                # The gate task's log: every check and the decision.
+                page.goto(f"{run_page}/tasks/gate")
+                expect(page.get_by_text(f"gate decision: {decision}").first).to_be_visible(timeout=60_000)
+                page.screenshot(path=str(SCREENSHOTS / f"gate_log_{name}.png"))
+                # The report, one click from the run: the note's link (a new tab) ...
+                page.goto(run_page)
+                with page.context.expect_page() as opened:
+                    page.locator(f'a[href="{report_url(DAG_ID, deployment.runs[name])}"]').click()
+                report = opened.value
+                expect(report.get_by_text(decision, exact=True).first).to_be_visible(timeout=60_000)
+                report.close()
+                # ... or the run page's "Run report" tab, inside Airflow's UI.
+                page.locator('a[href$="/plugin/recsys_report"]').click()
+                tab = page.frame_locator("iframe").first
+                expect(tab.get_by_text(decision, exact=True).first).to_be_visible(timeout=60_000)
+                page.screenshot(path=str(SCREENSHOTS / f"report_{name}.png"))
+        finally:
+            browser.close()
+
+
+def test_the_report_route_needs_a_login(deployment):
+    if "blessed" not in deployment.runs:
+        pytest.skip("needs the blessed run of the first test")
+    url = deployment.settings.airflow_url + report_url(DAG_ID, deployment.runs["blessed"])
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(url, timeout=10)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {deployment.api.token()}"})
+    assert "BLESSED" in urllib.request.urlopen(request, timeout=10).read().decode()
+
+
+def test_start_and_stop_are_idempotent_and_stop_leaves_nothing_behind(deployment):
+    settings = deployment.settings
+    running = status(settings)
+    assert all(running.values()), running
+    start(settings)  # everything already runs: a no-op
+    assert status(settings) == running
+    processes = [p for pid in running.values() for p in (pid, *_descendants(pid))]
+    assert set(stop(settings)) == set(running)
+    assert not any(_start_time(pid) for pid in processes), "a process outlived stop"
+    assert not any(_port_open(port) for port in settings.ports.values()), settings.ports
+    assert stop(settings) == [] and not any(status(settings).values())
+
