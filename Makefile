@@ -33,7 +33,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipeline.data.movielens --out $(DATA)/raw
 	$(AIRFLOW_ENV) airflow db migrate > /dev/null
-	$(AIRFLOW_ENV) bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}'
+	# No run deadline under `airflow dags test`: Airflow 3.3.2 fails such a run at its end (see the DAG file).
+	$(AIRFLOW_ENV) RECSYS_RUN_DEADLINE_MINUTES=0 bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}'
 	$(PY) -m pipeline.run --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
 
 # The Airflow UI with this DAG (user admin; password printed on start and kept in airflow_home/).

@@ -27,8 +27,8 @@ rejection -> run **report**.
   champion, and a link to the run's HTML report (also the run page's "Run report" tab, from
   `plugins/`); the note needs the connection `recsys_airflow_api` (an Airflow user allowed to
   edit runs). A failed or retried task logs one line with the cause. A run still going
-  `$RECSYS_RUN_DEADLINE_MINUTES` (default 360) after it was queued is flagged: its note says
-  so and the scheduler's callback logs an error.
+  `$RECSYS_RUN_DEADLINE_MINUTES` (default 360; 0: no deadline) after it was queued is
+  flagged: its note says so and the scheduler's callback logs an error.
 * The report task's log and XCom give the HTML report's path.
 """
 
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 SPARK_CONN_ID = os.environ.get("RECSYS_SPARK_CONN_ID", "recsys_spark")
 API_CONN_ID = "recsys_airflow_api"  # an Airflow user that may edit runs: the run's note
 SCHEDULE = os.environ.get("RECSYS_SCHEDULE", "0 2 * * *")  # "none": manual runs only
+# 0 turns the deadline off: `airflow dags test` (make demo) fails at the end of a successful
+# run of a DAG with a deadline in Airflow 3.3.2 (it looks the DAG's alerts up by id, but holds
+# the alerts themselves), so the demo and the in-process tests run without one.
 RUN_DEADLINE = dt.timedelta(minutes=float(os.environ.get("RECSYS_RUN_DEADLINE_MINUTES", "360")))
 
 # Each artifact's Asset is the folder under the run's own data root (a trigger may pick a
@@ -144,7 +147,7 @@ PARAMS = {
     },
     params=PARAMS,
     deadline=DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=RUN_DEADLINE,
-                           callback=SyncCallback(flag_overdue), name="run overdue"),
+                           callback=SyncCallback(flag_overdue), name="run overdue") if RUN_DEADLINE else None,
     doc_md=__doc__,
     tags=["recsys", "distillation"],
 )
