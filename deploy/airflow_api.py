@@ -99,6 +99,10 @@ class AirflowAPI:
         listed = self._call("GET", f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances?limit=100")
         return {ti["task_id"]: ti["state"] for ti in listed["task_instances"]}
 
+    def asset_events(self, limit: int = 100) -> list[dict]:
+        """The latest Asset events (``uri``, ``source_task_id``, ``extra``, ...)."""
+        return self._call("GET", f"/api/v2/assets/events?limit={limit}")["asset_events"]
+
     def set_note(self, dag_id: str, run_id: str, note: str) -> None:
         """Set the run's note (Markdown, shown on the run's page; at most 1,000 characters)."""
         self._call("PATCH", f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}?update_mask=note", {"note": note[:1000]})

@@ -157,7 +157,7 @@ def tiny_logs(tmp_path_factory):
     return data
 
 
-def airflow_env(home: Path, data_root: Path, db_url: str | None = None) -> dict:
+def airflow_env(home: Path, data_root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update({
         "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -168,8 +168,6 @@ def airflow_env(home: Path, data_root: Path, db_url: str | None = None) -> dict:
         # `airflow dags test` fails a successful run of a DAG with a deadline (Airflow 3.3.2; see the DAG file).
         "RECSYS_RUN_DEADLINE_MINUTES": "0",
     })
-    if db_url:
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
     return env
 
 

@@ -128,7 +128,7 @@ def test_a_triggered_run_is_blessed_with_its_features_computed_on_the_cluster(de
     assert "NDCG@10 student" in record["note"]
     assert record["note"].startswith(f"**BLESSED** ([Run report]({report_url(DAG_ID, run_id)})): ")
     # The Assets follow the run's data root.
-    events = deployment.api._call("GET", "/api/v2/assets/events?limit=50")["asset_events"]
+    events = deployment.api.asset_events()
     assert {e["uri"] for e in events} == {f"file://{deployment.settings.data_root / d}"
                                           for d in ("features", "models/teacher", "soft_targets", "registry")}
 
