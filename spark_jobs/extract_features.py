@@ -44,7 +44,8 @@ from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_failure, spark_session  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
 from spark_jobs.feature_transforms import (  # noqa: E402
-    check_raw_schema, deduplicate_events, events_from_storage, flag_invalid_events, keep_last_per_key, transform,
+    check_raw_schema, conflicting_event_ids, deduplicate_events, events_from_storage, flag_invalid_events, keep_last_per_key, transform,
+    with_event_id_copies,
 )
 
 from py4j.protocol import Py4JJavaError  # noqa: E402
@@ -236,8 +237,10 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
 
     raw_count = sum(f.rows for f in inputs.files)  # from the footers: Spark reads exactly these rows
     with spark_stage("reading raw events", where):  # e.g. a corrupt page surfaces only here
-        deduped = deduplicate_events(inputs.events).cache()
-        deduped_count = deduped.count()
+        # The one cached copy of the events: the checks, the quarantine and the transform read it.
+        distinct = deduplicate_events(inputs.events).cache()
+        deduped_count = distinct.count()
+        deduped = with_event_id_copies(distinct, conflicting_event_ids(distinct).cache())
     if deduped_count < cfg.min_events:
         raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end} under {events_dir}, "
                              f"need >= {cfg.min_events} (features.min_events)")
@@ -246,7 +249,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     if validate_data:
         checks["raw"] = validate({"raw_events": deduped}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
 
-    flagged = flag_invalid_events(deduped, window_start, window_end).cache()
+    flagged = flag_invalid_events(deduped, window_start, window_end)
     with spark_stage("applying the quarantine rules", where):
         by_reason = {r["quarantine_reason"]: r["count"] for r in flagged.where(F.col("quarantine_reason").isNotNull()).groupBy("quarantine_reason").count().collect()}
     quarantined = sum(by_reason.values())
@@ -272,6 +275,10 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             if validate_data:
                 checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")
             split_counts = {r["split"]: r["count"] for r in written["interactions"].groupBy("split").count().collect()}
+            capped = tables.over_cap.agg(F.count(F.lit(1)).alias("users"), F.sum("dropped").alias("dropped")).first()
+            if capped["users"]:
+                log.warning("%d user(s) over features.max_user_interactions=%d: their %d oldest interaction(s) dropped",
+                            capped["users"], cfg.max_user_interactions, capped["dropped"])
             manifest = {
                 "ds": ds.isoformat(),
                 "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
@@ -286,6 +293,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
                     "quarantined_by_reason": dict(sorted(by_reason.items())),
                     "valid_events": deduped_count - quarantined,
                     "interactions_by_split": {s: split_counts.get(s, 0) for s in SPLITS},
+                    "users_over_cap": int(capped["users"]),
+                    "interactions_over_cap": int(capped["dropped"] or 0),
                 },
                 "tables": {name: {"rows": written[name].count(), **schemas[name]} for name in schemas},
                 "validation": checks,
@@ -326,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, json.JSONDecodeError) as err:
         log.error("%s", err)
         return 2
-    spark = spark_session("extract_features", args.master, cfg.shuffle_partitions, default_master=cfg.spark_master)
+    spark = spark_session("extract_features", args.master, cfg.shuffle_partitions, conf={"spark.driver.memory": cfg.driver_memory},
+                          default_master=cfg.spark_master)
     spark.sparkContext.setLogLevel("WARN")
     try:
         manifest = run(spark, args.raw, args.out, ds, cfg, validate_data=not args.no_validation, allowed_root=args.allowed_root)

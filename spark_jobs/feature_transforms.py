@@ -17,25 +17,30 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_type
 
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, RawWindowError, window_bounds
+from pipeline.data.contract import EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, RawWindowError, window_bounds
 from pipeline.data.raw_files import schema_problems
 from pipeline.features import SPLITS
 
 RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
 
 
+TABLES = ("interactions", "user_features", "item_features", "user_vocab", "item_vocab")
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureTables:
-    """Everything the job writes, as DataFrames."""
+    """Everything the job writes, as DataFrames, and what the per-user cap left out."""
 
     interactions: DataFrame
     user_features: DataFrame
     item_features: DataFrame
     user_vocab: DataFrame
     item_vocab: DataFrame
+    over_cap: DataFrame  # (user_id, dropped): users beyond features.max_user_interactions; not written
 
     def as_dict(self) -> dict[str, DataFrame]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The tables to write, by name."""
+        return {name: getattr(self, name) for name in TABLES}
 
 
 def events_from_storage(events: DataFrame, nanosecond_ts: bool) -> DataFrame:
@@ -103,20 +108,51 @@ def check_raw_schema(events: DataFrame) -> DataFrame:
 
 
 def deduplicate_events(events: DataFrame) -> DataFrame:
-    """Drop exact duplicates (same ``event_id`` and same content): at-least-once delivery."""
-    # Hash-partitioning on event_id also satisfies the conflict window in flag_invalid_events,
-    # so both steps share one shuffle.
+    """Drop exact duplicates (same ``event_id`` and same content): at-least-once delivery.
+
+    The result is hash-partitioned on ``event_id``, which :func:`conflicting_event_ids`
+    and :func:`with_event_id_copies` need: cached, it serves both with no further shuffle.
+    """
     return events.repartition("event_id").dropDuplicates(list(RAW_COLUMNS))
+
+
+def conflicting_event_ids(distinct: DataFrame) -> DataFrame:
+    """``event_id`` and ``event_id_copies`` of every id shared by more than one distinct event.
+
+    A hash aggregate on :func:`deduplicate_events`' partitioning: no shuffle and no sort (a
+    window over ``event_id`` would sort every event). Null ids are left out: they are
+    quarantined as ``null_id`` and never conflict.
+    """
+    return (
+        distinct.groupBy("event_id").agg(F.count(F.lit(1)).cast("int").alias(EVENT_ID_COPIES))
+        .where((F.col(EVENT_ID_COPIES) > 1) & F.col("event_id").isNotNull())
+    )
+
+
+def with_event_id_copies(distinct: DataFrame, conflicting: DataFrame) -> DataFrame:
+    """The distinct events and ``event_id_copies``, how many distinct events share the row's
+    ``event_id`` (1 unless it is in ``conflicting``), the conflict rule's input.
+
+    A shuffled hash join built on the conflicting ids (a data fault, so few) over the same
+    partitioning: the events are neither moved nor sorted.
+    """
+    return (
+        distinct.join(conflicting.hint("shuffle_hash"), on="event_id", how="left")
+        .select(*RAW_COLUMNS, F.coalesce(F.col(EVENT_ID_COPIES), F.lit(1)).alias(EVENT_ID_COPIES))
+    )
 
 
 def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt.date) -> DataFrame:
     """Add ``quarantine_reason`` (null for a valid row); the first failing rule wins.
 
     The rules and their order are :data:`pipeline.data.contract.QUARANTINE_REASONS`.
-    Expects exact duplicates already removed.
+
+    Args:
+        events: Distinct events with ``event_id_copies`` (:func:`with_event_id_copies`).
+        window_start: First day of the window (inclusive).
+        window_end: Last day of the window (inclusive).
     """
     start, end = window_bounds(window_start, window_end)
-    copies = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
     null_id, blank_id = F.lit(False), F.lit(False)
     for column in ID_COLUMNS:
         null_id = null_id | F.col(column).isNull()
@@ -131,47 +167,58 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
         )
         .when(F.isnan("value") | F.col("value").isin(float("inf"), float("-inf")), "non_finite_value")
         .when(F.col("value") < MIN_VALUE, "invalid_value")
-        .when(copies > 1, "conflicting_event_id")
+        .when(F.col(EVENT_ID_COPIES) > 1, "conflicting_event_id")
     )
-    return events.withColumn("quarantine_reason", reason)
+    return events.select(*RAW_COLUMNS, reason.alias("quarantine_reason"))
+
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "user_idx", "item_idx", "weight", "n_events", "first_ts", "last_ts", "split")
+EVENT_COUNTS = tuple(f"n_{t}" for t in EVENT_TYPES)
 
 
 def build_interactions(events: DataFrame, cfg: FeatureConfig) -> DataFrame:
     """Aggregate valid events into one implicit-feedback interaction per (user, item).
 
     ``weight`` sums ``cfg.event_weights`` over the pair's events; ``first_ts`` is when the
-    user first touched the item, which orders the chronological split.
+    user first touched the item, which orders the chronological split. ``n_<event_type>``
+    count the pair's events of each type, so per-user activity is summed from pairs
+    without joining the events again.
     """
     weight = F.coalesce(*[F.when(F.col("event_type") == t, F.lit(w)) for t, w in sorted(cfg.event_weights.items())])
+    # Shuffled by (user, item), after a map-side partial aggregate: a user with millions of
+    # events (a bot) spreads over every task here; only its pairs meet in one task later.
     return (
-        events.repartition("user_id")  # one shuffle serves the pair aggregate and the per-user window
-        .groupBy("user_id", "item_id")
+        events.groupBy("user_id", "item_id")
         .agg(
             F.sum(weight).alias("weight"),
             F.count(F.lit(1)).cast("int").alias("n_events"),
             F.min("event_ts").alias("first_ts"),
             F.max("event_ts").alias("last_ts"),
+            *[F.sum((F.col("event_type") == t).cast("int")).alias(f"n_{t}") for t in EVENT_TYPES],
         )
-        .select("user_id", "item_id", "weight", "n_events", "first_ts", "last_ts")
+        .select("user_id", "item_id", "weight", "n_events", "first_ts", "last_ts", *EVENT_COUNTS)
     )
 
 
 def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Split each user's interactions chronologically into train / validation / test.
+    """Cap each user's interactions, then split them chronologically into train / validation / test.
 
-    Rule: order a user's n interactions by ``(first_ts, item_id)``. Users with
-    ``n < cfg.min_user_interactions`` stay train-only. Otherwise the latest
-    ``max(1, floor(n * test_fraction))`` go to test, the ``max(1, floor(n * val_fraction))``
-    before them to validation, the rest to train.
+    Rule: order a user's interactions by ``(first_ts, item_id)``, latest first. Only the
+    latest ``cfg.max_user_interactions`` are kept (the rest get a null ``split``): per-user
+    work downstream (the history, the split window) is bounded whatever one user (a bot)
+    does. Of the n kept, users with ``n < cfg.min_user_interactions`` stay train-only.
+    Otherwise the latest ``max(1, floor(n * test_fraction))`` go to test, the
+    ``max(1, floor(n * val_fraction))`` before them to validation, the rest to train.
     """
     by_user = Window.partitionBy("user_id")
     latest_first = by_user.orderBy(F.col("first_ts").desc(), F.col("item_id").desc())
-    n = F.count(F.lit(1)).over(by_user)
+    n = F.least(F.count(F.lit(1)).over(by_user), F.lit(cfg.max_user_interactions))
     n_test = F.greatest(F.lit(1), F.floor(n * cfg.test_fraction))
     n_val = F.greatest(F.lit(1), F.floor(n * cfg.val_fraction))
     rank = F.row_number().over(latest_first)
     split = (
-        F.when(n < cfg.min_user_interactions, "train")
+        F.when(rank > cfg.max_user_interactions, F.lit(None).cast("string"))
+        .when(n < cfg.min_user_interactions, "train")
         .when(rank <= n_test, "test")
         .when(rank <= n_test + n_val, "validation")
         .otherwise("train")
@@ -181,38 +228,36 @@ def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame
 
 def build_vocab(ids: DataFrame, column: str, index_column: str) -> DataFrame:
     """Stable vocabulary: distinct ids sorted, numbered from 1 (0 is kept for padding/unknown)."""
-    # A global order means one partition; vocabularies are small next to events.
-    numbered = Window.orderBy(column)
+    # The sort range-partitions the ids and zipWithIndex numbers them from per-partition
+    # counts, so no step holds every id in one partition (a global window would).
     return (
         ids.select(column).where(F.col(column).isNotNull()).distinct()
-        .withColumn(index_column, F.row_number().over(numbered).cast("int"))
-        .select(column, index_column)
+        .orderBy(column)
+        .zipWithIndex("_position")
+        .select(column, (F.col("_position") + 1).cast("int").alias(index_column))
     )
 
 
-def build_user_features(events: DataFrame, interactions: DataFrame, users: DataFrame, user_vocab: DataFrame,
-                        item_vocab: DataFrame, window_end: dt.date, cfg: FeatureConfig) -> DataFrame:
+def build_user_features(interactions: DataFrame, users: DataFrame, user_vocab: DataFrame, window_end: dt.date,
+                        cfg: FeatureConfig) -> DataFrame:
     """Per-user features from train interactions only, so no held-out event leaks into them.
 
     Columns: ids, event counts by type, ``n_train``/``n_validation``/``n_test``,
     ``recency_days`` (from the last train event to the end of the window), the last
     ``cfg.history_length`` train items (oldest first), and the profile's side features.
+
+    Args:
+        interactions: Split interactions with their ``n_<event_type>`` counts.
     """
-    train = interactions.where(F.col("split") == "train").select("user_id", "item_id", "first_ts")
-    train_events = events.join(train.select("user_id", "item_id"), on=["user_id", "item_id"], how="inner")
+    train = interactions.where(F.col("split") == "train")
     end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
-    activity = train_events.groupBy("user_id").agg(
-        *[F.sum((F.col("event_type") == t).cast("int")).alias(f"n_{t}") for t in EVENT_TYPES],
-        ((F.lit(end).cast("double") - F.max("event_ts").cast("double")) / 86400.0).alias("recency_days"),
-    )
     ordered = F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx")))
     # slice() with a negative start returns [] for arrays shorter than N: start from max(1, size - N + 1).
     recent = F.slice(ordered, F.greatest(F.lit(1), F.size(ordered) - cfg.history_length + 1), cfg.history_length)
-    history = (
-        train.join(item_vocab, on="item_id", how="inner")
-        .groupBy("user_id")
-        .agg(recent.alias("recent"))
-        .select("user_id", F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"))
+    activity = train.groupBy("user_id").agg(
+        *[F.sum(c).alias(c) for c in EVENT_COUNTS],
+        ((F.lit(end).cast("double") - F.max("last_ts").cast("double")) / 86400.0).alias("recency_days"),
+        recent.alias("recent"),
     )
     counts = interactions.groupBy("user_id").agg(
         *[F.sum((F.col("split") == s).cast("int")).alias(f"n_{s}") for s in SPLITS]
@@ -220,12 +265,12 @@ def build_user_features(events: DataFrame, interactions: DataFrame, users: DataF
     return (
         user_vocab.join(counts, on="user_id", how="inner")
         .join(activity, on="user_id", how="left")
-        .join(history, on="user_id", how="left")
         .join(users, on="user_id", how="left")
         .select(
             "user_id", "user_idx", "n_train", "n_validation", "n_test",
-            *[F.coalesce(F.col(f"n_{t}"), F.lit(0)).cast("int").alias(f"n_{t}") for t in EVENT_TYPES],
-            "recency_days", "history_item_ids", "history_item_idx", "age", "gender", "occupation",
+            *[F.coalesce(F.col(c), F.lit(0)).cast("int").alias(c) for c in EVENT_COUNTS],
+            "recency_days", F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"),
+            "age", "gender", "occupation",
         )
     )
 
@@ -272,21 +317,24 @@ def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end:
     items = items.select("item_id", "year", "categories")
     users = users.select("user_id", "age", "gender", "occupation")
     # Every output table derives from these three; caching them keeps each computed once.
-    split = split_interactions(build_interactions(events, cfg), cfg).cache()
+    capped = split_interactions(build_interactions(events, cfg), cfg).cache()
+    split = capped.where(F.col("split").isNotNull())
+    over_cap = capped.where(F.col("split").isNull()).groupBy("user_id").agg(F.count(F.lit(1)).alias("dropped"))
     user_vocab = build_vocab(split, "user_id", "user_idx").cache()
     item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx").cache()
     interactions = (
         split.join(user_vocab, on="user_id", how="inner")
         .join(item_vocab, on="item_id", how="inner")
-        .select("user_id", "item_id", "user_idx", "item_idx", "weight", "n_events", "first_ts", "last_ts", "split")
+        .select(*INTERACTION_COLUMNS, *EVENT_COUNTS)
         .cache()
     )
     return FeatureTables(
-        interactions=interactions,
-        user_features=build_user_features(events, interactions, users, user_vocab, item_vocab, window_end, cfg),
+        interactions=interactions.select(*INTERACTION_COLUMNS),
+        user_features=build_user_features(interactions, users, user_vocab, window_end, cfg),
         item_features=build_item_features(interactions, items, item_vocab),
         user_vocab=user_vocab,
         item_vocab=item_vocab,
+        over_cap=over_cap,
     )
 
 

@@ -34,6 +34,10 @@ def frame(spark, rows):
     return transforms.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
 
 
+def with_copies(distinct):
+    return transforms.with_event_id_copies(distinct, transforms.conflicting_event_ids(distinct))
+
+
 def job_schema():
     return "event_id string, user_id string, item_id string, event_type string, event_ts timestamp, value double, session_id string"
 
@@ -108,9 +112,10 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
         event("e3", "alice", "i9", "click", ts(1, 10)),  # e3 again, other content: conflict
         event("e12", "bob", "i3", "purchase", ts(2), value=-1.0),  # negative value
     ]
-    deduped = transforms.deduplicate_events(frame(spark, rows))
-    assert deduped.count() == len(rows) - 1
-    flagged = transforms.flag_invalid_events(deduped, dt.date(2024, 1, 1), DS)
+    distinct = transforms.deduplicate_events(frame(spark, rows))
+    assert distinct.count() == len(rows) - 1
+    assert [(r.event_id, r.event_id_copies) for r in transforms.conflicting_event_ids(distinct).collect()] == [("e3", 2)]
+    flagged = transforms.flag_invalid_events(with_copies(distinct), dt.date(2024, 1, 1), DS)
     reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
     assert reasons == {
         "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
@@ -128,7 +133,7 @@ def test_blank_ids_and_non_finite_values_are_quarantined(spark):
         event("v2", "bob", "i1", "rate", ts(2), value=float("-inf")),
         event("v3", "bob", "i1", "rate", ts(2), value=float("nan")),
     ]
-    flagged = transforms.flag_invalid_events(frame(spark, rows), dt.date(2024, 1, 1), DS)
+    flagged = transforms.flag_invalid_events(with_copies(transforms.deduplicate_events(frame(spark, rows))), dt.date(2024, 1, 1), DS)
     reasons = {r.event_id: r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
     assert reasons == {"b1": "blank_id", "b2": "blank_id", "\u00a0": "blank_id",
                        "v1": "non_finite_value", "v2": "non_finite_value", "v3": "non_finite_value"}
@@ -347,8 +352,38 @@ def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch)
     monkeypatch.setenv("TZ", "America/New_York")
     time_module.tzset()
     try:
-        flagged = transforms.flag_invalid_events(frame(spark, early), dt.date(2024, 1, 1), DS)
+        flagged = transforms.flag_invalid_events(with_copies(transforms.deduplicate_events(frame(spark, early))), dt.date(2024, 1, 1), DS)
         assert flagged.first().quarantine_reason is None
     finally:
         monkeypatch.undo()
         time_module.tzset()
+
+
+def test_a_bot_keeps_only_its_latest_interactions_and_the_manifest_counts_the_rest(spark, tmp_path):
+    # The bot views b00..b29 once each, a minute apart on Jan 2, then hammers b29 (2,000 more views).
+    bot = [event(f"bot{k}", "bot", f"b{k:02d}", "view", ts(2, 0, k)) for k in range(30)]
+    bot += [event(f"hammer{k}", "bot", "b29", "view", ts(2, 1) + dt.timedelta(seconds=k)) for k in range(2_000)]
+    raw = write_raw(tmp_path / "raw", ALICE_BOB + bot, ITEMS)
+    cfg = dataclasses.replace(CFG, max_user_interactions=8)
+    manifest = job.run(spark, raw, tmp_path / "out", DS, cfg)
+    # 30 distinct items, the latest 8 kept (b22..b29): 22 dropped; alice (5) and bob (2) are under the cap.
+    assert (manifest["counts"]["users_over_cap"], manifest["counts"]["interactions_over_cap"]) == (1, 22)
+    out = tmp_path / "out" / f"ds={DS}"
+    kept = pq.read_table(out / "interactions").to_pylist()
+    bot_rows = {r["item_id"]: r["split"] for r in kept if r["user_id"] == "bot"}
+    # Of 8 kept: test = max(1, floor(0.8)) = 1 (b29), validation = 1 (b28), train = 6.
+    assert bot_rows == {**{f"b{k}": "train" for k in range(22, 28)}, "b28": "validation", "b29": "test"}
+    assert manifest["counts"]["interactions_by_split"] == {"train": 5 + 6, "validation": 2, "test": 2}
+    bot_features = [r for r in pq.read_table(out / "user_features").to_pylist() if r["user_id"] == "bot"][0]
+    assert (bot_features["n_train"], bot_features["n_view"]) == (6, 6)  # the dropped items' events left no trace
+
+
+def test_vocabulary_is_numbered_in_id_order_across_partitions(spark):
+    ids = spark.createDataFrame([(f"u{k:03d}",) for k in range(200)] * 2, "user_id string").repartition(7)
+    spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", "false")  # else AQE merges tiny partitions
+    try:
+        vocab = transforms.build_vocab(ids, "user_id", "user_idx")
+        assert vocab.rdd.getNumPartitions() > 1  # numbered without gathering every id in one partition
+        assert sorted((r.user_id, r.user_idx) for r in vocab.collect()) == [(f"u{k:03d}", k + 1) for k in range(200)]
+    finally:
+        spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from typing import Any, Mapping
 
 from pipeline.config.checks import ConfigError, _check  # noqa: F401  (ConfigError is re-exported)
@@ -28,8 +29,14 @@ class FeatureConfig:
         test_fraction: Share held out for test (at least one; the very latest).
         min_user_interactions: Users with fewer interactions stay train-only.
         history_length: Items kept in a user's last-N history.
+        max_user_interactions: Most interactions (distinct items) kept per user, the
+            latest; the rest are dropped and counted in the manifest. Bounds per-user work
+            (one task holds one user's interactions), whatever a bot does.
         spark_master: Spark master URL when the job starts its own session.
         shuffle_partitions: ``spark.sql.shuffle.partitions`` for the job.
+        driver_memory: ``spark.driver.memory`` when the job starts its own JVM (local
+            mode runs the executors in the driver, so this is all of the job's heap);
+            under ``spark-submit`` its ``--driver-memory`` applies instead.
     """
 
     window_days: int = 30
@@ -42,8 +49,10 @@ class FeatureConfig:
     test_fraction: float = 0.1
     min_user_interactions: int = 5
     history_length: int = 20
+    max_user_interactions: int = 10_000
     spark_master: str = "local[*]"
     shuffle_partitions: int = 8
+    driver_memory: str = "4g"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "event_weights", dict(self.event_weights))
@@ -59,7 +68,11 @@ class FeatureConfig:
         _check(0.0 < self.test_fraction < 0.5, "features.test_fraction must be in (0, 0.5)")
         _check(self.min_user_interactions >= 3, "features.min_user_interactions must be >= 3")
         _check(self.history_length >= 1, "features.history_length must be >= 1")
+        _check(self.max_user_interactions >= self.min_user_interactions,
+               "features.max_user_interactions must be >= features.min_user_interactions")
         _check(self.shuffle_partitions >= 1, "features.shuffle_partitions must be >= 1")
+        _check(re.fullmatch(r"[1-9][0-9]*[kmgt]", self.driver_memory) is not None,
+               f"features.driver_memory must look like 512m or 4g, got {self.driver_memory!r}")
 
     def window(self, ds: dt.date) -> tuple[dt.date, dt.date]:
         """First and last day (both inclusive) of the window ending at ``ds``."""

@@ -80,6 +80,9 @@ QUARANTINE_REASONS = (
     "invalid_value",             # value is below MIN_VALUE
     "conflicting_event_id",      # one event_id with different content (exact copies are dropped)
 )
+# Deduplicated events carry this count of the distinct events sharing their event_id: the
+# input of "conflicting_event_id", computed once by the feature job and checked by GX.
+EVENT_ID_COPIES = "event_id_copies"
 PARTITION_KEY = "ds"
 
 
