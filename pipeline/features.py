@@ -8,7 +8,9 @@ per-user and per-item side tables are held as numpy arrays indexed by ``user_idx
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import operator
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -54,6 +56,58 @@ def load_split_pairs(features_dir: str | Path, split: str) -> tuple[np.ndarray, 
     """All ``(user_idx, item_idx)`` pairs of one split as two int32 arrays (for evaluation)."""
     table = _interactions(features_dir).to_table(columns=["user_idx", "item_idx"], filter=pc.field("split") == split)
     return table.column("user_idx").to_numpy().astype(np.int32), table.column("item_idx").to_numpy().astype(np.int32)
+
+
+def count_users_with_interactions(features_dir: str | Path, splits: Sequence[str]) -> int:
+    """Users with at least one interaction in ``splits``, from ``user_features``' per-split counts."""
+    total = functools.reduce(operator.add, [pc.field(f"n_{split}") for split in splits])
+    return pads.dataset(Path(features_dir) / "user_features", format="parquet").count_rows(filter=total > 0)
+
+
+def stream_user_items(features_dir: str | Path, splits: Sequence[str], n_users: int, spill_dir: str | Path,
+                      pairs_per_chunk: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Every user with interactions in ``splits``, in ``user_idx`` order, with its items; chunk by chunk.
+
+    The interactions are stored in hashed order, so a user's pairs are spread over every
+    file. One pass appends each pair to the spill file of its ``user_idx`` range (ranges of
+    about ``pairs_per_chunk`` pairs on average); each range is then read back and grouped by
+    user. Memory holds one record batch or one range's pairs, and the data is read once
+    (a scan per range, filtered on ``user_idx``, would read all of it once per range).
+
+    Args:
+        features_dir: A published feature set.
+        splits: The splits whose pairs count.
+        n_users: User vocabulary size (``user_idx`` < ``n_users``).
+        spill_dir: A directory for the spill files (deleted as they are read back).
+        pairs_per_chunk: About how many pairs a range holds.
+
+    Yields:
+        ``(users [m] int32 ascending, items)``: ``items[j]`` holds user ``users[j]``'s item indices.
+    """
+    splits = list(splits)
+    pairs = _interactions(features_dir).count_rows(filter=pc.field("split").isin(splits))
+    chunks = max(1, -(-pairs // pairs_per_chunk))
+    width = max(1, -(-n_users // chunks))
+    spill_dir = Path(spill_dir)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    spilled: set[int] = set()
+    for batch in stream_interactions(features_dir, splits):
+        users = batch.column("user_idx").to_numpy().astype(np.int32)
+        items = batch.column("item_idx").to_numpy().astype(np.int32)
+        chunk = users // width
+        order = np.argsort(chunk, kind="stable")
+        present, starts = np.unique(chunk[order], return_index=True)
+        for c, rows in zip(present, np.split(order, starts[1:])):
+            with open(spill_dir / f"{c}.pairs", "ab") as spill:
+                np.stack([users[rows], items[rows]], axis=1).tofile(spill)
+            spilled.add(int(c))
+    for c in sorted(spilled):
+        path = spill_dir / f"{c}.pairs"
+        chunk_pairs = np.fromfile(path, dtype=np.int32).reshape(-1, 2)
+        path.unlink()
+        chunk_pairs = chunk_pairs[np.argsort(chunk_pairs[:, 0], kind="stable")]
+        firsts = np.flatnonzero(np.r_[True, chunk_pairs[1:, 0] != chunk_pairs[:-1, 0]])
+        yield chunk_pairs[firsts, 0], np.split(chunk_pairs[:, 1], firsts[1:])
 
 
 @dataclasses.dataclass(frozen=True)

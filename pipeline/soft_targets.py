@@ -22,119 +22,112 @@ fixed_size_list<float32>[D] for every item (the hint targets, and the teacher's 
 any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts and
 ``logit_scale`` = 1 / the teacher's ``retrieval_temperature`` (its logits are scores times it).
 
-Users are scored in batches, so memory is bounded by ``batch x items``. Scores repeat
-exactly for the same teacher, so re-running writes the same rows.
+Users are scored in batches of ``batch_size`` consecutive users, and only each row's top
+K is sorted (:func:`pipeline.teacher_scoring.top_k_excluding`). Two engines write the same
+rows, chosen by ``soft_targets.spark_master`` / ``spark_min_users``: ``numpy`` streams the
+users with their known items out of the interactions (spilled by ``user_idx`` range,
+:func:`pipeline.features.stream_user_items`) and scores them here; ``spark`` scores them
+in Spark's Python workers (:mod:`pipeline.soft_targets_spark`). The manifest and the
+result name the engine. Scores repeat exactly for the same teacher and batches, so
+re-running writes the same rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
 
 from pipeline import cli
 from pipeline.catalog import MANIFEST, Catalog, require
-from pipeline.config import PipelineConfig
-from pipeline.features import load_split_pairs
+from pipeline.config import PipelineConfig, SoftTargetConfig
+from pipeline.features import count_users_with_interactions, stream_user_items
 from pipeline.io import atomic_dir, write_json
-from pipeline.models import embed_all, restore_teacher
+from pipeline.soft_targets_spark import write_users_spark
+from pipeline.spark import spark_session
+from pipeline.teacher_scoring import TeacherScorer, load_scorer, user_batches, user_schema
 
 log = logging.getLogger(__name__)
 
 
-def _fixed_list(matrix: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=dtype), matrix.shape[1])
+def write_users_numpy(scorer: TeacherScorer, features_dir: Path, cfg: SoftTargetConfig, out_file: Path) -> int:
+    """Score every user with interactions in the teacher's known splits here; write ``out_file``.
 
-
-def user_schema(k: int, dim: int) -> pa.Schema:
-    return pa.schema([
-        ("user_idx", pa.int32()), ("user_id", pa.string()),
-        ("topk_item_idx", pa.list_(pa.int32(), k)), ("topk_scores", pa.list_(pa.float32(), k)),
-        ("teacher_user_embedding", pa.list_(pa.float32(), dim)),
-    ])
-
-
-def top_k_excluding(scores: np.ndarray, exclude: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` columns of each row of ``scores [batch, items]``, column 0 and ``exclude[row]`` masked.
-
-    Ties go to the lower index, so the result is deterministic.
+    Memory holds one batch's ``[batch_size, items]`` scores and one ``user_idx`` range of
+    known pairs (about ``pairs_per_chunk``), whatever the number of users or interactions.
 
     Returns:
-        ``(indices [batch, k], scores [batch, k])``, best first.
+        The users written.
     """
-    scores = scores.astype(np.float32, copy=True)
-    scores[:, 0] = -np.inf
-    for row, items in enumerate(exclude):
-        scores[row, items] = -np.inf
-    # Stable sort of negated scores: equal scores keep index order.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order.astype(np.int32), np.take_along_axis(scores, order, axis=1)
+    spill_dir = out_file.with_name(f"_spill-{out_file.stem}")
+    chunks = stream_user_items(features_dir, scorer.known_splits, len(scorer.user_ids), spill_dir, cfg.pairs_per_chunk)
+    written = 0
+    with pq.ParquetWriter(out_file, user_schema(scorer.k, scorer.dim)) as writer:
+        for users, known in user_batches(chunks, cfg.batch_size):
+            writer.write_table(scorer.score(users, known))
+            written += len(users)
+            log.info("soft targets: %d users scored", written)
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    return written
 
 
-def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig) -> dict:
+def _write_users_on_spark(spark: Any, scorer: TeacherScorer, teacher_dir: Path, features_dir: Path,
+                          cfg: SoftTargetConfig, out_file: Path) -> int:
+    """:func:`pipeline.soft_targets_spark.write_users_spark` on ``spark``, or on a session of its own."""
+    if spark is not None:
+        return write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_file)
+    spark = spark_session("soft_targets", cfg.spark_master)
+    try:
+        return write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_file)
+    finally:
+        spark.stop()
+
+
+def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark: Any = None) -> dict:
     """Score every training user with the run's teacher and write the soft targets.
 
     Args:
         ds: Logical date (the features the teacher was trained on).
         catalog: Where artifacts live; the teacher is the one ``cfg`` identifies.
         cfg: Settings (``soft_targets``, and the teacher's identity).
+        spark: The session of the Spark engine; None: it starts (and stops) its own when it runs.
 
     Returns:
-        ``{"path", "teacher_version", "users", "k", "dim", "seconds"}``.
+        ``{"path", "teacher_version", "users", "k", "dim", "engine", "seconds"}``.
 
     Raises:
         ArtifactNotFound: When the teacher has not been trained.
     """
     started = time.perf_counter()
     teacher_dir, features_dir = catalog.teacher(ds, cfg), catalog.features(ds)
-    model, users, items, meta = restore_teacher(teacher_dir, features_dir)
-    k = min(cfg.soft_targets.top_k, items.size - 1)
-    item_vectors = embed_all(model.candidate, items.size)
+    scorer = load_scorer(teacher_dir, features_dir, cfg.soft_targets.top_k)
     # The items each user is known to have had when the teacher last trained are excluded.
-    known = ("train", "validation") if meta["config"]["training"].get("refit") else ("train",)
-    pairs = [load_split_pairs(features_dir, split) for split in known]
-    train_users, train_items = np.concatenate([u for u, _ in pairs]), np.concatenate([i for _, i in pairs])
-    order = np.argsort(train_users, kind="stable")
-    train_users, train_items = train_users[order], train_items[order]
-    user_list = np.unique(train_users)
-    bounds = np.searchsorted(train_users, user_list), np.searchsorted(train_users, user_list, side="right")
-    starts = dict(zip(user_list.tolist(), zip(*bounds)))
-    dim = item_vectors.shape[1]
-    batch_size = cfg.soft_targets.batch_size
+    expected = count_users_with_interactions(features_dir, scorer.known_splits)
+    engine = cfg.soft_targets.engine(expected)
+    log.info("soft targets: %d users with %s interactions, K=%d, engine %s", expected, "+".join(scorer.known_splits),
+             scorer.k, engine)
     out = catalog.soft_targets(ds, cfg)
     with atomic_dir(out) as tmp:
-        with pq.ParquetWriter(tmp / "users.parquet", user_schema(k, dim)) as writer:
-            for first in range(0, len(user_list), batch_size):
-                batch = user_list[first: first + batch_size]
-                user_vectors = model.query(tf.constant(batch), training=False).numpy()
-                seen = [train_items[slice(*starts[u])] for u in batch.tolist()]
-                top_idx, top_scores = top_k_excluding(user_vectors @ item_vectors.T, seen, k)
-                writer.write_table(pa.Table.from_arrays([
-                    pa.array(batch, pa.int32()), pa.array(users.user_ids[batch].astype(str), pa.string()),
-                    _fixed_list(top_idx, pa.int32()), _fixed_list(top_scores, pa.float32()),
-                    _fixed_list(user_vectors.astype(np.float32), pa.float32()),
-                ], schema=user_schema(k, dim)))
-                log.info("soft targets: %d/%d users", min(first + len(batch), len(user_list)), len(user_list))
-        pq.write_table(pa.Table.from_arrays([
-            pa.array(np.arange(items.size), pa.int32()), pa.array(items.item_ids.astype(str), pa.string()),
-            _fixed_list(item_vectors.astype(np.float32), pa.float32()),
-        ], names=["item_idx", "item_id", "teacher_item_embedding"]), tmp / "items.parquet")
-        logit_scale = 1.0 / float(meta["config"]["training"]["retrieval_temperature"])
-        manifest = {"ds": ds, "teacher_version": meta["version"], "teacher_dir": str(teacher_dir), "k": k, "dim": int(dim),
-                    "logit_scale": logit_scale,
-                    "users": int(len(user_list)), "items": int(items.size), "features": str(features_dir)}
+        if engine == "spark":
+            users = _write_users_on_spark(spark, scorer, teacher_dir, features_dir, cfg.soft_targets, tmp / "users.parquet")
+        else:
+            users = write_users_numpy(scorer, features_dir, cfg.soft_targets, tmp / "users.parquet")
+        pq.write_table(scorer.items_table(), tmp / "items.parquet")
+        logit_scale = 1.0 / float(scorer.meta["config"]["training"]["retrieval_temperature"])
+        manifest = {"ds": ds, "teacher_version": scorer.meta["version"], "teacher_dir": str(teacher_dir), "k": scorer.k,
+                    "dim": scorer.dim, "logit_scale": logit_scale, "users": users, "items": len(scorer.item_ids),
+                    "features": str(features_dir), "engine": engine}
         write_json(tmp / MANIFEST, manifest)
     seconds = round(time.perf_counter() - started, 2)
-    log.info("wrote soft targets for %d users (K=%d) to %s in %.1fs", len(user_list), k, out, seconds)
-    return {"path": str(out), "teacher_version": meta["version"], "users": int(len(user_list)), "k": k, "dim": int(dim), "seconds": seconds}
+    log.info("wrote soft targets for %d users (K=%d, %s) to %s in %.1fs", users, scorer.k, engine, out, seconds)
+    return {"path": str(out), "teacher_version": scorer.meta["version"], "users": users, "k": scorer.k, "dim": scorer.dim,
+            "engine": engine, "seconds": seconds}
 
 
 def read_soft_targets(path: str | Path, num_users: int, num_items: int) -> dict[str, np.ndarray]:

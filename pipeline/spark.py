@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
@@ -41,6 +42,10 @@ def spark_session(app_name: str, master: str | None = None, shuffle_partitions: 
         builder = builder.config(key, str(value))
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
         builder = builder.master(master or default_master)
+        if (master or default_master).startswith("local"):
+            # A local session's Python workers (Arrow functions) need this interpreter's
+            # packages; pyspark would start "python3" from PATH. PYSPARK_PYTHON still wins.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 

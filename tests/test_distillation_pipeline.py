@@ -74,8 +74,33 @@ def test_soft_target_schema_and_determinism(chain):
     # Re-running with the same teacher rewrites identical rows.
     again = generate_soft_targets(DS, chain["catalog"], TINY)
     assert again["path"] == path and pq.read_table(f"{path}/users.parquet").equals(users)
+    assert again["engine"] == chain["soft_targets"]["engine"] == "numpy"  # far fewer users than spark_min_users
     dense = read_soft_targets(path, 200, 100)
     assert dense["has_targets"].sum() == users.num_rows and dense["item_embedding"].shape[1] == dim
+
+
+def test_numpy_and_spark_engines_write_the_same_targets(chain, spark):
+    from pipeline.soft_targets import generate_soft_targets
+
+    def run(**settings):
+        cfg = dataclasses.replace(TINY, soft_targets=dataclasses.replace(TINY.soft_targets, batch_size=16, **settings))
+        result = generate_soft_targets(DS, chain["catalog"], cfg, spark=spark)
+        path = Path(result["path"])
+        return result, path / "users.parquet", json.loads((path / "manifest.json").read_text())
+
+    # About 120 users in batches of 16; the numpy engine reads the known pairs in ranges of about 500.
+    local, local_file, local_manifest = run(pairs_per_chunk=500)
+    remote, remote_file, remote_manifest = run(spark_min_users=1)
+    assert (local["engine"], remote["engine"]) == ("numpy", "spark")
+    local_users = pq.read_table(local_file)
+    assert pq.read_table(remote_file).equals(local_users)
+    assert local_users.num_rows == local["users"] == remote["users"] > 16 * 6
+    assert {key for key in local_manifest.keys() | remote_manifest.keys()
+            if local_manifest.get(key) != remote_manifest.get(key)} == {"engine"}
+    assert (local_manifest["engine"], remote_manifest["engine"]) == ("numpy", "spark")
+    # The very same file: one row group per batch of 16 users in both.
+    assert pq.ParquetFile(local_file).metadata.num_row_groups == -(-local_users.num_rows // 16)
+    assert local_file.read_bytes() == remote_file.read_bytes()
 
 
 @pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])

@@ -217,17 +217,40 @@ class DistillConfig:
 class SoftTargetConfig:
     """Batch soft targets written by the teacher.
 
+    Both engines write the same rows: users are scored in the same batches of
+    ``batch_size`` consecutive users (in ``user_idx`` order), on which a score's last bits
+    depend.
+
     Attributes:
         top_k: Teacher candidates per user.
-        batch_size: Users scored per batch (memory is bounded by ``batch_size x items``).
+        batch_size: Users scored per batch (scores take ``batch_size x items`` floats).
+        pairs_per_chunk: The numpy engine reads the users' known (user, item) pairs in
+            ``user_idx`` ranges of about this many pairs (8 bytes each), which one pass over
+            the interactions spills to temporary files.
+        spark_min_users: Score on Spark when at least this many users get targets; below,
+            in this process with numpy.
+        spark_master: When set, always score on Spark, on this master (e.g.
+            ``spark://host:7077``; ``local[2]``); None: Spark only from ``spark_min_users``
+            users, on spark-submit's master or else ``local[*]``.
     """
 
     top_k: int = 100
     batch_size: int = 512
+    pairs_per_chunk: int = 4_000_000
+    spark_min_users: int = 2_000_000
+    spark_master: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "soft_targets.top_k must be >= 1")
         _check(self.batch_size >= 1, "soft_targets.batch_size must be >= 1")
+        _check(self.pairs_per_chunk >= 1, "soft_targets.pairs_per_chunk must be >= 1")
+        _check(self.spark_min_users >= 1, "soft_targets.spark_min_users must be >= 1")
+        _check(self.spark_master is None or (isinstance(self.spark_master, str) and self.spark_master.strip() != ""),
+               f"soft_targets.spark_master must be a master URL or null, got {self.spark_master!r}")
+
+    def engine(self, users: int) -> str:
+        """``"spark"`` or ``"numpy"``: the engine that scores ``users`` users."""
+        return "spark" if self.spark_master is not None or users >= self.spark_min_users else "numpy"
 
 
 @dataclasses.dataclass(frozen=True)
