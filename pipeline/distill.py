@@ -10,8 +10,11 @@ Loss per batch of interactions ``(user, item)``::
 
 All three terms are batch means, so alpha and beta weigh terms of comparable scale.
 
-The teacher is never trained or even loaded here: its scores and embeddings come from the
-soft-target Parquet and are held as non-trainable tensors. ``P`` (the hint projections)
+The teacher is never trained or even loaded here: its signal comes from the soft-target
+Parquet. Each user's top-K and embedding travel with the training pairs through ``tf.data``
+(:class:`~pipeline.soft_target_rows.UserSoftTargets`, memory-mapped), so no table of every
+user's targets is held in memory; the item embeddings, far fewer, are one non-trainable
+table. ``P`` (the hint projections)
 belongs to :class:`DistillationModel` only, so the exported student does not carry it.
 With ``alpha=1, beta=0`` (:meth:`PipelineConfig.plain_student`) the same code trains the
 plain student, the no-distillation baseline.
@@ -23,8 +26,6 @@ import dataclasses
 import json
 import logging
 
-import numpy as np
-
 import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -33,52 +34,58 @@ from pipeline import cli
 from pipeline.catalog import MANIFEST, METADATA, Catalog
 from pipeline.config import DistillConfig, PipelineConfig
 from pipeline.features import load_item_table, load_user_table, with_history_before_test
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, temp_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
 from pipeline.models import TwoTowerModel, build_student, export_retrieval, size_student
-from pipeline.soft_targets import read_soft_targets
+from pipeline.soft_target_rows import TeacherItems, UserSoftTargets, read_teacher_items
 from pipeline.training import seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
 
 class DistillationModel(tfrs.Model):
-    """A student plus the frozen teacher signal and the training-only hint projections."""
+    """A student plus the frozen teacher signal and the training-only hint projections.
 
-    def __init__(self, student: TwoTowerModel, targets: dict[str, np.ndarray], cfg: DistillConfig,
+    Each batch carries its users' teacher signal: ``teacher_topk [B, K]`` and
+    ``teacher_user [B, D]`` beside ``user_idx`` and ``item_idx`` (see :class:`UserSoftTargets`).
+    """
+
+    def __init__(self, student: TwoTowerModel, teacher_items: TeacherItems, cfg: DistillConfig,
                  retrieval_temperature: float, **kwargs):
         super().__init__(**kwargs)
         self.student = student
         self.cfg = cfg
-        frozen = lambda name: tf.Variable(targets[name], trainable=False, name=f"teacher_{name}")  # noqa: E731
-        self.teacher_topk = frozen("topk_item_idx")  # [users, K]
-        self.teacher_user = frozen("user_embedding")  # [users, D]
-        self.teacher_item = frozen("item_embedding")  # [items, D]
-        self.num_items = int(targets["item_embedding"].shape[0])
+        # Held whole: items are far fewer than users, and any batch may need any item.
+        self.teacher_item = tf.Variable(teacher_items.embedding, trainable=False, name="teacher_item_embedding")  # [items, D]
+        self.num_items = int(teacher_items.embedding.shape[0])
         # Scores -> logits, as each model was trained: its scores divided by its retrieval temperature.
-        self.teacher_scale = float(targets["logit_scale"])
+        self.teacher_scale = teacher_items.logit_scale
         self.student_scale = 1.0 / retrieval_temperature
-        teacher_dim = int(targets["user_embedding"].shape[1])
+        teacher_dim = int(teacher_items.embedding.shape[1])
         self.user_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_user")
         self.item_projection = tf.keras.layers.Dense(teacher_dim, use_bias=False, name="hint_projection_item")
-        top_k = int(targets["topk_item_idx"].shape[1])
-        self.soft_loss = SoftTargetLoss(cfg.distill_temperature, cfg.soft_loss, top_k, cfg.ranking_decay)
+        self.soft_loss = SoftTargetLoss(cfg.distill_temperature, cfg.soft_loss, teacher_items.top_k, cfg.ranking_decay)
         # Small catalogues: the soft targets are the teacher's distribution over every real item.
         full = cfg.soft_loss == "kl" and self.num_items - 1 <= cfg.full_catalogue_max_items
         self.catalogue = tf.range(1, self.num_items, dtype=tf.int32) if full else None
 
     def loss_terms(self, features: dict, training: bool = True) -> dict[str, tf.Tensor]:
-        """Every loss term of one batch by name, and their weighted ``loss``."""
+        """Every loss term of one batch by name, and their weighted ``loss``.
+
+        Args:
+            features: ``user_idx [B]``, ``item_idx [B]``, ``teacher_topk [B, K]``,
+                ``teacher_user [B, D]`` (and ``history``, which the hard loss uses).
+        """
         cfg = self.cfg
         users, items = features["user_idx"], features["item_idx"]
         hard = self.student.hard_loss(features, training=training)
         user_vec, user_hidden = self.student.query.embed(users, training=training)  # [B, d], [B, h]
-        teacher_user = tf.gather(self.teacher_user, users)
+        teacher_user = features["teacher_user"]  # [B, D]
         if self.catalogue is not None:  # every real item: [B, num_items - 1]
             student_logits = self.student_scale * tf.matmul(user_vec, self.student.candidate(self.catalogue, training=training), transpose_b=True)
             teacher_logits = self.teacher_scale * tf.matmul(teacher_user, tf.gather(self.teacher_item, self.catalogue), transpose_b=True)
         else:
-            student_logits, teacher_logits = self._sampled_logits(users, user_vec, teacher_user, training)
+            student_logits, teacher_logits = self._sampled_logits(features["teacher_topk"], user_vec, teacher_user, training)
         soft = self.soft_loss(teacher_logits, student_logits)
         _, item_hidden = self.student.candidate.embed(items, training=training)
         hint = hint_loss(self.user_projection(user_hidden), teacher_user) + hint_loss(
@@ -86,11 +93,11 @@ class DistillationModel(tfrs.Model):
         loss = cfg.alpha * hard + (1.0 - cfg.alpha) * soft + cfg.beta * hint
         return {"loss": loss, "hard_loss": hard, "soft_loss": soft, "hint_loss": hint}
 
-    def _sampled_logits(self, users: tf.Tensor, user_vec: tf.Tensor, teacher_user: tf.Tensor,
+    def _sampled_logits(self, teacher_topk: tf.Tensor, user_vec: tf.Tensor, teacher_user: tf.Tensor,
                         training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-        """Student and teacher logits ``[B, K+S]`` over each user's teacher top-K, then uniform negatives."""
-        negatives = tf.random.uniform([tf.shape(users)[0], self.cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
-        candidates = tf.concat([tf.gather(self.teacher_topk, users), negatives], axis=1)  # [B, K+S]
+        """Student and teacher logits ``[B, K+S]`` over each user's teacher top-K ``[B, K]``, then uniform negatives."""
+        negatives = tf.random.uniform([tf.shape(teacher_topk)[0], self.cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
+        candidates = tf.concat([teacher_topk, negatives], axis=1)  # [B, K+S]
         # Score each distinct candidate once ([B, U] matmuls), then pick every row's own list.
         unique, position = tf.unique(tf.reshape(candidates, [-1]))
         position = tf.reshape(position, tf.shape(candidates))
@@ -131,12 +138,14 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     soft_targets_dir = catalog.soft_targets(ds, cfg)
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    targets = read_soft_targets(soft_targets_dir, users.size, items.size)
-    trained = train_two_tower(
-        lambda u: DistillationModel(build_student(u, items, cfg), targets, cfg.distill, cfg.training.retrieval_temperature),
-        lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role)
-    student, fit, params = trained.model.student, trained.fit, trained.params
+    teacher_items = read_teacher_items(soft_targets_dir, items.size)
     final = catalog.student(ds, cfg, role)
+    with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
+        trained = train_two_tower(
+            lambda u: DistillationModel(build_student(u, items, cfg), teacher_items, cfg.distill, cfg.training.retrieval_temperature),
+            lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
+            user_columns=UserSoftTargets(soft_targets_dir, scratch))
+    student, fit, params = trained.model.student, trained.fit, trained.params
     soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
     meta = {
         "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -22,13 +22,29 @@ from pipeline.models import embed_all
 log = logging.getLogger(__name__)
 
 
+class UserColumns(Protocol):
+    """Per-user columns joined onto each training pair (the teacher's soft targets, for one).
+
+    Attributes:
+        specs: ``name -> tf.TensorSpec([None, ...])`` of each column.
+    """
+
+    specs: dict[str, tf.TensorSpec]
+
+    def __call__(self, user_idx: np.ndarray) -> dict[str, np.ndarray]:
+        """``user_idx [n]`` -> ``name -> [n, ...]`` rows of each column."""
+
+
 def interaction_dataset(features_dir: str | Path, split: str | tuple[str, ...], batch_size: int, shuffle_buffer: int, seed: int,
-                        sequences: Sequences | None = None, history_length: int = 0) -> tf.data.Dataset:
+                        sequences: Sequences | None = None, history_length: int = 0,
+                        user_columns: UserColumns | None = None) -> tf.data.Dataset:
     """Batches ``{"user_idx": [batch], "item_idx": [batch]}`` streamed from the feature Parquet.
 
     pyarrow reads record batches one at a time, so memory is bounded by the shuffle
     buffer, not by the number of interactions. With ``sequences`` each batch also holds
-    ``"history": [batch, history_length]``, the items the user touched before that pair.
+    ``"history": [batch, history_length]``, the items the user touched before that pair;
+    with ``user_columns``, each of its columns (joined per record batch, before the shuffle,
+    so the buffer holds them too).
     """
 
     def record_batches():
@@ -38,11 +54,15 @@ def interaction_dataset(features_dir: str | Path, split: str | tuple[str, ...], 
             out = {"user_idx": users, "item_idx": items}
             if sequences is not None:
                 out["history"] = sequences.histories(users, items, history_length)
+            if user_columns is not None:
+                out.update(user_columns(users))
             yield out
 
     spec = {name: tf.TensorSpec([None], tf.int32) for name in ("user_idx", "item_idx")}
     if sequences is not None:
         spec["history"] = tf.TensorSpec([None, history_length], tf.int32)
+    if user_columns is not None:
+        spec.update(user_columns.specs)
     return (
         tf.data.Dataset.from_generator(record_batches, output_signature=spec)
         .unbatch()
@@ -128,7 +148,7 @@ class Trained:
 
 def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
                     features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,
-                    label: str) -> Trained:
+                    label: str, user_columns: UserColumns | None = None) -> Trained:
     """Select the epochs on validation, then (``training.refit``) retrain on all that is known.
 
     The selection run fits on the train split and keeps the weights of the best validation
@@ -149,6 +169,7 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
         cfg: Settings (``training`` and ``evaluate``).
         epochs: Most epochs of the selection run.
         label: Name in the log lines.
+        user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`).
     """
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
@@ -159,7 +180,7 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
     watch = f"recall@{training.early_stopping_k}"
     model = _compiled(build(users), training)
-    dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training)
+    dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training, user_columns)
     fit = fit_with_early_stopping(model, dataset, epochs, training.patience, lambda m: validation(m)[watch], label)
     trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None)
     if not training.refit:
@@ -168,7 +189,7 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     seed_everything(training.seed)
     splits = ("train", "validation")
     model = _compiled(build(with_history_before_test(features_dir, users, num_items)), training)
-    dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training)
+    dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training, user_columns)
     history = []
     for epoch in range(1, fit.best_epoch + 1):
         tick = time.perf_counter()
@@ -187,11 +208,11 @@ def _compiled(model: tf.keras.Model, training: TrainingConfig) -> tf.keras.Model
 
 
 def _dataset(features_dir: str | Path, splits: tuple[str, ...], num_items: int, history_length: int,
-             training: TrainingConfig) -> tf.data.Dataset:
+             training: TrainingConfig, user_columns: UserColumns | None = None) -> tf.data.Dataset:
     """Training batches of ``splits``, each pair with its causal history when ``training.causal_history``."""
     sequences = load_sequences(features_dir, num_items, splits) if training.causal_history else None
     return interaction_dataset(features_dir, splits, training.batch_size, training.shuffle_buffer, training.seed,
-                               sequences, history_length)
+                               sequences, history_length, user_columns)
 
 
 def with_k(cfg: EvalConfig, k: int) -> EvalConfig:

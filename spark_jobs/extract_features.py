@@ -237,8 +237,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
 
     raw_count = sum(f.rows for f in inputs.files)  # from the footers: Spark reads exactly these rows
     with spark_stage("reading raw events", where):  # e.g. a corrupt page surfaces only here
-        # The one cached copy of the events: the checks, the quarantine and the transform read it.
-        distinct = deduplicate_events(inputs.events).cache()
+        distinct = deduplicate_events(inputs.events).cache()  # the one cached copy of the events
         deduped_count = distinct.count()
         deduped = with_event_id_copies(distinct, conflicting_event_ids(distinct).cache())
     if deduped_count < cfg.min_events:
@@ -248,7 +247,6 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     checks: dict[str, dict] = {}
     if validate_data:
         checks["raw"] = validate({"raw_events": deduped}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
-
     flagged = flag_invalid_events(deduped, window_start, window_end)
     with spark_stage("applying the quarantine rules", where):
         by_reason = {r["quarantine_reason"]: r["count"] for r in flagged.where(F.col("quarantine_reason").isNotNull()).groupBy("quarantine_reason").count().collect()}
@@ -275,10 +273,10 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             if validate_data:
                 checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")
             split_counts = {r["split"]: r["count"] for r in written["interactions"].groupBy("split").count().collect()}
-            capped = tables.over_cap.agg(F.count(F.lit(1)).alias("users"), F.sum("dropped").alias("dropped")).first()
-            if capped["users"]:
-                log.warning("%d user(s) over features.max_user_interactions=%d: their %d oldest interaction(s) dropped",
-                            capped["users"], cfg.max_user_interactions, capped["dropped"])
+            over_cap = tables.over_cap.first()
+            if over_cap["users"]:
+                log.warning("%d user(s) over features.max_user_interactions=%d: %d oldest interaction(s) dropped",
+                            over_cap["users"], cfg.max_user_interactions, over_cap["interactions"])
             manifest = {
                 "ds": ds.isoformat(),
                 "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
@@ -293,8 +291,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
                     "quarantined_by_reason": dict(sorted(by_reason.items())),
                     "valid_events": deduped_count - quarantined,
                     "interactions_by_split": {s: split_counts.get(s, 0) for s in SPLITS},
-                    "users_over_cap": int(capped["users"]),
-                    "interactions_over_cap": int(capped["dropped"] or 0),
+                    "users_over_cap": over_cap["users"], "interactions_over_cap": over_cap["interactions"],
                 },
                 "tables": {name: {"rows": written[name].count(), **schemas[name]} for name in schemas},
                 "validation": checks,

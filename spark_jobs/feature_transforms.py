@@ -36,7 +36,7 @@ class FeatureTables:
     item_features: DataFrame
     user_vocab: DataFrame
     item_vocab: DataFrame
-    over_cap: DataFrame  # (user_id, dropped): users beyond features.max_user_interactions; not written
+    over_cap: DataFrame  # one row: users beyond features.max_user_interactions, interactions dropped; not written
 
     def as_dict(self) -> dict[str, DataFrame]:
         """The tables to write, by name."""
@@ -319,7 +319,8 @@ def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end:
     # Every output table derives from these three; caching them keeps each computed once.
     capped = split_interactions(build_interactions(events, cfg), cfg).cache()
     split = capped.where(F.col("split").isNotNull())
-    over_cap = capped.where(F.col("split").isNull()).groupBy("user_id").agg(F.count(F.lit(1)).alias("dropped"))
+    over_cap = capped.where(F.col("split").isNull()).agg(
+        F.countDistinct("user_id").alias("users"), F.count(F.lit(1)).alias("interactions"))
     user_vocab = build_vocab(split, "user_id", "user_idx").cache()
     item_vocab = build_vocab(split.select("item_id").unionByName(items.select("item_id")), "item_id", "item_idx").cache()
     interactions = (

@@ -103,38 +103,85 @@ def test_numpy_and_spark_engines_write_the_same_targets(chain, spark):
     assert local_file.read_bytes() == remote_file.read_bytes()
 
 
-@pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])
-def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain, full_catalogue_max_items):
+def _model_and_batch(chain, scratch, distill):
+    """A distillation model on the chain's soft targets, and a batch of four pairs of users with
+    targets (unsorted, one repeated) carrying their rows as the training stream does."""
     from pipeline.distill import DistillationModel
     from pipeline.features import load_item_table, load_user_table
     from pipeline.models import build_student
-    from pipeline.soft_targets import read_soft_targets
+    from pipeline.soft_target_rows import UserSoftTargets, read_teacher_items
 
-    features = chain["catalog"].features(DS)
+    features, path = chain["catalog"].features(DS), chain["soft_targets"]["path"]
     users, items = load_user_table(features), load_item_table(features)
-    targets = read_soft_targets(chain["soft_targets"]["path"], users.size, items.size)
+    model = DistillationModel(build_student(users, items, TINY), read_teacher_items(path, items.size), distill,
+                              TINY.training.retrieval_temperature)
+    with_targets = pq.read_table(f"{path}/users.parquet", columns=["user_idx"]).column("user_idx").to_numpy()
+    user_idx = with_targets[[3, 0, 3, 7]]
+    batch = {"user_idx": tf.constant(user_idx, tf.int32), "item_idx": tf.constant([4, 5, 6, 7], tf.int32),
+             **{name: tf.constant(rows) for name, rows in UserSoftTargets(path, scratch)(user_idx).items()}}
+    return model, batch, users, items
+
+
+@pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])
+def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain, tmp_path, full_catalogue_max_items):
     distill = dataclasses.replace(TINY.distill, full_catalogue_max_items=full_catalogue_max_items)
-    model = DistillationModel(build_student(users, items, TINY), targets, distill, TINY.training.retrieval_temperature)
+    model, batch, users, _ = _model_and_batch(chain, tmp_path, distill)
     assert (model.catalogue is not None) == (full_catalogue_max_items > 0)
-    teacher_vars = [model.teacher_topk, model.teacher_user, model.teacher_item]
-    batch = {"user_idx": tf.constant([1, 2, 3], tf.int32), "item_idx": tf.constant([4, 5, 6], tf.int32)}
     with tf.GradientTape(persistent=True) as tape:
         terms = model.loss_terms(batch)
     assert set(terms) == {"loss", "hard_loss", "soft_loss", "hint_loss"}
-    assert all(tape.gradient(terms["loss"], v) is None for v in teacher_vars)
+    assert tape.gradient(terms["loss"], model.teacher_item) is None
     assert not any(v.name.startswith("teacher_") for v in model.trainable_variables)
+    # No table of every user's targets: besides the student's own, no variable has a row per user.
+    student = {id(v) for v in model.student.variables}
+    assert not any(v.shape[0] == users.size for v in model.variables if id(v) not in student)
     projection = [v for v in model.trainable_variables if "hint_projection" in v.name]
     assert projection and all(tape.gradient(terms["loss"], v) is not None for v in projection)
-    before = [v.numpy().copy() for v in teacher_vars]
+    before = model.teacher_item.numpy().copy()
     model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
     model.fit(tf.data.Dataset.from_tensors(batch).repeat(3), verbose=0)
-    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, teacher_vars))
+    assert np.array_equal(before, model.teacher_item.numpy())
 
     exported = tf.saved_model.load(f"{chain['student']['path']}/saved_model")
     names = [v.name for v in exported.variables]
     assert names and not any("hint_projection" in n or n.startswith("teacher_") for n in names)
     scores, ids = exported(tf.constant(users.user_ids[1:4].astype(str)))
     assert scores.shape == (3, TINY.serving.top_k) and ids.dtype == tf.string
+
+
+@pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])
+def test_loss_terms_from_streamed_rows_equal_the_dense_table_formula(chain, tmp_path, full_catalogue_max_items):
+    from pipeline.soft_targets import read_soft_targets
+
+    distill = dataclasses.replace(TINY.distill, alpha=0.3, beta=0.2, full_catalogue_max_items=full_catalogue_max_items)
+    model, batch, users, items = _model_and_batch(chain, tmp_path, distill)
+    model.loss_terms(batch, training=False)  # builds every layer, so no initializer draws from the seed below
+    tf.random.set_seed(11)
+    terms = {name: float(value) for name, value in model.loss_terms(batch, training=False).items()}
+
+    # The formula as it was: every teacher row gathered by user_idx from dense [num_users, ...] tables.
+    dense = read_soft_targets(chain["soft_targets"]["path"], users.size, items.size)
+    user_idx, item_idx = batch["user_idx"].numpy(), batch["item_idx"].numpy()
+    student = model.student
+    user_vec, user_hidden = student.query.embed(batch["user_idx"])
+    teacher_user = dense["user_embedding"][user_idx]  # [B, D]
+    if full_catalogue_max_items:
+        candidates = np.tile(np.arange(1, items.size), (len(user_idx), 1))
+    else:
+        tf.random.set_seed(11)  # the same negatives as inside loss_terms
+        negatives = tf.random.uniform([len(user_idx), distill.sampled_negatives], 1, items.size, dtype=tf.int32).numpy()
+        candidates = np.concatenate([dense["topk_item_idx"][user_idx], negatives], axis=1)
+    student_items = student.candidate(tf.constant(candidates.reshape(-1))).numpy().reshape(*candidates.shape, -1)
+    student_logits = np.einsum("bd,bcd->bc", user_vec.numpy(), student_items) / TINY.training.retrieval_temperature
+    teacher_logits = dense["logit_scale"] * np.einsum("bd,bcd->bc", teacher_user, dense["item_embedding"][candidates])
+    soft = float(model.soft_loss(tf.constant(teacher_logits), tf.constant(student_logits)))
+    _, item_hidden = student.candidate.embed(batch["item_idx"])
+    hint = float(np.mean((model.user_projection(user_hidden).numpy() - teacher_user) ** 2)
+                 + np.mean((model.item_projection(item_hidden).numpy() - dense["item_embedding"][item_idx]) ** 2))
+    hard = float(student.hard_loss(batch))
+    expected = {"hard_loss": hard, "soft_loss": soft, "hint_loss": hint, "loss": 0.3 * hard + 0.7 * soft + 0.2 * hint}
+    assert soft > 0 and hint > 0
+    assert terms == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
