@@ -7,8 +7,7 @@ extract (read the window) -> transform (pure DataFrame functions) -> load (atomi
 
 Output, under ``<out>/ds=<ds>/`` (renamed into place only after every check passed)::
 
-    interactions/split=<train|validation|test>/   one row per (user, item)
-    user_features/  item_features/  user_vocab/  item_vocab/
+    interactions/split=<train|validation|test>/   one row per (user, item); user_features/ item_features/ user_vocab/ item_vocab/
     quarantine/                                   invalid rows, with the reason
     manifest.json                                 counts, schemas, input files, config
 
@@ -44,8 +43,8 @@ from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_failure, spark_session  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
 from spark_jobs.feature_transforms import (  # noqa: E402
-    check_raw_schema, conflicting_event_ids, deduplicate_events, events_from_storage, flag_invalid_events, keep_last_per_key, transform,
-    with_event_id_copies,
+    BROADCAST_CONFLICTS_MAX, check_raw_schema, conflicting_event_ids, deduplicate_events, events_from_storage, flag_invalid_events,
+    keep_last_per_key, transform, with_event_id_copies,
 )
 
 from py4j.protocol import Py4JJavaError  # noqa: E402
@@ -239,7 +238,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     with spark_stage("reading raw events", where):  # e.g. a corrupt page surfaces only here
         distinct = deduplicate_events(inputs.events).cache()  # the one cached copy of the events
         deduped_count = distinct.count()
-        deduped = with_event_id_copies(distinct, conflicting_event_ids(distinct).cache())
+        conflicting = conflicting_event_ids(distinct).cache()
+        deduped = with_event_id_copies(distinct, conflicting, broadcast=conflicting.count() <= BROADCAST_CONFLICTS_MAX)
     if deduped_count < cfg.min_events:
         raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end} under {events_dir}, "
                              f"need >= {cfg.min_events} (features.min_events)")

@@ -22,6 +22,7 @@ from pipeline.data.raw_files import schema_problems
 from pipeline.features import SPLITS
 
 RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
+BROADCAST_CONFLICTS_MAX = 1_000_000  # conflicting event_ids sent to every task at most (a few tens of MB)
 
 
 TABLES = ("interactions", "user_features", "item_features", "user_vocab", "item_vocab")
@@ -129,15 +130,17 @@ def conflicting_event_ids(distinct: DataFrame) -> DataFrame:
     )
 
 
-def with_event_id_copies(distinct: DataFrame, conflicting: DataFrame) -> DataFrame:
+def with_event_id_copies(distinct: DataFrame, conflicting: DataFrame, broadcast: bool) -> DataFrame:
     """The distinct events and ``event_id_copies``, how many distinct events share the row's
     ``event_id`` (1 unless it is in ``conflicting``), the conflict rule's input.
 
-    A shuffled hash join built on the conflicting ids (a data fault, so few) over the same
-    partitioning: the events are neither moved nor sorted.
+    Neither join moves or sorts the events. ``broadcast`` (when the conflicting ids, a data
+    fault, are few: every later scan then costs a hash lookup per row) sends them to every
+    task; otherwise a shuffled hash join is built on them over the events' partitioning.
     """
+    conflicting = F.broadcast(conflicting) if broadcast else conflicting.hint("shuffle_hash")
     return (
-        distinct.join(conflicting.hint("shuffle_hash"), on="event_id", how="left")
+        distinct.join(conflicting, on="event_id", how="left")
         .select(*RAW_COLUMNS, F.coalesce(F.col(EVENT_ID_COPIES), F.lit(1)).alias(EVENT_ID_COPIES))
     )
 

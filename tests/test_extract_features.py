@@ -34,8 +34,8 @@ def frame(spark, rows):
     return transforms.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
 
 
-def with_copies(distinct):
-    return transforms.with_event_id_copies(distinct, transforms.conflicting_event_ids(distinct))
+def with_copies(distinct, broadcast=True):
+    return transforms.with_event_id_copies(distinct, transforms.conflicting_event_ids(distinct), broadcast)
 
 
 def job_schema():
@@ -115,13 +115,14 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
     distinct = transforms.deduplicate_events(frame(spark, rows))
     assert distinct.count() == len(rows) - 1
     assert [(r.event_id, r.event_id_copies) for r in transforms.conflicting_event_ids(distinct).collect()] == [("e3", 2)]
-    flagged = transforms.flag_invalid_events(with_copies(distinct), dt.date(2024, 1, 1), DS)
-    reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
-    assert reasons == {
-        "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
-        "e3/i2": "conflicting_event_id", "e3/i9": "conflicting_event_id", "e12/i3": "invalid_value",
-    }
-    assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
+    for broadcast in (True, False):
+        flagged = transforms.flag_invalid_events(with_copies(distinct, broadcast), dt.date(2024, 1, 1), DS)
+        reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
+        assert reasons == {
+            "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
+            "e3/i2": "conflicting_event_id", "e3/i9": "conflicting_event_id", "e12/i3": "invalid_value",
+        }
+        assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
 
 
 def test_blank_ids_and_non_finite_values_are_quarantined(spark):
