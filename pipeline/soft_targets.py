@@ -34,18 +34,16 @@ re-running writes the same rows.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import cli
-from pipeline.catalog import MANIFEST, Catalog, require
+from pipeline.catalog import MANIFEST, Catalog
 from pipeline.config import PipelineConfig, SoftTargetConfig
 from pipeline.features import count_users_with_interactions, stream_user_items
 from pipeline.io import atomic_dir, write_json
@@ -128,38 +126,6 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark:
     log.info("wrote soft targets for %d users (K=%d, %s) to %s in %.1fs", users, scorer.k, engine, out, seconds)
     return {"path": str(out), "teacher_version": scorer.meta["version"], "users": users, "k": scorer.k, "dim": scorer.dim,
             "engine": engine, "seconds": seconds}
-
-
-def read_soft_targets(path: str | Path, num_users: int, num_items: int) -> dict[str, np.ndarray]:
-    """Load soft targets into dense tables indexed by ``user_idx`` / ``item_idx``.
-
-    Returns:
-        ``topk_item_idx [num_users, K]``, ``topk_scores [num_users, K]``,
-        ``user_embedding [num_users, D]``, ``item_embedding [num_items, D]`` and
-        ``has_targets [num_users]`` (False for users without train interactions).
-    """
-    path = require(Path(path), MANIFEST, "soft targets", "run soft_targets first")
-    manifest = json.loads((path / MANIFEST).read_text())
-    k, dim = manifest["k"], manifest["dim"]
-    table = pq.read_table(path / "users.parquet")
-    rows = table.column("user_idx").to_numpy()
-
-    def matrix(name: str, width: int) -> np.ndarray:
-        return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, width)
-
-    out = {
-        "topk_item_idx": np.zeros((num_users, k), np.int32), "topk_scores": np.zeros((num_users, k), np.float32),
-        "user_embedding": np.zeros((num_users, dim), np.float32), "has_targets": np.zeros(num_users, bool),
-    }
-    out["topk_item_idx"][rows] = matrix("topk_item_idx", k)
-    out["topk_scores"][rows] = matrix("topk_scores", k)
-    out["user_embedding"][rows] = matrix("teacher_user_embedding", dim)
-    out["has_targets"][rows] = True
-    out["logit_scale"] = float(manifest["logit_scale"])
-    items = pq.read_table(path / "items.parquet")
-    out["item_embedding"] = np.zeros((num_items, dim), np.float32)
-    out["item_embedding"][items.column("item_idx").to_numpy()] = items.column("teacher_item_embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return out
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,39 @@ TINY = load_config({
 })
 
 
+def read_soft_targets(path, num_users: int, num_items: int) -> dict[str, np.ndarray]:
+    """The soft targets as dense tables indexed by ``user_idx`` / ``item_idx``: the reference
+    the streamed rows are checked against (distillation never loads them like this).
+
+    Returns:
+        ``topk_item_idx [num_users, K]``, ``topk_scores [num_users, K]``,
+        ``user_embedding [num_users, D]``, ``item_embedding [num_items, D]`` and
+        ``has_targets [num_users]`` (False for users without train interactions).
+    """
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    k, dim = manifest["k"], manifest["dim"]
+    table = pq.read_table(path / "users.parquet")
+    rows = table.column("user_idx").to_numpy()
+
+    def matrix(name: str, width: int) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, width)
+
+    out = {
+        "topk_item_idx": np.zeros((num_users, k), np.int32), "topk_scores": np.zeros((num_users, k), np.float32),
+        "user_embedding": np.zeros((num_users, dim), np.float32), "has_targets": np.zeros(num_users, bool),
+    }
+    out["topk_item_idx"][rows] = matrix("topk_item_idx", k)
+    out["topk_scores"][rows] = matrix("topk_scores", k)
+    out["user_embedding"][rows] = matrix("teacher_user_embedding", dim)
+    out["has_targets"][rows] = True
+    out["logit_scale"] = float(manifest["logit_scale"])
+    items = pq.read_table(path / "items.parquet")
+    out["item_embedding"] = np.zeros((num_items, dim), np.float32)
+    out["item_embedding"][items.column("item_idx").to_numpy()] = items.column("teacher_item_embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return out
+
+
 @pytest.fixture(scope="module")
 def chain(spark, tmp_path_factory):
     """Features, teacher, soft targets and student for one tiny synthetic log."""
@@ -53,7 +86,7 @@ def test_chain_runs_end_to_end(chain):
 
 
 def test_soft_target_schema_and_determinism(chain):
-    from pipeline.soft_targets import generate_soft_targets, read_soft_targets
+    from pipeline.soft_targets import generate_soft_targets
 
     path = chain["soft_targets"]["path"]
     users = pq.read_table(f"{path}/users.parquet")
@@ -151,8 +184,6 @@ def test_teacher_gets_no_gradient_and_hint_projection_is_not_exported(chain, tmp
 
 @pytest.mark.parametrize("full_catalogue_max_items", [20_000, 0], ids=["whole-catalogue soft loss", "top-K + sampled soft loss"])
 def test_loss_terms_from_streamed_rows_equal_the_dense_table_formula(chain, tmp_path, full_catalogue_max_items):
-    from pipeline.soft_targets import read_soft_targets
-
     distill = dataclasses.replace(TINY.distill, alpha=0.3, beta=0.2, full_catalogue_max_items=full_catalogue_max_items)
     model, batch, users, items = _model_and_batch(chain, tmp_path, distill)
     model.loss_terms(batch, training=False)  # builds every layer, so no initializer draws from the seed below
