@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: make `pipeline` and `bench` impo
 from bench.feature_results import machine_info  # noqa: E402
 from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs, world_shape  # noqa: E402
 from bench.process_measure import measure_process  # noqa: E402
+from pipeline.catalog import MANIFEST, date_partition  # noqa: E402
 
 log = logging.getLogger("bench.scale")
 
@@ -83,7 +84,7 @@ def run_size(events: int, keep_data: bool) -> dict:
         if measured.returncode != 0:
             tasks[task]["error"] = "\n".join(measured.stderr.strip().splitlines()[-15:])
             break
-    manifest = data_root / "features" / f"ds={DS.isoformat()}" / "manifest.json"
+    manifest = date_partition(data_root / "features", DS.isoformat()) / MANIFEST
     counts = json.loads(manifest.read_text())["counts"] if manifest.exists() else {}
     if not keep_data:
         shutil.rmtree(data_root, ignore_errors=True)
