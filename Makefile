@@ -13,7 +13,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(C
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False RECSYS_DATA_ROOT=$(CURDIR)/$(DATA) PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
 	AIRFLOW_CONN_RECSYS_SPARK='{"conn_type": "spark", "host": "local[2]"}'
 
-.PHONY: install test demo airflow services services-stop services-status bench bench-quality clean
+.PHONY: install test demo airflow services services-stop services-status bench bench-scale bench-quality clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ services-status: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	$(PY) bench/features.py
+
+# The whole pipeline on 1M / 3M / 10M synthetic events (about an hour on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) bench/scale.py
 
 # Quality over 5 paired seeds on ML-100K and on a synthetic set of another shape, then the
 # serving-cost curve of the exported teacher and student (results in bench/results/).

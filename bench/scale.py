@@ -1,7 +1,7 @@
 """Benchmark the whole pipeline on synthetic logs of growing size: wall time, CPU and peak RSS per task.
 
-Run as ``.venv/bin/python bench/scale.py [--sizes 1000000 3000000 10000000]
-[--out bench/results/scale]``.
+Run as ``make bench-scale`` (installs the benchmark requirements first), or
+``.venv/bin/python bench/scale.py [--sizes 1000000 3000000 10000000] [--out bench/results/scale]``.
 
 For each size it generates a synthetic raw log once (under ``bench/work/``, users and items
 growing with the events: :func:`bench.features.world_shape`), then runs the DAG's heavy

@@ -345,6 +345,17 @@ def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
     assert not (tmp_path / "out" / f"ds={DS}").exists()
 
 
+def test_gx_raw_suite_checks_conflicting_event_ids_on_the_copies_count_with_examples(spark, tmp_path):
+    # e1 and e2 sent again with other content: 4 of 10 distinct events share an event_id.
+    rows = ALICE_BOB + [event("e1", "alice", "i6", "view", ts(1, 8)), event("e2", "bob", "i1", "purchase", ts(1, 9), value=3.0)]
+    raw = write_raw(tmp_path / "raw", rows, ITEMS)
+    with pytest.raises(DataValidationError) as caught:
+        job.run(spark, raw, tmp_path / "out", DS, CFG)
+    # The passing-night pass computes counts only; the failing table is validated again for examples.
+    assert "raw_events: expect_column_values_to_be_between(event_id_copies): 4 of 10 rows unexpected (40.00%), e.g. [2, 2, 2, 2]" in str(caught.value)
+    assert not (tmp_path / "out" / f"ds={DS}").exists()
+
+
 def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch):
     import time as time_module
 
