@@ -22,11 +22,10 @@ from pipeline.evaluation import (
     directory_bytes,
     evaluate_scorer,
     fit_als,
-    fold_in_users,
     limit_tf_threads,
     measure_latency,
 )
-from pipeline.features import load_item_table, load_user_table
+from pipeline.features import load_item_table, load_user_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +72,27 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
     champion_dir = catalog.confine(champion_dir) if champion_dir else None
     limit_tf_threads()
     features_dir = catalog.features(ds)
-    users, items = load_user_table(features_dir), load_item_table(features_dir)
+    user_ids, items = load_user_ids(features_dir), load_item_table(features_dir)
     test = lambda scorer: evaluate_scorer(scorer, features_dir, "test", cfg.evaluate)  # noqa: E731
     models: dict[str, dict] = {}
     for name, directory in exported.items():
         saved_model = directory / "saved_model"
         meta = json.loads((directory / METADATA).read_text())
-        models[name] = {**test(SavedModelScorer(saved_model, users.user_ids, items.item_ids)),
+        models[name] = {**test(SavedModelScorer(saved_model, user_ids, items.item_ids)),
                         "trainable_params": meta["trainable_params"], "saved_model_bytes": directory_bytes(saved_model)}
     if champion_dir:
-        models["champion"] = {**test(SavedModelScorer(champion_dir, users.user_ids, items.item_ids)),
+        models["champion"] = {**test(SavedModelScorer(champion_dir, user_ids, items.item_ids)),
                               "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir)}
     if baselines:
         models["most_popular"] = test(MostPopularScorer(items.popularity))
         # Parameters from train only, users represented by everything before the test items
-        # (as the exported towers' histories): ALS folds in train + validation. als_refit also
-        # learns from validation: what retraining on the newest interactions would buy.
-        als = fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark)
-        models["als"] = test(fold_in_users(als, features_dir, ("train", "validation"), cfg.evaluate))
+        # (as the exported towers' histories are: the scorer folds each user in from train +
+        # validation). als_refit also learns from validation: what retraining on the newest
+        # interactions would buy.
+        models["als"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark))
         models["als_refit"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark, splits=("train", "validation")))
     if latency:
-        sample = users.user_ids[1:]
+        sample = user_ids[1:]
         for _ in range(2):  # two interleaved rounds, the second (warm) one is kept
             for name, directory in exported.items():
                 models[name].update(measure_latency(directory / "saved_model", sample, cfg.evaluate))

@@ -33,9 +33,9 @@ def _interactions(features_dir: str | Path) -> pads.Dataset:
     return pads.dataset(Path(features_dir) / "interactions", format="parquet", partitioning="hive")
 
 
-def stream_interactions(features_dir: str | Path, split: str | Sequence[str],
-                        batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``user_idx``, ``item_idx``, ``weight`` of one split (or several), in file order.
+def stream_interactions(features_dir: str | Path, split: str | Sequence[str], batch_rows: int = 65_536,
+                        columns: Sequence[str] = ("user_idx", "item_idx", "weight")) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` of one split's interactions (or several splits'), in file order.
 
     The feature job writes interactions in a pseudo-random (hashed) order, so a streaming
     shuffle buffer mixes users well.
@@ -44,18 +44,11 @@ def stream_interactions(features_dir: str | Path, split: str | Sequence[str],
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    scanner = _interactions(features_dir).scanner(
-        columns=["user_idx", "item_idx", "weight"], filter=pc.field("split").isin(splits), batch_size=batch_rows
-    )
+    scanner = _interactions(features_dir).scanner(columns=list(columns), filter=pc.field("split").isin(splits),
+                                                  batch_size=batch_rows)
     for batch in scanner.to_batches():
         if batch.num_rows:
             yield batch
-
-
-def load_split_pairs(features_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All ``(user_idx, item_idx)`` pairs of one split as two int32 arrays (for evaluation)."""
-    table = _interactions(features_dir).to_table(columns=["user_idx", "item_idx"], filter=pc.field("split") == split)
-    return table.column("user_idx").to_numpy().astype(np.int32), table.column("item_idx").to_numpy().astype(np.int32)
 
 
 def count_users_with_interactions(features_dir: str | Path, splits: Sequence[str]) -> int:
@@ -64,15 +57,26 @@ def count_users_with_interactions(features_dir: str | Path, splits: Sequence[str
     return pads.dataset(Path(features_dir) / "user_features", format="parquet").count_rows(filter=total > 0)
 
 
-def stream_user_items(features_dir: str | Path, splits: Sequence[str], n_users: int, spill_dir: str | Path,
-                      pairs_per_chunk: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """Every user with interactions in ``splits``, in ``user_idx`` order, with its items; chunk by chunk.
+def user_index_bound(features_dir: str | Path, splits: Sequence[str]) -> int:
+    """``1 +`` the largest ``user_idx`` among the interactions of ``splits`` (one column scan)."""
+    batches = stream_interactions(features_dir, splits, columns=["user_idx"])
+    largest = (pc.max(batch.column("user_idx")).as_py() for batch in batches)
+    return 1 + max(largest, default=0)
+
+
+# How stream_user_ranges spills each column ("split" as its position in SPLITS).
+_RANGE_DTYPES = {"user_idx": np.int32, "item_idx": np.int32, "weight": np.float32, "split": np.int8}
+
+
+def stream_user_ranges(features_dir: str | Path, splits: Sequence[str], n_users: int, spill_dir: str | Path,
+                       pairs_per_chunk: int, columns: Sequence[str] = ("user_idx", "item_idx")) -> Iterator[np.ndarray]:
+    """The interactions of ``splits``, one ``user_idx`` range at a time, each range sorted by ``user_idx``.
 
     The interactions are stored in hashed order, so a user's pairs are spread over every
     file. One pass appends each pair to the spill file of its ``user_idx`` range (ranges of
-    about ``pairs_per_chunk`` pairs on average); each range is then read back and grouped by
-    user. Memory holds one record batch or one range's pairs, and the data is read once
-    (a scan per range, filtered on ``user_idx``, would read all of it once per range).
+    about ``pairs_per_chunk`` pairs on average); each range is then read back and sorted.
+    Memory holds one record batch or one range's pairs, and the data is read once (a scan
+    per range, filtered on ``user_idx``, would read all of it once per range).
 
     Args:
         features_dir: A published feature set.
@@ -80,34 +84,52 @@ def stream_user_items(features_dir: str | Path, splits: Sequence[str], n_users: 
         n_users: User vocabulary size (``user_idx`` < ``n_users``).
         spill_dir: A directory for the spill files (deleted as they are read back).
         pairs_per_chunk: About how many pairs a range holds.
+        columns: Fields of the records, among ``user_idx`` (always kept), ``item_idx``,
+            ``weight`` and ``split`` (int8, the position in :data:`SPLITS`).
+
+    Yields:
+        Structured arrays with ``columns`` as fields; ranges ascend, and within a range
+        each user's pairs keep their stored order.
+    """
+    splits, columns = list(splits), ["user_idx", *(c for c in columns if c != "user_idx")]
+    record = np.dtype([(c, _RANGE_DTYPES[c]) for c in columns])
+    pairs = _interactions(features_dir).count_rows(filter=pc.field("split").isin(splits))
+    width = max(1, -(-n_users // max(1, -(-pairs // pairs_per_chunk))))
+    spill_dir = Path(spill_dir)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    spilled: set[int] = set()
+    for batch in stream_interactions(features_dir, splits, columns=columns):
+        rows = np.empty(batch.num_rows, dtype=record)
+        for c in columns:
+            values = pc.index_in(batch.column(c), pa.array(SPLITS)) if c == "split" else batch.column(c)
+            rows[c] = values.to_numpy(zero_copy_only=False)
+        chunk = rows["user_idx"] // width
+        order = np.argsort(chunk, kind="stable")
+        present, starts = np.unique(chunk[order], return_index=True)
+        for c, positions in zip(present, np.split(order, starts[1:])):
+            with open(spill_dir / f"{c}.pairs", "ab") as spill:
+                rows[positions].tofile(spill)
+            spilled.add(int(c))
+    for c in sorted(spilled):
+        path = spill_dir / f"{c}.pairs"
+        rows = np.fromfile(path, dtype=record)
+        path.unlink()
+        yield rows[np.argsort(rows["user_idx"], kind="stable")]
+
+
+def stream_user_items(features_dir: str | Path, splits: Sequence[str], n_users: int, spill_dir: str | Path,
+                      pairs_per_chunk: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Every user with interactions in ``splits``, in ``user_idx`` order, with its items; chunk by chunk.
+
+    See :func:`stream_user_ranges` for the arguments and the memory bound.
 
     Yields:
         ``(users [m] int32 ascending, items)``: ``items[j]`` holds user ``users[j]``'s item indices.
     """
-    splits = list(splits)
-    pairs = _interactions(features_dir).count_rows(filter=pc.field("split").isin(splits))
-    chunks = max(1, -(-pairs // pairs_per_chunk))
-    width = max(1, -(-n_users // chunks))
-    spill_dir = Path(spill_dir)
-    spill_dir.mkdir(parents=True, exist_ok=True)
-    spilled: set[int] = set()
-    for batch in stream_interactions(features_dir, splits):
-        users = batch.column("user_idx").to_numpy().astype(np.int32)
-        items = batch.column("item_idx").to_numpy().astype(np.int32)
-        chunk = users // width
-        order = np.argsort(chunk, kind="stable")
-        present, starts = np.unique(chunk[order], return_index=True)
-        for c, rows in zip(present, np.split(order, starts[1:])):
-            with open(spill_dir / f"{c}.pairs", "ab") as spill:
-                np.stack([users[rows], items[rows]], axis=1).tofile(spill)
-            spilled.add(int(c))
-    for c in sorted(spilled):
-        path = spill_dir / f"{c}.pairs"
-        chunk_pairs = np.fromfile(path, dtype=np.int32).reshape(-1, 2)
-        path.unlink()
-        chunk_pairs = chunk_pairs[np.argsort(chunk_pairs[:, 0], kind="stable")]
-        firsts = np.flatnonzero(np.r_[True, chunk_pairs[1:, 0] != chunk_pairs[:-1, 0]])
-        yield chunk_pairs[firsts, 0], np.split(chunk_pairs[:, 1], firsts[1:])
+    for rows in stream_user_ranges(features_dir, splits, n_users, spill_dir, pairs_per_chunk):
+        users, items = rows["user_idx"], np.ascontiguousarray(rows["item_idx"])
+        firsts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        yield users[firsts], np.split(items, firsts[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +265,14 @@ def _codes(values: pa.Array) -> np.ndarray:
     strings = values.to_pylist()
     vocabulary = {v: i + 1 for i, v in enumerate(sorted({v for v in strings if v is not None}))}
     return np.array([vocabulary.get(v, 0) for v in strings], dtype=np.int32)
+
+
+def load_user_ids(features_dir: str | Path) -> np.ndarray:
+    """``[n_users]`` original user ids, row ``user_idx`` (``""`` at 0): the users' vocabulary alone."""
+    table = pads.dataset(Path(features_dir) / "user_features", format="parquet").to_table(columns=["user_idx", "user_id"])
+    user_ids = np.full(int(pc.max(table.column("user_idx")).as_py() or 0) + 1, "", dtype=object)
+    user_ids[table.column("user_idx").to_numpy()] = table.column("user_id").to_numpy(zero_copy_only=False)
+    return user_ids
 
 
 def load_user_table(features_dir: str | Path, history_length: int | None = None) -> UserTable:

@@ -14,7 +14,7 @@ import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from pipeline.config import EvalConfig, PipelineConfig, TrainingConfig
-from pipeline.evaluation import EmbeddingScorer, evaluate_scorer
+from pipeline.evaluation import QueryScorer, evaluate_scorer
 from pipeline.evaluation.serving_cost import count_trainable_params
 from pipeline.features import Sequences, UserTable, load_sequences, stream_interactions, with_history_before_test
 from pipeline.models import embed_all
@@ -173,7 +173,9 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     """
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
-        scorer = EmbeddingScorer(embed_all(two_tower.query, users.size), embed_all(two_tower.candidate, num_items))
+        # Queries are embedded batch by batch as users are scored: no [users, d] table.
+        embed_users = lambda u: two_tower.query(tf.constant(u, tf.int32), training=False).numpy()  # noqa: E731
+        scorer = QueryScorer(embed_users, embed_all(two_tower.candidate, num_items))
         return evaluate_scorer(scorer, features_dir, "validation", eval_cfg)
 
     training = cfg.training

@@ -14,18 +14,21 @@ import pytest
 from pipeline.config import EvalConfig
 from pipeline.evaluation import (
     EmbeddingScorer,
+    FoldInScorer,
+    History,
     MostPopularScorer,
+    QueryScorer,
     Scorer,
     directory_bytes,
     evaluate_scorer,
     fit_als,
-    fold_in_users,
     measure_latency,
     ranking_metrics,
     top_k_items,
+    train_als_model,
 )
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import load_item_table, load_split_pairs
+from pipeline.features import load_item_table
 
 INF = float("inf")
 D2 = 1 / math.log2(3)  # discount of rank 2 = 0.63093
@@ -185,6 +188,55 @@ def test_evaluate_scorer_masks_earlier_splits(tiny_features):
     assert evaluate_scorer(scorer, tiny_features, "test", dataclasses.replace(TINY_CFG, batch_size=512)) == m
 
 
+def test_evaluate_scorer_streams_user_ranges_and_hands_over_history(tiny_features):
+    scorer = identity_scorer({1: [9, 8, 7, 5, 6, 1], 2: [9, 2, 9, 9, 3, 1]})
+    whole = evaluate_scorer(scorer, tiny_features, "test", TINY_CFG)
+    # One pair per range: users 1 and 2 are evaluated from different spilled ranges, same answer.
+    assert evaluate_scorer(scorer, tiny_features, "test", dataclasses.replace(TINY_CFG, pairs_per_chunk=1)) == whole
+
+    seen = {}
+
+    class Recording:
+        num_items = 6
+
+        def score(self, user_idx, history):
+            for row, user in enumerate(user_idx):
+                seen[int(user)] = sorted(history.items[history.rows == row].tolist())
+            return scorer.score(user_idx)
+
+    assert evaluate_scorer(Recording(), tiny_features, "test", dataclasses.replace(TINY_CFG, batch_size=4)) == whole
+    # The history is what came before test: user 1 train {1} + validation {2}; user 2 {2} + {3}.
+    assert seen == {1: [1, 2], 2: [2, 3]}
+
+
+def test_query_scorer_embeds_each_batch():
+    items = np.array([[0.0, 0.0], [3.0, 1.0], [-1.0, 1.0]])
+    asked = []
+
+    def embed(user_idx):
+        asked.append(user_idx.tolist())
+        return np.stack([user_idx, 2 * user_idx], axis=1).astype(np.float32)  # user u -> (u, 2u)
+
+    scorer = QueryScorer(embed, items)
+    # user 1 = (1, 2): item 1 -> 3 + 2 = 5, item 2 -> -1 + 2 = 1; user 2 = (2, 4): 10 and 2.
+    np.testing.assert_allclose(scorer.score(np.array([1, 2], np.int32)), [[0, 5, 1], [0, 10, 2]])
+    assert asked == [[1, 2]]
+    with pytest.raises(ValueError, match="2-D"):
+        QueryScorer(embed, np.zeros(3))
+
+
+def test_fold_in_solves_the_implicit_als_user_update_by_hand():
+    # Rank 1, item factors y = 0 (padding), 1, 2; alpha 0.5, reg 0.1; Y^T Y = 0 + 1 + 4 = 5.
+    scorer = FoldInScorer(np.array([[0.0], [1.0], [2.0]]), alpha=0.5, reg=0.1)
+    history = History(rows=np.array([0, 1, 1]), items=np.array([1, 1, 2]), weights=np.array([2.0, 2.0, -1.0], np.float32))
+    vectors = scorer.user_vectors(3, history)
+    # row 0: item 1, weight 2 -> c = 1: (5 + 1 * 1 + 0.1 * 1) x = (1 + 1) * 1 -> x = 2 / 6.1.
+    # row 1: plus disliked item 2, c = 0.5: lhs + 0.5 * 4, not counted in n nor in the rhs -> x = 2 / 8.1.
+    # row 2: no history -> zeros.
+    np.testing.assert_allclose(vectors[:, 0], [2 / 6.1, 2 / 8.1, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(scorer.score(np.array([7, 8, 9]), history)[0], [0.0, 2 / 6.1, 4 / 6.1], rtol=1e-6)
+
+
 def test_evaluate_scorer_on_validation_masks_only_train(tiny_features):
     scorer = identity_scorer({1: [9, 8, 7, 5, 6, 1], 2: [9, 2, 9, 9, 3, 1]})
     m = evaluate_scorer(scorer, tiny_features, "validation", TINY_CFG)
@@ -224,7 +276,7 @@ def test_evaluate_scorer_rejects_bad_input(tiny_features):
     class WrongWidth:
         num_items = 6
 
-        def score(self, user_idx):
+        def score(self, user_idx, history):
             return np.zeros((len(user_idx), 5), np.float32)
 
     with pytest.raises(ValueError, match=r"returned shape \(1, 5\), expected \(1, 6\)"):
@@ -233,7 +285,7 @@ def test_evaluate_scorer_rejects_bad_input(tiny_features):
     class NaNScores:
         num_items = 6
 
-        def score(self, user_idx):
+        def score(self, user_idx, history):
             return np.full((len(user_idx), 6), np.nan, np.float32)
 
     with pytest.raises(ValueError, match="NaN"):
@@ -259,13 +311,20 @@ def ml100k_features(spark, tmp_path_factory) -> Path:
     return root / "features" / "ds=1998-04-22"
 
 
-def test_als_beats_random_on_ml100k(spark, ml100k_features):
+def train_history(features: Path, splits: tuple[str, ...]) -> History:
+    """Every user's interactions of ``splits`` as one batch whose row is the ``user_idx``."""
+    table = pq.read_table(features / "interactions", filters=[("split", "in", list(splits))])
+    order = np.argsort(table.column("user_idx").to_numpy(), kind="stable")
+    column = lambda name: table.column(name).to_numpy()[order]  # noqa: E731
+    return History(column("user_idx").astype(np.int64), column("item_idx").astype(np.int64), column("weight"))
+
+
+def test_als_beats_random_on_ml100k(spark, ml100k_features, tmp_path):
     ML100K = ml100k_features
     cfg = dataclasses.replace(EvalConfig(), als_rank=16, als_iterations=5)
     als = fit_als(ML100K, cfg, seed=42, spark=spark)
-    # 943 users and 1682 items, plus padding row 0 (all zeros: no factors).
-    assert als.user_vectors.shape == (944, 16) and als.item_vectors.shape == (1683, 16)
-    assert not als.user_vectors[0].any() and not als.item_vectors[0].any()
+    # 1682 items plus padding row 0 (all zeros: no factors); no user factors are kept.
+    assert als.item_vectors.shape == (1683, 16) and not als.item_vectors[0].any()
     rng = np.random.default_rng(0)
     random = EmbeddingScorer(rng.normal(size=(944, 16)), rng.normal(size=(1683, 16)))
     als_metrics = evaluate_scorer(als, ML100K, "test", cfg)
@@ -274,14 +333,24 @@ def test_als_beats_random_on_ml100k(spark, ml100k_features):
     # Random: about 20 / 1600 candidates ~ 0.013 recall@20; ALS is far above.
     assert als_metrics["recall@20"] > 3 * random_metrics["recall@20"]
     assert als_metrics["ndcg@20"] > random_metrics["ndcg@20"]
-    # Spark's own user update, redone with the fitted item factors, gives back the fitted users.
-    folded = fold_in_users(als, ML100K, ("train",), cfg)
-    np.testing.assert_allclose(folded.user_vectors, als.user_vectors, rtol=1e-3, atol=1e-4)
-    np.testing.assert_array_equal(folded.item_vectors, als.item_vectors)
-    # Folding in validation too changes the users who have validation interactions, not the others.
-    newer = fold_in_users(als, ML100K, ("train", "validation"), cfg)
-    with_validation = np.unique(load_split_pairs(ML100K, "validation")[0])
-    assert not np.allclose(newer.user_vectors[with_validation], als.user_vectors[with_validation], atol=1e-3)
+
+    # Spark's own user update, redone from the train history with the fitted item factors,
+    # gives back the users Spark fitted (collected here only, on 943 users).
+    spark.sparkContext.setCheckpointDir(str(tmp_path))
+    model = train_als_model(spark, ML100K, cfg, 42, ("train",))
+    fitted = np.zeros((944, 16), np.float32)
+    for row in model.userFactors.collect():
+        fitted[row["id"]] = row["features"]
+    items = np.zeros((1683, 16), np.float32)
+    for row in model.itemFactors.collect():
+        items[row["id"]] = row["features"]
+    np.testing.assert_array_equal(items, als.item_vectors)  # same seed, same fit
+    folded = als.user_vectors(944, train_history(ML100K, ("train",)))
+    np.testing.assert_allclose(folded, fitted, rtol=1e-3, atol=1e-4)
+    # Folding in validation too changes the users who have validation interactions.
+    newer = als.user_vectors(944, train_history(ML100K, ("train", "validation")))
+    with_validation = np.unique(train_history(ML100K, ("validation",)).rows)
+    assert not np.allclose(newer[with_validation], fitted[with_validation], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- cost measures

@@ -27,6 +27,8 @@ class EvalConfig:
     Attributes:
         ks: Cut-offs of Recall and NDCG.
         batch_size: Users scored per batch.
+        pairs_per_chunk: About how many interactions the harness holds at once (one
+            ``user_idx`` range; see :func:`pipeline.features.stream_user_ranges`).
         als_rank: Spark MLlib ALS factors.
         als_reg: ALS regularisation.
         als_alpha: ALS implicit-feedback confidence scale.
@@ -37,6 +39,7 @@ class EvalConfig:
 
     ks: tuple[int, ...] = (10, 20)
     batch_size: int = 512
+    pairs_per_chunk: int = 4_000_000
     als_rank: int = 64
     als_reg: float = 0.1
     als_alpha: float = 0.5
@@ -47,6 +50,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         _check(all(k >= 1 for k in self.ks), "evaluate.ks must be >= 1")
+        _check(self.pairs_per_chunk >= 1, "evaluate.pairs_per_chunk must be >= 1")
 
 
 def is_quality_metric(name: object) -> bool:

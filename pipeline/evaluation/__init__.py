@@ -3,19 +3,20 @@
 * :mod:`~pipeline.evaluation.metrics`: pure ranking metrics of a batch of masked scores;
 * :mod:`~pipeline.evaluation.scorers`: anything that scores all items for a batch of users;
 * :mod:`~pipeline.evaluation.harness`: full-ranking evaluation of a scorer on a split;
-* :mod:`~pipeline.evaluation.baselines`: the Spark MLlib ALS baseline;
+* :mod:`~pipeline.evaluation.baselines`: the Spark MLlib ALS baseline, folded in user by user;
 * :mod:`~pipeline.evaluation.serving_cost`: parameters, bytes and latency of exported models.
 
 The pipeline step that evaluates a run's models is :mod:`pipeline.evaluate`.
 """
 
-from pipeline.evaluation.baselines import fit_als, fold_in_users
+from pipeline.evaluation.baselines import FoldInScorer, fit_als, train_als_model
 from pipeline.evaluation.harness import evaluate_scorer
 from pipeline.evaluation.metrics import COVERAGE_K, HITRATE_K, ranking_metrics, top_k_items
-from pipeline.evaluation.scorers import EmbeddingScorer, MostPopularScorer, SavedModelScorer, Scorer
+from pipeline.evaluation.scorers import EmbeddingScorer, History, MostPopularScorer, QueryScorer, SavedModelScorer, Scorer
 from pipeline.evaluation.serving_cost import directory_bytes, limit_tf_threads, measure_latency
 
 __all__ = [
-    "COVERAGE_K", "HITRATE_K", "EmbeddingScorer", "MostPopularScorer", "SavedModelScorer", "Scorer", "directory_bytes",
-    "evaluate_scorer", "fit_als", "fold_in_users", "limit_tf_threads", "measure_latency", "ranking_metrics", "top_k_items",
+    "COVERAGE_K", "HITRATE_K", "EmbeddingScorer", "FoldInScorer", "History", "MostPopularScorer", "QueryScorer",
+    "SavedModelScorer", "Scorer", "directory_bytes", "evaluate_scorer", "fit_als", "limit_tf_threads", "measure_latency",
+    "ranking_metrics", "top_k_items", "train_als_model",
 ]

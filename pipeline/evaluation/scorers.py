@@ -1,17 +1,38 @@
-"""Scorers: anything that scores every item for a batch of users.
+"""Scorers: anything that scores every item for a batch of users, given what they did before.
 
-:class:`EmbeddingScorer` (dot products of user and item vectors: ALS factors, towers),
-:class:`MostPopularScorer` (train popularity) and :class:`SavedModelScorer` (an exported
-retrieval SavedModel, i.e. the artefact that would be served). TensorFlow is imported only
-by :class:`SavedModelScorer`.
+:class:`EmbeddingScorer` (dot products of user and item vectors), :class:`QueryScorer`
+(a query tower run batch by batch against item vectors), :class:`MostPopularScorer` (train
+popularity) and :class:`SavedModelScorer` (an exported retrieval SavedModel, i.e. the
+artefact that would be served); the ALS baseline's fold-in scorer lives in
+:mod:`pipeline.evaluation.baselines`. TensorFlow is imported only by :class:`SavedModelScorer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """The interactions a batch of users had before the evaluated split (what serving knows of them).
+
+    Attributes:
+        rows: ``[P]`` the batch row of each interaction, ascending.
+        items: ``[P]`` its ``item_idx``.
+        weights: ``[P]`` its weight (negative: the user disliked the item).
+    """
+
+    rows: np.ndarray
+    items: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def empty(cls) -> History:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 @runtime_checkable
@@ -24,11 +45,13 @@ class Scorer(Protocol):
 
     num_items: int
 
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
+    def score(self, user_idx: np.ndarray, history: History) -> np.ndarray:
         """Scores of all items.
 
         Args:
             user_idx: ``[B]`` int32 user indices.
+            history: Their interactions before the evaluated split (most scorers know
+                their users already and ignore it).
 
         Returns:
             ``[B, num_items]`` float32 scores, higher is better (column 0 is padding).
@@ -36,8 +59,30 @@ class Scorer(Protocol):
         ...
 
 
-class EmbeddingScorer:
-    """Dot products of user and item vectors (two-tower models, ALS factors).
+class QueryScorer:
+    """Dot products of query vectors, computed batch by batch, with item vectors.
+
+    No table of every user's vector is built: a batch's queries exist only while it is scored.
+
+    Args:
+        embed_users: ``[B]`` user indices -> ``[B, d]`` query vectors (e.g. a query tower).
+        item_vectors: ``[n_items, d]``, row ``item_idx`` (row 0 is padding).
+    """
+
+    def __init__(self, embed_users: Callable[[np.ndarray], np.ndarray], item_vectors: np.ndarray) -> None:
+        self.embed_users = embed_users
+        self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        if self.item_vectors.ndim != 2:
+            raise ValueError(f"item_vectors must be 2-D, got shape {self.item_vectors.shape}")
+        self.num_items = self.item_vectors.shape[0]
+
+    def score(self, user_idx: np.ndarray, history: History | None = None) -> np.ndarray:
+        """``[B, num_items]`` float32: ``embed_users(user_idx) @ item_vectors.T``."""
+        return (np.asarray(self.embed_users(np.asarray(user_idx)), dtype=np.float32) @ self.item_vectors.T).astype(np.float32)
+
+
+class EmbeddingScorer(QueryScorer):
+    """Dot products of stored user vectors and item vectors.
 
     Args:
         user_vectors: ``[n_users, d]``, row ``user_idx`` (row 0 is padding).
@@ -49,27 +94,23 @@ class EmbeddingScorer:
 
     def __init__(self, user_vectors: np.ndarray, item_vectors: np.ndarray) -> None:
         self.user_vectors = np.asarray(user_vectors, dtype=np.float32)
-        self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
-        if self.user_vectors.ndim != 2 or self.item_vectors.ndim != 2:
-            raise ValueError(
-                f"user_vectors and item_vectors must be 2-D, got shapes {self.user_vectors.shape} and {self.item_vectors.shape}"
-            )
+        super().__init__(self._lookup, item_vectors)
+        if self.user_vectors.ndim != 2:
+            raise ValueError(f"user_vectors must be 2-D, got shape {self.user_vectors.shape}")
         if self.user_vectors.shape[1] != self.item_vectors.shape[1]:
             raise ValueError(
                 f"user and item vectors differ in width: {self.user_vectors.shape[1]} vs {self.item_vectors.shape[1]}"
             )
-        self.num_items = self.item_vectors.shape[0]
 
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
-        """``[B, num_items]`` float32: ``user_vectors[user_idx] @ item_vectors.T``.
+    def _lookup(self, user_idx: np.ndarray) -> np.ndarray:
+        """``user_vectors[user_idx]``.
 
         Raises:
             ValueError: If a user index is outside ``[0, n_users)``.
         """
-        user_idx = np.asarray(user_idx)
         if user_idx.size and (user_idx.min() < 0 or user_idx.max() >= len(self.user_vectors)):
             raise ValueError(f"user_idx outside [0, {len(self.user_vectors)}): min {user_idx.min()}, max {user_idx.max()}")
-        return self.user_vectors[user_idx] @ self.item_vectors.T
+        return self.user_vectors[user_idx]
 
 
 class MostPopularScorer:
@@ -85,7 +126,7 @@ class MostPopularScorer:
             raise ValueError(f"popularity must be 1-D, got shape {self.popularity.shape}")
         self.num_items = len(self.popularity)
 
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
+    def score(self, user_idx: np.ndarray, history: History | None = None) -> np.ndarray:
         """``[B, num_items]`` float32, every row equal to the popularity (a read-only view)."""
         return np.broadcast_to(self.popularity, (len(user_idx), self.num_items))
 
@@ -119,7 +160,8 @@ class SavedModelScorer:
         self.user_ids = np.asarray(user_ids).astype(str)
         self.num_items = len(item_ids)
 
-    def score(self, user_idx: np.ndarray) -> np.ndarray:
+    def score(self, user_idx: np.ndarray, history: History | None = None) -> np.ndarray:
+        """``[B, num_items]`` float32 from the model's own query tower (it keeps its users' histories)."""
         queries = self.model.query_model(self._tf.constant(self.user_ids[user_idx])).numpy()
         scores = queries @ self.item_vectors.T
         scores[:, ~self.known] = -np.inf
