@@ -30,10 +30,6 @@ class History:
     items: np.ndarray
     weights: np.ndarray
 
-    @classmethod
-    def empty(cls) -> History:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-
 
 @runtime_checkable
 class Scorer(Protocol):
@@ -78,7 +74,7 @@ class QueryScorer:
 
     def score(self, user_idx: np.ndarray, history: History | None = None) -> np.ndarray:
         """``[B, num_items]`` float32: ``embed_users(user_idx) @ item_vectors.T``."""
-        return (np.asarray(self.embed_users(np.asarray(user_idx)), dtype=np.float32) @ self.item_vectors.T).astype(np.float32)
+        return np.asarray(self.embed_users(np.asarray(user_idx)), dtype=np.float32) @ self.item_vectors.T
 
 
 class EmbeddingScorer(QueryScorer):
