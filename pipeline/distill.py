@@ -95,16 +95,20 @@ class DistillationModel(tfrs.Model):
 
     def _sampled_logits(self, teacher_topk: tf.Tensor, user_vec: tf.Tensor, teacher_user: tf.Tensor,
                         training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-        """Student and teacher logits ``[B, K+S]`` over each user's teacher top-K ``[B, K]``, then uniform negatives."""
+        """Student and teacher logits ``[B, K+S]`` over each user's teacher top-K ``[B, K]``, then uniform negatives.
+
+        Each row's candidates are scored against its own user only: ``B x (K+S)`` dot products
+        a batch, whatever the catalogue's size (scoring the batch's distinct candidates against
+        every user, ``[B, distinct]``, grew with the catalogue: 148 against 32 ms a batch at
+        20,000 items).
+        """
         negatives = tf.random.uniform([tf.shape(teacher_topk)[0], self.cfg.sampled_negatives], 1, self.num_items, dtype=tf.int32)
-        candidates = tf.concat([teacher_topk, negatives], axis=1)  # [B, K+S]
-        # Score each distinct candidate once ([B, U] matmuls), then pick every row's own list.
-        unique, position = tf.unique(tf.reshape(candidates, [-1]))
-        position = tf.reshape(position, tf.shape(candidates))
-        student_all = tf.matmul(user_vec, self.student.candidate(unique, training=training), transpose_b=True)
-        teacher_all = tf.matmul(teacher_user, tf.gather(self.teacher_item, unique), transpose_b=True)
-        return (self.student_scale * tf.gather(student_all, position, batch_dims=1),
-                self.teacher_scale * tf.gather(teacher_all, position, batch_dims=1))
+        candidates = tf.concat([teacher_topk, negatives], axis=1)  # [B, C = K+S]
+        student_items = self.student.candidate(tf.reshape(candidates, [-1]), training=training)  # [B*C, d]
+        student_items = tf.reshape(student_items, [tf.shape(candidates)[0], tf.shape(candidates)[1], -1])  # [B, C, d]
+        teacher_items = tf.gather(self.teacher_item, candidates)  # [B, C, D]
+        return (self.student_scale * tf.einsum("bd,bcd->bc", user_vec, student_items),
+                self.teacher_scale * tf.einsum("bd,bcd->bc", teacher_user, teacher_items))
 
     def compute_loss(self, features, training=False):
         return self.loss_terms(features, training)["loss"]
