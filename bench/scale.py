@@ -101,8 +101,11 @@ def scaling_and_targets(sizes: dict[int, dict]) -> tuple[dict, list[str]]:
         small, large = done[0], done[-1]
         linear = large / small
         for task in TASKS:
-            ratio = sizes[large]["tasks"][task]["wall_s"] / max(sizes[small]["tasks"][task]["wall_s"], 1e-9)
-            scaling[task] = {"from": small, "to": large, "wall_ratio": round(ratio, 2), "linear": linear, "met": ratio <= linear}
+            first, last = sizes[small]["tasks"][task], sizes[large]["tasks"][task]
+            ratio = last["wall_s"] / max(first["wall_s"], 1e-9)
+            # CPU seconds too: steadier than wall time when the shared machine is busy.
+            scaling[task] = {"from": small, "to": large, "wall_ratio": round(ratio, 2),
+                             "cpu_ratio": round(last["cpu_s"] / max(first["cpu_s"], 1e-9), 2), "linear": linear, "met": ratio <= linear}
         worst = max(scaling.values(), key=lambda s: s["wall_ratio"])
         met = all(s["met"] for s in scaling.values())
         targets.append(f"time per task growing no worse than linearly ({small:,} -> {large:,} events, linear = {linear:.0f}x): "
@@ -138,8 +141,9 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {int(events):,} | {size['data']['users']:,} | {size['data']['items']:,} | {size['interactions']:,} | "
                      + " | ".join(cells) + f" | {size['total_wall_s']:.0f} |")
     if results["scaling"]:
-        lines += ["", "Scaling (wall ratio, largest / smallest size):", "", "| task | ratio | linear |", "|---|---:|---:|"]
-        lines += [f"| {task} | {s['wall_ratio']} | {s['linear']:.0f} |" for task, s in results["scaling"].items()]
+        lines += ["", "Scaling (largest / smallest size; the target is on wall time):", "",
+                  "| task | wall ratio | CPU ratio | linear |", "|---|---:|---:|---:|"]
+        lines += [f"| {task} | {s['wall_ratio']} | {s.get('cpu_ratio', '-')} | {s['linear']:.0f} |" for task, s in results["scaling"].items()]
     lines += ["", "Targets:", ""] + [f"- {t}" for t in results["targets"]]
     failures = [f"- {int(n):,} events, {task}: {t['error']}" for n, size in results["sizes"].items()
                 for task, t in size["tasks"].items() if "error" in t]
