@@ -28,14 +28,14 @@ if __package__ in (None, ""):  # run as a file: make `pipeline`, `spark_jobs` an
 from bench.features import DS, WINDOW_DAYS, ensure_synthetic_logs  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.spark import spark_session  # noqa: E402
-from spark_jobs.extract_features import run  # noqa: E402
+from spark_jobs.extract_features import run, session_conf  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
-def summarise_event_log(path: Path, top_stages: int = 15) -> dict:
+def summarise_event_log(path: Path, top_stages: int = 40) -> dict:
     """SQL executions in order and the slowest stages, from one uncompressed Spark event log."""
-    starts, executions, stages = {}, [], []
+    starts, executions, stages, execution_of_stage = {}, [], [], {}
     with path.open() as lines:  # not splitlines(): JSON strings may hold other Unicode line breaks
         events = [json.loads(line) for line in lines if line.strip()]
     for event in events:
@@ -46,16 +46,34 @@ def summarise_event_log(path: Path, top_stages: int = 15) -> dict:
             started, description = starts[event["executionId"]]
             executions.append({"id": event["executionId"], "start_ms": started,
                                "wall_s": (event["time"] - started) / 1000, "description": description})
+        elif kind == "SparkListenerJobStart":
+            execution = (event.get("Properties") or {}).get("spark.sql.execution.id")
+            for stage_id in event.get("Stage IDs", []):
+                execution_of_stage.setdefault(stage_id, int(execution) if execution is not None else None)
         elif kind == "SparkListenerStageCompleted":
             info = event["Stage Info"]
-            run_ms = sum(a.get("Value", 0) for a in info.get("Accumulables", []) if a.get("Name") == "internal.metrics.executorRunTime")
-            stages.append({"id": info["Stage ID"], "name": info["Stage Name"], "tasks": info["Number of Tasks"],
-                           "wall_s": (info["Completion Time"] - info["Submission Time"]) / 1000, "executor_run_s": run_ms / 1000})
+            metric = lambda name: sum(a.get("Value", 0) for a in info.get("Accumulables", []) if a.get("Name") == name)  # noqa: E731
+            run_ms, gc_ms = metric("internal.metrics.executorRunTime"), metric("internal.metrics.jvmGCTime")
+            stages.append({"id": info["Stage ID"], "sql_execution": execution_of_stage.get(info["Stage ID"]), "name": info["Stage Name"],
+                           "tasks": info["Number of Tasks"], "wall_s": (info["Completion Time"] - info["Submission Time"]) / 1000,
+                           "executor_run_s": run_ms / 1000, "gc_s": gc_ms / 1000, "operators": _operators(info)})
     first = min((e["start_ms"] for e in executions), default=0)
     for e in executions:
         e["offset_s"] = round((e.pop("start_ms") - first) / 1000, 1)
-    return {"sql_executions": sorted(executions, key=lambda e: e["id"]),
+    return {"executor_run_s": round(sum(s["executor_run_s"] for s in stages), 1), "gc_s": round(sum(s["gc_s"] for s in stages), 1),
+            "sql_executions": sorted(executions, key=lambda e: e["id"]),
             "slowest_stages": sorted(stages, key=lambda s: -s["wall_s"])[:top_stages]}
+
+
+def _operators(stage_info: dict) -> list[str]:
+    """The physical operators a stage ran (the scopes of its RDDs, e.g. ``Exchange``, ``HashAggregate``)."""
+    names = set()
+    for rdd in stage_info.get("RDD Info", []):
+        try:
+            names.add(json.loads(rdd.get("Scope") or "{}").get("name", ""))
+        except json.JSONDecodeError:
+            continue
+    return sorted(n for n in names if n)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir, out = Path(scratch) / "eventlog", Path(scratch) / "features"
         log_dir.mkdir()
         spark = spark_session("profile_features", "local[2]", cfg.shuffle_partitions, conf={
-            "spark.driver.memory": cfg.driver_memory, "spark.eventLog.enabled": "true",
+            **session_conf(cfg), "spark.eventLog.enabled": "true",
             "spark.eventLog.dir": log_dir.as_uri(), "spark.eventLog.compress": "false",
             "spark.eventLog.rolling.enabled": "false"})
         spark.sparkContext.setLogLevel("WARN")
@@ -88,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for e in result["sql_executions"]:
         if e["wall_s"] >= 0.5:
             print(f"+{e['offset_s']:6.1f} s {e['wall_s']:6.1f} s  #{e['id']:<3} {e['description'][:90]}")
-    print(f"job {result['job_s']} s; {len(result['sql_executions'])} SQL executions; written to {path}")
+    print(f"job {result['job_s']} s; executors ran {result['executor_run_s']} s, of it GC {result['gc_s']} s; "
+          f"{len(result['sql_executions'])} SQL executions; written to {path}")
     return 0
 
 

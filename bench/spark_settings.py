@@ -39,7 +39,7 @@ def run_job(aqe: str, driver_memory: str, raw_root: str, out_root: str) -> None:
 
     shutil.rmtree(out_root, ignore_errors=True)
     cfg = dataclasses.replace(FeatureConfig(), window_days=WINDOW_DAYS)
-    conf = {"spark.driver.memory": driver_memory, "spark.sql.adaptive.enabled": aqe, "spark.ui.enabled": "false"}
+    conf = {**job.session_conf(cfg), "spark.driver.memory": driver_memory, "spark.sql.adaptive.enabled": aqe, "spark.ui.enabled": "false"}
     spark = spark_session("spark_settings", "local[2]", cfg.shuffle_partitions, conf=conf)
     try:
         job.run(spark, raw_root, out_root, DS, cfg)

@@ -34,8 +34,10 @@ def frame(spark, rows):
     return transforms.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
 
 
-def with_copies(distinct, broadcast=True):
-    return transforms.with_event_id_copies(distinct, transforms.conflicting_event_ids(distinct), broadcast)
+def flag(distinct, broadcast=True, window_start=dt.date(2024, 1, 1)):
+    """Every quarantine rule, applied as the job does: the row rules, then the conflict rule."""
+    flagged = transforms.flag_invalid_events(distinct, window_start, DS)
+    return transforms.with_event_id_copies(flagged, transforms.conflicting_event_ids(flagged), broadcast)
 
 
 def job_schema():
@@ -116,7 +118,7 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
     assert distinct.count() == len(rows) - 1
     assert [(r.event_id, r.event_id_copies) for r in transforms.conflicting_event_ids(distinct).collect()] == [("e3", 2)]
     for broadcast in (True, False):
-        flagged = transforms.flag_invalid_events(with_copies(distinct, broadcast), dt.date(2024, 1, 1), DS)
+        flagged = flag(distinct, broadcast)
         reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
         assert reasons == {
             "e9/i1": "null_id", "e10/i3": "unknown_event_type", "e11/i3": "timestamp_outside_window",
@@ -125,16 +127,24 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
         assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
 
 
+def test_a_conflicting_copy_that_breaks_an_earlier_rule_keeps_that_rule(spark):
+    # e1 again with a null user: that copy is null_id (rule 1), the valid original conflicting_event_id (rule 7).
+    rows = ALICE_BOB + [event("e1", None, "i1", "view", ts(1, 8))]
+    reasons = {(r.user_id, r.event_id_copies, r.quarantine_reason) for r in flag(transforms.deduplicate_events(frame(spark, rows))).where("event_id = 'e1'").collect()}
+    assert reasons == {(None, 2, "null_id"), ("alice", 2, "conflicting_event_id")}
+
+
 def test_blank_ids_and_non_finite_values_are_quarantined(spark):
     rows = ALICE_BOB + [
         event("b1", "", "i1", "view", ts(2)),  # empty user_id
         event("b2", "bob", " \t", "view", ts(2)),  # whitespace-only item_id
         event("\u00a0", "bob", "i1", "view", ts(2)),  # a no-break space is whitespace too
+        event("b3", " bob", "\u3000i1", "view", ts(2)),  # ids that start with whitespace, not blank: valid
         event("v1", "bob", "i1", "rate", ts(2), value=float("inf")),
         event("v2", "bob", "i1", "rate", ts(2), value=float("-inf")),
         event("v3", "bob", "i1", "rate", ts(2), value=float("nan")),
     ]
-    flagged = transforms.flag_invalid_events(with_copies(transforms.deduplicate_events(frame(spark, rows))), dt.date(2024, 1, 1), DS)
+    flagged = flag(transforms.deduplicate_events(frame(spark, rows)))
     reasons = {r.event_id: r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
     assert reasons == {"b1": "blank_id", "b2": "blank_id", "\u00a0": "blank_id",
                        "v1": "non_finite_value", "v2": "non_finite_value", "v3": "non_finite_value"}
@@ -364,7 +374,7 @@ def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch)
     monkeypatch.setenv("TZ", "America/New_York")
     time_module.tzset()
     try:
-        flagged = transforms.flag_invalid_events(with_copies(transforms.deduplicate_events(frame(spark, early))), dt.date(2024, 1, 1), DS)
+        flagged = flag(transforms.deduplicate_events(frame(spark, early)))
         assert flagged.first().quarantine_reason is None
     finally:
         monkeypatch.undo()
