@@ -4,7 +4,9 @@
 ``local[2]``, the configured settings) once on the synthetic log of that size (made by
 :func:`bench.features.ensure_synthetic_logs` if missing) and writes
 ``bench/results/profile_features_<events>.json``: every SQL execution in order (start offset,
-wall seconds, Spark's description) and the slowest stages (wall and executor-run seconds).
+wall seconds, Spark's description), the slowest stages (their SQL execution, wall,
+executor-run and GC seconds, and the physical operators they ran), and the executor and GC
+seconds of the whole run.
 Descriptions name Spark's call site (``count``, ``collect`` in GX, ``parquet`` for a write), so
 read them in order beside the job's log lines. One run: for finding work, not for quoting speed.
 """
