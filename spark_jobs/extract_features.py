@@ -3,7 +3,9 @@
 Runs the same way under ``spark-submit spark_jobs/extract_features.py ...`` (any master,
 set by spark-submit) and ``python -m spark_jobs.extract_features ...`` (own session,
 ``--master`` or the config's ``features.spark_master``). Only :func:`main` knows paths:
-extract (read the window) -> transform (pure DataFrame functions) -> load (atomic write).
+extract (read the window: :mod:`spark_jobs.raw_inputs`) -> clean (exact duplicates and the
+quarantine rules: :mod:`spark_jobs.event_rules`) -> transform (:mod:`spark_jobs.feature_transforms`)
+-> load (atomic write).
 
 Output, under ``<out>/ds=<ds>/`` (renamed into place only after every check passed)::
 
@@ -17,165 +19,37 @@ GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fail
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import json
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import pyarrow as pa
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.catalog import OutsideDataRoot, confine, confine_raw_window, date_partition, validation_docs  # noqa: E402
+from pipeline.catalog import OutsideDataRoot, confine, date_partition, validation_docs  # noqa: E402
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
-from pipeline.data.contract import SIDE_TABLES, RawWindowError, window_partitions  # noqa: E402
-from pipeline.data.raw_files import CheckedFile, check_event_files, check_side_table  # noqa: E402
+from pipeline.data.contract import RawWindowError  # noqa: E402
 from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
-from pipeline.spark import spark_failure, spark_session  # noqa: E402
+from pipeline.spark import spark_session  # noqa: E402
 from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
-from spark_jobs.feature_transforms import (  # noqa: E402
-    BROADCAST_CONFLICTS_MAX, check_raw_schema, conflicting_event_ids, deduplicate_events, events_from_storage, flag_invalid_events,
-    keep_last_per_key, transform, with_event_id_copies,
+from spark_jobs.event_rules import (  # noqa: E402
+    BROADCAST_CONFLICTS_MAX, conflicting_event_ids, deduplicate_events, flag_invalid_events, with_event_id_copies,
 )
+from spark_jobs.feature_transforms import transform  # noqa: E402
+from spark_jobs.raw_inputs import read_raw, spark_stage  # noqa: E402
 
-from py4j.protocol import Py4JJavaError  # noqa: E402
-from pyspark.errors.exceptions.captured import CapturedException  # noqa: E402
 from pyspark.sql import DataFrame, SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
-from pyspark.sql import types as T  # noqa: E402
-from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type  # noqa: E402
 
 log = logging.getLogger("extract_features")
 
-
-@dataclasses.dataclass(frozen=True)
-class RawInputs:
-    """The raw window as read, and what reading it found.
-
-    Attributes:
-        events: Contract columns of every event file of the window.
-        items: Item catalogue, one row per ``item_id``.
-        users: User profiles, one row per ``user_id``.
-        partitions: The window's partition directories, oldest first.
-        files: Every event file read, as the footer check found it.
-        duplicate_ids: Side table -> rows dropped because their key was seen again.
-    """
-
-    events: DataFrame
-    items: DataFrame
-    users: DataFrame
-    partitions: list[Path]
-    files: list[CheckedFile]
-    duplicate_ids: dict[str, int]
-
-
-@contextlib.contextmanager
-def spark_stage(stage: str, inputs: str) -> Iterator[None]:
-    """Turn a Spark error during ``stage`` into a :class:`RawWindowError` naming the input,
-    the column and the rule (the original error stays chained).
-
-    Args:
-        stage: What the job was doing, e.g. ``"reading raw events"``.
-        inputs: The inputs to name when Spark names no file.
-    """
-    try:
-        yield
-    except (Py4JJavaError, CapturedException) as err:  # raised by the JVM; a Python-side PySparkException is a bug here
-        failure = spark_failure(err)
-        raise RawWindowError(
-            f"{stage} failed: input {failure.file or inputs}, column {failure.column or '(not named by Spark)'}: {failure.rule}"
-        ) from err
-
-
-def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_end: dt.date,
-             allowed_root: str | Path | None = None) -> RawInputs:
-    """Read the window's event files (only those), the catalogue and the profiles.
-
-    The files are the ones the pre-flight check judges (:func:`pipeline.data.raw_files.data_files`),
-    each checked again by its footer here; Spark is given the file paths, not directories.
-
-    Every directory and file read must resolve inside ``allowed_root`` (default: ``raw_root``).
-
-    Raises:
-        RawWindowError: No partition in the window, or a file, column or rule at fault.
-        OutsideDataRoot: An input resolves outside ``allowed_root``.
-    """
-    raw_root = Path(raw_root)
-    confine_raw_window(raw_root, window_start, window_end, allowed_root or raw_root)
-    partitions = window_partitions(raw_root, window_start, window_end)
-    files = check_event_files(partitions)
-    if not files:
-        raise RawWindowError(f"empty window: no event files in ds={window_start}..ds={window_end} under {raw_root / 'events'}")
-    nanos = sum(_nanosecond_ts(f.columns) for f in files)
-    if nanos:
-        log.info("%d event file(s) store event_ts in nanoseconds: read as integers, floored to microseconds", nanos)
-    where = f"{len(files)} event file(s) in {partitions[0].name}..{partitions[-1].name} under {raw_root / 'events'}"
-    with spark_stage("reading raw events", where):
-        events = functools.reduce(DataFrame.unionByName, [
-            events_from_storage(frame, nanosecond_ts=_nanosecond_ts(columns)) for columns, frame in _read_checked(spark, files)
-        ])
-    side, duplicates = {}, {}
-    for name in SIDE_TABLES:
-        with spark_stage(f"reading the {name} table", str(raw_root / name)):
-            side[name], duplicates[name] = _read_side_table(spark, raw_root, name)
-    return RawInputs(check_raw_schema(events), side["items"], side["users"], partitions, files, duplicates)
-
-
-def _read_checked(spark: SparkSession, files: Sequence[CheckedFile]) -> list[tuple[pa.Schema, DataFrame]]:
-    """Read files in groups that store the contract's columns alike, each under an explicit schema.
-
-    One explicit schema per group, because Spark reads many files under one schema (inferred
-    from one of them): a file storing a column differently would fail mid-job.
-    """
-    groups: dict[pa.Schema, list[str]] = {}
-    for checked in files:
-        groups.setdefault(checked.columns, []).append(str(checked.path))
-    return [(columns, spark.read.schema(_read_schema(columns)).parquet(*paths)) for columns, paths in groups.items()]
-
-
-def _nanosecond_ts(columns: pa.Schema) -> bool:
-    return columns.field("event_ts").type.unit == "ns"
-
-
-def _read_schema(columns: pa.Schema) -> T.StructType:
-    """The Spark schema to read stored ``columns`` with; nanosecond timestamps as integers."""
-    return T.StructType([
-        T.StructField(f.name, T.LongType() if pa.types.is_timestamp(f.type) and f.type.unit == "ns" else from_arrow_type(f.type))
-        for f in columns
-    ])
-
-
-def _read_side_table(spark: SparkSession, raw_root: Path, name: str) -> tuple[DataFrame, int]:
-    """Side table ``name`` cast to its contract schema, one row per key (its first column).
-
-    Returns:
-        The table and how many rows were dropped as repeated keys (the last row read wins:
-        :func:`spark_jobs.feature_transforms.keep_last_per_key`).
-    """
-    contract = SIDE_TABLES[name]
-    schema, key = from_arrow_schema(contract), contract.names[0]
-    files = check_side_table(raw_root, name)
-    if not files:
-        log.warning("no %s table under %s; side features will be null", name, raw_root / name)
-        return spark.createDataFrame([], schema), 0
-    source = [F.col("_metadata.file_name").alias("_source_file"), F.col("_metadata.row_index").alias("_source_row")]
-    table = functools.reduce(DataFrame.unionByName, [
-        frame.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields], *source) for _, frame in _read_checked(spark, files)
-    ])
-    latest = keep_last_per_key(table, key)
-    duplicates = sum(f.rows for f in files) - latest.count()
-    if duplicates:
-        log.warning("%s table: %d row(s) repeat a %s already seen; the last one read was kept", name, duplicates, key)
-    return latest, duplicates
 
 
 def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> dict[str, dict]:

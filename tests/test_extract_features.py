@@ -19,6 +19,7 @@ from pipeline.validation import DataValidationError
 from pipeline.data.contract import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, RawWindowError, event_partition_dir, write_table
 from pipeline.data.raw_files import check_raw_window
 from spark_jobs import extract_features as job
+from spark_jobs import event_rules as rules
 from spark_jobs import feature_transforms as transforms
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
@@ -31,13 +32,13 @@ ITEMS = ["i1", "i2", "i3", "i4", "i5", "i6"]
 
 
 def frame(spark, rows):
-    return transforms.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
+    return rules.check_raw_schema(spark.createDataFrame(rows, schema=job_schema()))
 
 
 def flag(distinct, broadcast=True, window_start=dt.date(2024, 1, 1)):
     """Every quarantine rule, applied as the job does: the row rules, then the conflict rule."""
-    flagged = transforms.flag_invalid_events(distinct, window_start, DS)
-    return transforms.with_event_id_copies(flagged, transforms.conflicting_event_ids(flagged), broadcast)
+    flagged = rules.flag_invalid_events(distinct, window_start, DS)
+    return rules.with_event_id_copies(flagged, rules.conflicting_event_ids(flagged), broadcast)
 
 
 def job_schema():
@@ -114,9 +115,9 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
         event("e3", "alice", "i9", "click", ts(1, 10)),  # e3 again, other content: conflict
         event("e12", "bob", "i3", "purchase", ts(2), value=-1.0),  # negative value
     ]
-    distinct = transforms.deduplicate_events(frame(spark, rows))
+    distinct = rules.deduplicate_events(frame(spark, rows))
     assert distinct.count() == len(rows) - 1
-    assert [(r.event_id, r.event_id_copies) for r in transforms.conflicting_event_ids(distinct).collect()] == [("e3", 2)]
+    assert [(r.event_id, r.event_id_copies) for r in rules.conflicting_event_ids(distinct).collect()] == [("e3", 2)]
     for broadcast in (True, False):
         flagged = flag(distinct, broadcast)
         reasons = {r.event_id + "/" + str(r.item_id): r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
@@ -130,7 +131,7 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
 def test_a_conflicting_copy_that_breaks_an_earlier_rule_keeps_that_rule(spark):
     # e1 again with a null user: that copy is null_id (rule 1), the valid original conflicting_event_id (rule 7).
     rows = ALICE_BOB + [event("e1", None, "i1", "view", ts(1, 8))]
-    reasons = {(r.user_id, r.event_id_copies, r.quarantine_reason) for r in flag(transforms.deduplicate_events(frame(spark, rows))).where("event_id = 'e1'").collect()}
+    reasons = {(r.user_id, r.event_id_copies, r.quarantine_reason) for r in flag(rules.deduplicate_events(frame(spark, rows))).where("event_id = 'e1'").collect()}
     assert reasons == {(None, 2, "null_id"), ("alice", 2, "conflicting_event_id")}
 
 
@@ -144,7 +145,7 @@ def test_blank_ids_and_non_finite_values_are_quarantined(spark):
         event("v2", "bob", "i1", "rate", ts(2), value=float("-inf")),
         event("v3", "bob", "i1", "rate", ts(2), value=float("nan")),
     ]
-    flagged = flag(transforms.deduplicate_events(frame(spark, rows)))
+    flagged = flag(rules.deduplicate_events(frame(spark, rows)))
     reasons = {r.event_id: r.quarantine_reason for r in flagged.where("quarantine_reason is not null").collect()}
     assert reasons == {"b1": "blank_id", "b2": "blank_id", "\u00a0": "blank_id",
                        "v1": "non_finite_value", "v2": "non_finite_value", "v3": "non_finite_value"}
@@ -374,7 +375,7 @@ def test_window_bounds_do_not_depend_on_the_driver_time_zone(spark, monkeypatch)
     monkeypatch.setenv("TZ", "America/New_York")
     time_module.tzset()
     try:
-        flagged = flag(transforms.deduplicate_events(frame(spark, early)))
+        flagged = flag(rules.deduplicate_events(frame(spark, early)))
         assert flagged.first().quarantine_reason is None
     finally:
         monkeypatch.undo()

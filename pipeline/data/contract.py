@@ -61,7 +61,7 @@ USER_SCHEMA = pa.schema(
 # The side tables beside the events, by directory name under the raw root. Their first
 # column is the key; when a key appears more than once the last row read wins, files in
 # name order and rows in file order (see
-# spark_jobs.feature_transforms.keep_last_per_key).
+# spark_jobs.event_rules.keep_last_per_key).
 SIDE_TABLES = {"items": ITEM_SCHEMA, "users": USER_SCHEMA}
 
 # What makes an event row valid. A row breaking a rule is quarantined with the rule's
