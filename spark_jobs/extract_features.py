@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` 
 
 from pipeline.catalog import OutsideDataRoot, confine, date_partition, validation_docs  # noqa: E402
 from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
-from pipeline.data.contract import RawWindowError  # noqa: E402
+from pipeline.data.contract import EVENT_ID_COPIES, RawWindowError  # noqa: E402
 from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_session  # noqa: E402
@@ -124,8 +124,9 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     if validate_data:
         raw_events = flagged.drop("quarantine_reason")  # GX checks the rules its own way
         checks["raw"] = validate({"raw_events": raw_events}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
+    quarantine = flagged.where(F.col("quarantine_reason").isNotNull()).drop(EVENT_ID_COPIES)  # the contract's columns and the reason
     with spark_stage("applying the quarantine rules", where):
-        by_reason = {r["quarantine_reason"]: r["count"] for r in flagged.where(F.col("quarantine_reason").isNotNull()).groupBy("quarantine_reason").count().collect()}
+        by_reason = {r["quarantine_reason"]: r["count"] for r in quarantine.groupBy("quarantine_reason").count().collect()}
     quarantined = sum(by_reason.values())
     share = quarantined / deduped_count
     log.info("quarantined %d of %d events (%.3f%%): %s", quarantined, deduped_count, 100 * share, by_reason or "none")
@@ -133,17 +134,17 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         rejected = docs_root / "quarantine"  # kept for inspection; no feature output is written
         with atomic_dir(rejected) as tmp:  # all of the rows or none, like every other output
             # "append": "overwrite" would delete the locked temporary directory and make a new one.
-            flagged.where(F.col("quarantine_reason").isNotNull()).write.mode("append").parquet(str(tmp))
+            quarantine.write.mode("append").parquet(str(tmp))
         raise RawWindowError(
             f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
             f"features.max_quarantine_share={cfg.max_quarantine_share:.2%} in {where}; rows written to {rejected}"
         )
-    valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason")
+    valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason", EVENT_ID_COPIES)
     tables = transform(valid, inputs.items, inputs.users, window_end, cfg)
 
     try:
         with spark_stage("building the feature tables", where), atomic_dir(final_dir) as tmp_dir:
-            schemas = write_tables({**tables.as_dict(), "quarantine": flagged.where(F.col("quarantine_reason").isNotNull())},
+            schemas = write_tables({**tables.as_dict(), "quarantine": quarantine},
                                    tmp_dir, cfg.shuffle_partitions)
             written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
             if validate_data:

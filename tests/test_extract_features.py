@@ -342,6 +342,7 @@ def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
               cfg=dataclasses.replace(CFG, max_quarantine_share=0.1))
     kept = pq.read_table(tmp_path / "out" / "_validation" / f"ds={DS}" / "quarantine")
     assert sorted(kept.column("event_id").to_pylist()) == ["n1", "n2"]
+    assert kept.column_names == [*EVENT_SCHEMA.names, "quarantine_reason"]  # as read, with the reason: nothing the job added
 
 
 def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
