@@ -345,6 +345,21 @@ def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
     assert kept.column_names == [*EVENT_SCHEMA.names, "quarantine_reason"]  # as read, with the reason: nothing the job added
 
 
+def test_gx_feature_suite_rejects_a_repeated_user_item_pair(tmp_path):
+    import pandas as pd
+
+    from pipeline.validation import feature_suites, validate
+
+    # alice/i1 twice (the rows the job writes per pair, as if a join had doubled one).
+    rows = [("alice", "i1", 1, 1), ("alice", "i1", 1, 1), ("bob", "i2", 2, 2)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "user_idx", "item_idx"]).assign(
+        split="train", weight=1.0, first_ts=pd.Timestamp("2024-01-01", tz="UTC"))
+    with pytest.raises(DataValidationError) as caught:
+        validate({"interactions": frame}, {"interactions": feature_suites()["interactions"]}, tmp_path / "docs")
+    assert "interactions: expect_compound_columns_to_be_unique(user_idx,item_idx): 2 of 3 rows unexpected" in str(caught.value)
+    assert (tmp_path / "docs" / "index.html").exists()  # the docs are built for a failing night too
+
+
 def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
     # 3 of 11 rows (27%) with a null user_id: above the 1% GX tolerance.
     rows = ALICE_BOB + [event(f"n{k}", None, "i1", "view", ts(2)) for k in range(3)]
