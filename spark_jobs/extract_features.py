@@ -38,7 +38,7 @@ from pipeline.data.contract import EVENT_ID_COPIES, RawWindowError  # noqa: E402
 from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_session  # noqa: E402
-from pipeline.validation import DataValidationError, feature_suites, raw_events_suite, validate  # noqa: E402
+from pipeline.validation import DataValidationError, feature_suites, import_in_background, raw_events_suite, validate  # noqa: E402
 from spark_jobs.event_rules import (  # noqa: E402
     BROADCAST_CONFLICTS_MAX, conflicting_event_ids, deduplicate_events, flag_invalid_events, with_event_id_copies,
 )
@@ -50,9 +50,10 @@ from pyspark.sql import functions as F  # noqa: E402
 
 log = logging.getLogger("extract_features")
 
+MIN_SPLITS_CONF = "spark.sql.files.minPartitionNum"
 
 
-def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> dict[str, dict]:
+def write_tables(tables: dict[str, DataFrame], directory: Path) -> dict[str, dict]:
     """Write each table as Parquet, rows sorted so that a re-run writes the same content.
 
     Returns:
@@ -64,11 +65,12 @@ def write_tables(tables: dict[str, DataFrame], directory: Path, files: int) -> d
             "item_features": ["item_idx"], "user_vocab": ["user_idx"], "item_vocab": ["item_idx"], "quarantine": ["event_id", "event_ts"]}
     written = {}
     for name, frame in tables.items():
-        by = ["user_idx", "item_idx"] if name == "interactions" else keys[name]
-        writer = frame.repartition(files if name == "interactions" else 1, *by).sortWithinPartitions(*keys[name]).write
         if name == "interactions":
-            writer = writer.partitionBy("split")
-        writer.mode("error").parquet(str(directory / name))
+            # Written as partitioned by the transform (by user), with no further shuffle; the
+            # writer needs each task's rows sorted by "split" first.
+            frame.sortWithinPartitions("split", *keys[name]).write.partitionBy("split").mode("error").parquet(str(directory / name))
+        else:
+            frame.repartition(1, *keys[name]).sortWithinPartitions(*keys[name]).write.mode("error").parquet(str(directory / name))
         written[name] = {"schema": [[f.name, f.dataType.simpleString()] for f in frame.schema.fields]}
     return written
 
@@ -97,6 +99,12 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         OutsideDataRoot: A path resolves outside ``allowed_root``.
     """
     started = time.perf_counter()
+    if validate_data:
+        import_in_background()
+    if spark.conf.get(MIN_SPLITS_CONF, None) is None:
+        # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
+        # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read.
+        spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
     raw_root, out_root = Path(raw_root), Path(out_root)
     window_start, window_end = cfg.window(ds)
     final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
@@ -144,8 +152,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
 
     try:
         with spark_stage("building the feature tables", where), atomic_dir(final_dir) as tmp_dir:
-            schemas = write_tables({**tables.as_dict(), "quarantine": quarantine},
-                                   tmp_dir, cfg.shuffle_partitions)
+            schemas = write_tables({**tables.as_dict(), "quarantine": quarantine}, tmp_dir)
             written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
             if validate_data:
                 checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")

@@ -73,6 +73,8 @@ def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame
     does. Of the n kept, users with ``n < cfg.min_user_interactions`` stay train-only.
     Otherwise the latest ``max(1, floor(n * test_fraction))`` go to test, the
     ``max(1, floor(n * val_fraction))`` before them to validation, the rest to train.
+    ``train_rank`` numbers a user's train interactions in the same order (1 = latest; null
+    off train), so the user's recent history is picked here, not by sorting again.
     """
     by_user = Window.partitionBy("user_id")
     latest_first = by_user.orderBy(F.col("first_ts").desc(), F.col("item_id").desc())
@@ -87,7 +89,8 @@ def split_interactions(interactions: DataFrame, cfg: FeatureConfig) -> DataFrame
         .when(rank <= n_test + n_val, "validation")
         .otherwise("train")
     )
-    return interactions.withColumn("split", split).select(*interactions.columns, "split")
+    train_rank = F.when(split == "train", F.when(n < cfg.min_user_interactions, rank).otherwise(rank - n_test - n_val))
+    return interactions.select(*interactions.columns, split.alias("split"), train_rank.alias("train_rank"))
 
 
 def build_vocab(ids: DataFrame, column: str, index_column: str) -> DataFrame:
@@ -111,29 +114,31 @@ def build_user_features(interactions: DataFrame, users: DataFrame, user_vocab: D
     ``cfg.history_length`` train items (oldest first), and the profile's side features.
 
     Args:
-        interactions: Split interactions with their ``n_<event_type>`` counts.
+        interactions: Split interactions with their ``n_<event_type>`` counts and ``train_rank``.
     """
-    train = interactions.where(F.col("split") == "train")
     end = dt.datetime.combine(window_end + dt.timedelta(days=1), dt.time.min, tzinfo=dt.timezone.utc)
-    ordered = F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx")))
-    # slice() with a negative start returns [] for arrays shorter than N: start from max(1, size - N + 1).
-    recent = F.slice(ordered, F.greatest(F.lit(1), F.size(ordered) - cfg.history_length + 1), cfg.history_length)
-    activity = train.groupBy("user_id").agg(
-        *[F.sum(c).alias(c) for c in EVENT_COUNTS],
-        ((F.lit(end).cast("double") - F.max("last_ts").cast("double")) / 86400.0).alias("recency_days"),
-        recent.alias("recent"),
+    train = F.col("split") == "train"
+    # Grouped by the integer index: hashing the string ids cost more than the sums.
+    counts = interactions.groupBy("user_idx").agg(
+        *[F.sum((F.col("split") == s).cast("int")).alias(f"n_{s}") for s in SPLITS],
+        *[F.sum(F.when(train, F.col(c))).alias(c) for c in EVENT_COUNTS],
+        F.max(F.when(train, F.col("last_ts"))).alias("last_train_ts"),
     )
-    counts = interactions.groupBy("user_id").agg(
-        *[F.sum((F.col("split") == s).cast("int")).alias(f"n_{s}") for s in SPLITS]
+    # The list is collected apart, over the latest history_length train items alone: an
+    # aggregate with collect_list is not code-generated, so every function in it would run interpreted.
+    history = (
+        interactions.where(F.col("train_rank") <= cfg.history_length).groupBy("user_idx")
+        .agg(F.sort_array(F.collect_list(F.struct("first_ts", "item_id", "item_idx"))).alias("recent"))
     )
     return (
-        user_vocab.join(counts, on="user_id", how="inner")
-        .join(activity, on="user_id", how="left")
+        user_vocab.join(counts, on="user_idx", how="inner")
+        .join(history, on="user_idx", how="left")  # none for a user without train interactions
         .join(users, on="user_id", how="left")
         .select(
             "user_id", "user_idx", "n_train", "n_validation", "n_test",
             *[F.coalesce(F.col(c), F.lit(0)).cast("int").alias(c) for c in EVENT_COUNTS],
-            "recency_days", F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"),
+            ((F.lit(end).cast("double") - F.col("last_train_ts").cast("double")) / 86400.0).alias("recency_days"),
+            F.col("recent.item_id").alias("history_item_ids"), F.col("recent.item_idx").alias("history_item_idx"),
             "age", "gender", "occupation",
         )
     )
@@ -147,13 +152,13 @@ def build_item_features(interactions: DataFrame, items: DataFrame, item_vocab: D
     train get zeros.
     """
     train = interactions.where(F.col("split") == "train")
-    stats = train.groupBy("item_id").agg(
+    stats = train.groupBy("item_idx").agg(
         F.count(F.lit(1)).cast("int").alias("popularity"),
         F.sum("weight").alias("weighted_popularity"),
         F.sum("n_events").cast("int").alias("n_events"),
     )
     return (
-        item_vocab.join(stats, on="item_id", how="left")
+        item_vocab.join(stats, on="item_idx", how="left")
         .join(items, on="item_id", how="left")
         .select(
             "item_id", "item_idx",
@@ -190,7 +195,7 @@ def transform(events: DataFrame, items: DataFrame, users: DataFrame, window_end:
     interactions = (
         split.join(user_vocab, on="user_id", how="inner")
         .join(item_vocab, on="item_id", how="inner")
-        .select(*INTERACTION_COLUMNS, *EVENT_COUNTS)
+        .select(*INTERACTION_COLUMNS, *EVENT_COUNTS, "train_rank")
         .cache()
     )
     return FeatureTables(
