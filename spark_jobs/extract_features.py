@@ -147,6 +147,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
             f"features.max_quarantine_share={cfg.max_quarantine_share:.2%} in {where}; rows written to {rejected}"
         )
+    if not quarantined:  # Spark writes the empty table (its schema) without scanning the events again
+        quarantine = quarantine.limit(0)
     valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason", EVENT_ID_COPIES)
     tables = transform(valid, inputs.items, inputs.users, window_end, cfg)
 
