@@ -26,6 +26,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 log = logging.getLogger(__name__)
 
+PAIR_KEY, PAIR_BASE = "pair_key", 1 << 32  # the interactions' (user_idx, item_idx) as one long
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpectationFailure:
@@ -111,8 +113,21 @@ def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureCon
     ]
 
 
+def with_pair_key(interactions: Any) -> Any:
+    """The interactions with :data:`PAIR_KEY`, ``user_idx * 2**32 + item_idx``: one long per (user, item) pair.
+
+    Works on a Spark or pandas DataFrame; the feature suite checks the pairs' uniqueness on it.
+    """
+    if type(interactions).__module__.startswith("pyspark"):
+        from pyspark.sql import functions as F
+
+        return interactions.withColumn(PAIR_KEY, F.col("user_idx").cast("long") * PAIR_BASE + F.col("item_idx"))
+    return interactions.assign(**{PAIR_KEY: interactions["user_idx"].astype("Int64") * PAIR_BASE + interactions["item_idx"]})
+
+
 def feature_suites() -> dict[str, list]:
-    """Expectations on every feature table; all are strict (no tolerance).
+    """Expectations on every feature table; all are strict (no tolerance). The interactions
+    frame carries, besides the table's columns, :data:`PAIR_KEY` (:func:`with_pair_key`).
 
     Returns:
         Table name -> GX expectation objects.
@@ -125,9 +140,10 @@ def feature_suites() -> dict[str, list]:
         "interactions": [
             e.ExpectTableRowCountToBeBetween(min_value=1),
             *ids("user_id", "item_id", "user_idx", "item_idx", "split", "first_ts"),
-            # One row per (user, item), checked on the indices: GX sorts the table by these columns,
-            # and the vocabulary checks below make each index stand for exactly one id.
-            e.ExpectCompoundColumnsToBeUnique(column_list=["user_idx", "item_idx"]),
+            # One row per (user, item), checked on the indices (the vocabulary checks below make each
+            # index stand for exactly one id), packed in one long: GX sorts the table by the checked
+            # column, 2x faster by a long than by the struct of two columns.
+            e.ExpectColumnValuesToBeUnique(column=PAIR_KEY),
             e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
             e.ExpectColumnValuesToBeBetween(column="weight", min_value=0.0, strict_min=True),
             e.ExpectColumnValuesToBeBetween(column="user_idx", min_value=1),
@@ -215,7 +231,8 @@ def validate(frames: Mapping[str, Any], suites: Mapping[str, list], docs_dir: st
                     column=config.kwargs.get("column") or (",".join(config.kwargs.get("column_list", [])) or None),
                     unexpected_count=found.get("unexpected_count"),
                     element_count=found.get("element_count"),
-                    examples=[_plain(v) for v in (found.get("partial_unexpected_list") or [])[:5]],
+                    examples=[_pair(v) if config.kwargs.get("column") == PAIR_KEY else _plain(v)
+                              for v in (found.get("partial_unexpected_list") or [])[:5]],
                     observed_value=_plain(found.get("observed_value")),
                 )
             )
@@ -228,6 +245,11 @@ def validate(frames: Mapping[str, Any], suites: Mapping[str, list], docs_dir: st
     if failures:
         raise DataValidationError(failures, docs_dir)
     return summary
+
+
+def _pair(value: Any) -> Any:
+    """A :data:`PAIR_KEY` example as the ``(user_idx, item_idx)`` it stands for."""
+    return tuple(divmod(int(value), PAIR_BASE)) if value is not None else None
 
 
 def _plain(value: Any) -> Any:

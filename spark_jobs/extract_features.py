@@ -19,6 +19,7 @@ GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fail
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
@@ -38,7 +39,9 @@ from pipeline.data.contract import EVENT_ID_COPIES, RawWindowError  # noqa: E402
 from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_session  # noqa: E402
-from pipeline.validation import DataValidationError, feature_suites, import_in_background, raw_events_suite, validate  # noqa: E402
+from pipeline.validation import (  # noqa: E402
+    DataValidationError, feature_suites, import_in_background, raw_events_suite, validate, with_pair_key,
+)
 from spark_jobs.event_rules import (  # noqa: E402
     BROADCAST_CONFLICTS_MAX, conflicting_event_ids, deduplicate_events, flag_invalid_events, with_event_id_copies,
 )
@@ -63,16 +66,24 @@ def write_tables(tables: dict[str, DataFrame], directory: Path) -> dict[str, dic
     # shuffle buffer sees many users at once; the other tables are sorted by their key.
     keys = {"interactions": [F.xxhash64("user_idx", "item_idx"), "user_idx", "item_idx"], "user_features": ["user_idx"],
             "item_features": ["item_idx"], "user_vocab": ["user_idx"], "item_vocab": ["item_idx"], "quarantine": ["event_id", "event_ts"]}
-    written = {}
-    for name, frame in tables.items():
+
+    def write(name: str) -> None:
+        frame = tables[name]
         if name == "interactions":
             # Written as partitioned by the transform (by user), with no further shuffle; the
             # writer needs each task's rows sorted by "split" first.
             frame.sortWithinPartitions("split", *keys[name]).write.partitionBy("split").mode("error").parquet(str(directory / name))
         else:
             frame.repartition(1, *keys[name]).sortWithinPartitions(*keys[name]).write.mode("error").parquet(str(directory / name))
-        written[name] = {"schema": [[f.name, f.dataType.simpleString()] for f in frame.schema.fields]}
-    return written
+
+    # Interactions first: writing them fills the caches every other table is built from. The
+    # others are small, with stages of one task: written side by side, they keep the cores busy.
+    first = [name for name in tables if name == "interactions"]
+    for name in first:
+        write(name)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(tables) - len(first))) as pool:
+        list(pool.map(write, [name for name in tables if name not in first]))  # re-raises the first failure
+    return {name: {"schema": [[f.name, f.dataType.simpleString()] for f in frame.schema.fields]} for name, frame in tables.items()}
 
 
 def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.date, cfg: FeatureConfig,
@@ -157,7 +168,8 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
             schemas = write_tables({**tables.as_dict(), "quarantine": quarantine}, tmp_dir)
             written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
             if validate_data:
-                checks["features"] = validate({n: written[n] for n in tables.as_dict()}, feature_suites(), docs_root / "features")
+                frames = {n: with_pair_key(written[n]) if n == "interactions" else written[n] for n in tables.as_dict()}
+                checks["features"] = validate(frames, feature_suites(), docs_root / "features")
             split_counts = {r["split"]: r["count"] for r in written["interactions"].groupBy("split").count().collect()}
             over_cap = tables.over_cap.first()
             if over_cap["users"]:

@@ -348,16 +348,28 @@ def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
 def test_gx_feature_suite_rejects_a_repeated_user_item_pair(tmp_path):
     import pandas as pd
 
-    from pipeline.validation import feature_suites, validate
+    from pipeline.validation import feature_suites, validate, with_pair_key
 
     # alice/i1 twice (the rows the job writes per pair, as if a join had doubled one).
     rows = [("alice", "i1", 1, 1), ("alice", "i1", 1, 1), ("bob", "i2", 2, 2)]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "user_idx", "item_idx"]).assign(
         split="train", weight=1.0, first_ts=pd.Timestamp("2024-01-01", tz="UTC"))
     with pytest.raises(DataValidationError) as caught:
-        validate({"interactions": frame}, {"interactions": feature_suites()["interactions"]}, tmp_path / "docs")
-    assert "interactions: expect_compound_columns_to_be_unique(user_idx,item_idx): 2 of 3 rows unexpected" in str(caught.value)
+        validate({"interactions": with_pair_key(frame)}, {"interactions": feature_suites()["interactions"]}, tmp_path / "docs")
+    # The examples name the pair, not its packed key.
+    assert "interactions: expect_column_values_to_be_unique(pair_key): 2 of 3 rows unexpected (66.67%), e.g. [(1, 1), (1, 1)]" in str(caught.value)
     assert (tmp_path / "docs" / "index.html").exists()  # the docs are built for a failing night too
+
+
+def test_pair_key_packs_user_and_item_the_same_on_spark_and_pandas(spark):
+    import pandas as pd
+
+    from pipeline.validation import with_pair_key
+
+    rows = [(1, 2), (2, 1), (3, 2**31 - 1)]
+    on_spark = [r.pair_key for r in with_pair_key(spark.createDataFrame(rows, "user_idx int, item_idx int")).collect()]
+    on_pandas = with_pair_key(pd.DataFrame(rows, columns=["user_idx", "item_idx"]))["pair_key"].tolist()
+    assert on_spark == on_pandas == [2**32 + 2, 2 * 2**32 + 1, 3 * 2**32 + 2**31 - 1]  # distinct where a sum would repeat
 
 
 def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
