@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -63,16 +61,6 @@ class DataValidationError(RuntimeError):
         if self.docs_dir:
             lines.append(f"  Data Docs: {self.docs_dir}/index.html")
         super().__init__("\n".join(lines))
-
-
-def import_in_background() -> None:
-    """Start importing Great Expectations in a daemon thread.
-
-    The import takes seconds (4.6 s here) that a Spark job can hide behind its first stages:
-    the driver's Python only waits for the JVM meanwhile. A later ``import great_expectations``
-    waits for this one to finish (Python's import lock).
-    """
-    threading.Thread(target=importlib.import_module, args=("great_expectations",), name="import-gx", daemon=True).start()
 
 
 def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureConfig) -> list:

@@ -40,7 +40,7 @@ from pipeline.features import SPLITS  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.spark import spark_session  # noqa: E402
 from pipeline.validation import (  # noqa: E402
-    DataValidationError, feature_suites, import_in_background, raw_events_suite, validate, with_pair_key,
+    DataValidationError, feature_suites, raw_events_suite, validate, with_pair_key,
 )
 from spark_jobs.event_rules import (  # noqa: E402
     BROADCAST_CONFLICTS_MAX, conflicting_event_ids, deduplicate_events, flag_invalid_events, with_event_id_copies,
@@ -110,8 +110,6 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         OutsideDataRoot: A path resolves outside ``allowed_root``.
     """
     started = time.perf_counter()
-    if validate_data:
-        import_in_background()
     if spark.conf.get(MIN_SPLITS_CONF, None) is None:
         # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
         # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read.
