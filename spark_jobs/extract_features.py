@@ -110,10 +110,6 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         OutsideDataRoot: A path resolves outside ``allowed_root``.
     """
     started = time.perf_counter()
-    if spark.conf.get(MIN_SPLITS_CONF, None) is None:
-        # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
-        # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read.
-        spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
     raw_root, out_root = Path(raw_root), Path(out_root)
     window_start, window_end = cfg.window(ds)
     final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
@@ -121,6 +117,11 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         confine(path, allowed_root or out_root)
     shutil.rmtree(docs_root, ignore_errors=True)  # the docs describe this run only
     inputs = read_raw(spark, raw_root, window_start, window_end, allowed_root)
+    if spark.conf.get(MIN_SPLITS_CONF, None) is None:
+        # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
+        # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read
+        # (Spark sizes the splits when the scan runs, after every path was checked).
+        spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
     events_dir = raw_root / "events"
     where = f"{len(inputs.files)} event file(s) in ds={window_start}..ds={window_end} under {events_dir}"
     log.info("read %d partition(s), %s", len(inputs.partitions), where)
