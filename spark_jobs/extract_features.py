@@ -78,11 +78,10 @@ def write_tables(tables: dict[str, DataFrame], directory: Path) -> dict[str, dic
 
     # Interactions first: writing them fills the caches every other table is built from. The
     # others are small, with stages of one task: written side by side, they keep the cores busy.
-    first = [name for name in tables if name == "interactions"]
-    for name in first:
-        write(name)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(tables) - len(first))) as pool:
-        list(pool.map(write, [name for name in tables if name not in first]))  # re-raises the first failure
+    write("interactions")
+    others = [name for name in tables if name != "interactions"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(others)) as pool:
+        list(pool.map(write, others))  # re-raises the first failure
     return {name: {"schema": [[f.name, f.dataType.simpleString()] for f in frame.schema.fields]} for name, frame in tables.items()}
 
 

@@ -72,6 +72,10 @@ def test_transform_matches_hand_worked_features(spark):
     # A user with fewer train items than history_length keeps all of them (oldest first).
     longer = transforms.transform(frame(spark, ALICE_BOB), items, users, DS, dataclasses.replace(CFG, history_length=5))
     assert {r.user_id: r.history_item_ids for r in longer.user_features.collect()} == {"alice": ["i1", "i2", "i3"], "bob": ["i1", "i2"]}
+    # history_length 1: the latest train item, for a user with held-out items (alice: i3, not
+    # the held-out i4/i5) and for a train-only one (bob: i2 of his two).
+    shorter = transforms.transform(frame(spark, ALICE_BOB), items, users, DS, dataclasses.replace(CFG, history_length=1))
+    assert {r.user_id: r.history_item_ids for r in shorter.user_features.collect()} == {"alice": ["i3"], "bob": ["i2"]}
     # Vocabularies: sorted ids numbered from 1; the never-seen catalogue item i6 is included.
     expected_vocab = spark.createDataFrame([(i, n + 1) for n, i in enumerate(ITEMS)], "item_id string, item_idx int")
     assertDataFrameEqual(tables.item_vocab, expected_vocab)
