@@ -19,7 +19,8 @@ from pipeline.data.contract import EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, I
 from pipeline.data.raw_files import schema_problems
 
 RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
-BROADCAST_CONFLICTS_MAX = 1_000_000  # conflicting event_ids sent to every task at most (a few tens of MB)
+BROADCAST_CONFLICTS_MAX = 1_000_000  # conflicting event_ids (or repeated id hashes) sent to every task at most (a few tens of MB)
+ID_HASH, REPEATED_ID = "_id_hash", "_repeated_id"
 
 
 def events_from_storage(events: DataFrame, nanosecond_ts: bool) -> DataFrame:
@@ -86,6 +87,35 @@ def check_raw_schema(events: DataFrame) -> DataFrame:
     return events.select(*[F.col(c).cast("double") if c == "value" else F.col(c) for c in RAW_COLUMNS])
 
 
+def repeated_id_hashes(events: DataFrame) -> DataFrame:
+    """``_id_hash`` (64-bit ``xxhash64`` of ``event_id``) of every hash on more than one raw row.
+
+    Exact duplicates and conflicting copies share an ``event_id``, so a row whose hash is
+    not here has an id no other row has: it is distinct as it is, and never conflicts. Only
+    ``event_id`` is read and one long a row is shuffled (after a map-side partial count),
+    where removing duplicates by content shuffles every column of every event. Null ids
+    share one hash (``xxhash64`` skips nulls), so two rows with a null id are both here;
+    two ids with one hash (a collision) only make two more rows checked by content.
+    """
+    return (
+        events.select(F.xxhash64("event_id").alias(ID_HASH)).groupBy(ID_HASH).agg(F.count(F.lit(1)).alias("_rows"))
+        .where(F.col("_rows") > 1).select(ID_HASH)
+    )
+
+
+def mark_repeated_ids(events: DataFrame, repeated: DataFrame) -> DataFrame:
+    """The events with ``_repeated_id``: the row's id hash is in ``repeated`` (:func:`repeated_id_hashes`).
+
+    ``repeated`` is broadcast (the caller bounds it by :data:`BROADCAST_CONFLICTS_MAX`): the
+    events are neither moved nor sorted.
+    """
+    marks = F.broadcast(repeated.select(ID_HASH, F.lit(True).alias(REPEATED_ID)))
+    return (
+        events.withColumn(ID_HASH, F.xxhash64("event_id")).join(marks, on=ID_HASH, how="left")
+        .select(*RAW_COLUMNS, F.coalesce(F.col(REPEATED_ID), F.lit(False)).alias(REPEATED_ID))
+    )
+
+
 def deduplicate_events(events: DataFrame) -> DataFrame:
     """Drop exact duplicates (same ``event_id`` and same content): at-least-once delivery.
 
@@ -93,6 +123,11 @@ def deduplicate_events(events: DataFrame) -> DataFrame:
     and :func:`with_event_id_copies` need: cached, it serves both with no further shuffle.
     """
     return events.repartition("event_id").dropDuplicates(list(RAW_COLUMNS))
+
+
+def with_single_copy(flagged: DataFrame) -> DataFrame:
+    """Flagged events whose id no other row has, in :func:`with_event_id_copies`' columns (one copy each)."""
+    return flagged.select(*RAW_COLUMNS, F.lit(1).alias(EVENT_ID_COPIES), "quarantine_reason")
 
 
 def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt.date) -> DataFrame:
@@ -104,7 +139,7 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
     as it caches them: the string rules cost more than a scan of the cache.
 
     Args:
-        events: Distinct events (contract columns).
+        events: Distinct events (contract columns, and any other columns, which are kept).
         window_start: First day of the window (inclusive).
         window_end: Last day of the window (inclusive).
     """
@@ -124,7 +159,7 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
         .when(F.isnan("value") | F.col("value").isin(float("inf"), float("-inf")), "non_finite_value")
         .when(F.col("value") < MIN_VALUE, "invalid_value")
     )
-    return events.select(*RAW_COLUMNS, reason.alias("quarantine_reason"))
+    return events.select(*events.columns, reason.alias("quarantine_reason"))
 
 
 def _blank(value: Column) -> Column:

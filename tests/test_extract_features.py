@@ -132,6 +132,34 @@ def test_exact_duplicates_removed_and_row_faults_quarantined(spark):
         assert flagged.where("quarantine_reason is null").count() == len(ALICE_BOB) - 1  # the original e3 went too
 
 
+def test_only_rows_with_a_repeated_event_id_are_compared_by_content_and_every_path_agrees(spark, monkeypatch):
+    rows = ALICE_BOB + [
+        ALICE_BOB[0],  # e1 twice: exact duplicate
+        event("e3", "alice", "i9", "click", ts(1, 10)),  # e3 again, other content: conflict
+        event(None, "bob", "i1", "view", ts(2)), event(None, "bob", "i1", "view", ts(2)),  # a null id, twice
+        event(None, "bob", "i2", "view", ts(2)),  # a null id, other content: never a conflict
+    ]
+    events = frame(spark, rows)
+    # Repeated: e1, e3 and the null id (nulls share one hash); e2, e4.. are distinct as read.
+    assert rules.repeated_id_hashes(events).count() == 3
+
+    def distinct_rows(repeated_max=rules.BROADCAST_CONFLICTS_MAX):
+        flagged, count = job.flag_distinct_events(events, dt.date(2024, 1, 1), DS, repeated_max)
+        collected = sorted(tuple(str(v) for v in r) for r in flagged.collect())
+        assert len(collected) == count
+        return collected
+
+    by_hash = distinct_rows()
+    assert len(by_hash) == len(rows) - 2  # e1's and the null id's exact copies dropped
+    reasons = {(r[0], r[2], r[7], r[8]) for r in by_hash if r[8] != "None"}
+    assert reasons == {("e3", "i2", "2", "conflicting_event_id"), ("e3", "i9", "2", "conflicting_event_id"),
+                       ("None", "i1", "1", "null_id"), ("None", "i2", "1", "null_id")}
+    assert distinct_rows(repeated_max=0) == by_hash  # too many repeated hashes: every event compared by content
+    # A hash shared by two ids (a collision) only sends more rows to the comparison by content.
+    monkeypatch.setattr(job, "repeated_id_hashes", lambda frame: frame.select(F.xxhash64("event_id").alias(rules.ID_HASH)).distinct())
+    assert distinct_rows() == by_hash
+
+
 def test_a_conflicting_copy_that_breaks_an_earlier_rule_keeps_that_rule(spark):
     # e1 again with a null user: that copy is null_id (rule 1), the valid original conflicting_event_id (rule 7).
     rows = ALICE_BOB + [event("e1", None, "i1", "view", ts(1, 8))]
