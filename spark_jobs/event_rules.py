@@ -87,33 +87,32 @@ def check_raw_schema(events: DataFrame) -> DataFrame:
     return events.select(*[F.col(c).cast("double") if c == "value" else F.col(c) for c in RAW_COLUMNS])
 
 
-def repeated_id_hashes(events: DataFrame) -> DataFrame:
-    """``_id_hash`` (64-bit ``xxhash64`` of ``event_id``) of every hash on more than one raw row.
+def with_id_hash(events: DataFrame) -> DataFrame:
+    """The events with ``_id_hash``: the 64-bit ``xxhash64`` of ``event_id`` (null ids share one hash)."""
+    return events.withColumn(ID_HASH, F.xxhash64("event_id"))
+
+
+def repeated_id_hashes(hashed: DataFrame) -> DataFrame:
+    """Every ``_id_hash`` on more than one row of ``hashed`` (:func:`with_id_hash`), with its ``_rows``.
 
     Exact duplicates and conflicting copies share an ``event_id``, so a row whose hash is
     not here has an id no other row has: it is distinct as it is, and never conflicts. Only
-    ``event_id`` is read and one long a row is shuffled (after a map-side partial count),
-    where removing duplicates by content shuffles every column of every event. Null ids
-    share one hash (``xxhash64`` skips nulls), so two rows with a null id are both here;
-    two ids with one hash (a collision) only make two more rows checked by content.
+    one long a row is aggregated, where removing duplicates by content shuffles every column
+    of every event. Two rows with a null id are both here; two ids with one hash (a
+    collision) only make two more rows checked by content.
     """
-    return (
-        events.select(F.xxhash64("event_id").alias(ID_HASH)).groupBy(ID_HASH).agg(F.count(F.lit(1)).alias("_rows"))
-        .where(F.col("_rows") > 1).select(ID_HASH)
-    )
+    return hashed.groupBy(ID_HASH).agg(F.count(F.lit(1)).alias("_rows")).where(F.col("_rows") > 1)
 
 
-def mark_repeated_ids(events: DataFrame, repeated: DataFrame) -> DataFrame:
-    """The events with ``_repeated_id``: the row's id hash is in ``repeated`` (:func:`repeated_id_hashes`).
+def mark_repeated_ids(hashed: DataFrame, repeated: DataFrame) -> DataFrame:
+    """``hashed`` with ``_repeated_id`` (its hash is in ``repeated``) in place of ``_id_hash``.
 
     ``repeated`` is broadcast (the caller bounds it by :data:`BROADCAST_CONFLICTS_MAX`): the
     events are neither moved nor sorted.
     """
     marks = F.broadcast(repeated.select(ID_HASH, F.lit(True).alias(REPEATED_ID)))
-    return (
-        events.withColumn(ID_HASH, F.xxhash64("event_id")).join(marks, on=ID_HASH, how="left")
-        .select(*RAW_COLUMNS, F.coalesce(F.col(REPEATED_ID), F.lit(False)).alias(REPEATED_ID))
-    )
+    return hashed.join(marks, on=ID_HASH, how="left").select(
+        *[c for c in hashed.columns if c != ID_HASH], F.coalesce(F.col(REPEATED_ID), F.lit(False)).alias(REPEATED_ID))
 
 
 def deduplicate_events(events: DataFrame) -> DataFrame:

@@ -141,7 +141,7 @@ def test_only_rows_with_a_repeated_event_id_are_compared_by_content_and_every_pa
     ]
     events = frame(spark, rows)
     # Repeated: e1, e3 and the null id (nulls share one hash); e2, e4.. are distinct as read.
-    assert rules.repeated_id_hashes(events).count() == 3
+    assert rules.repeated_id_hashes(rules.with_id_hash(events)).count() == 3
 
     def distinct_rows(repeated_max=rules.BROADCAST_CONFLICTS_MAX):
         flagged, count = job.flag_distinct_events(events, dt.date(2024, 1, 1), DS, repeated_max)
@@ -156,7 +156,7 @@ def test_only_rows_with_a_repeated_event_id_are_compared_by_content_and_every_pa
                        ("None", "i1", "1", "null_id"), ("None", "i2", "1", "null_id")}
     assert distinct_rows(repeated_max=0) == by_hash  # too many repeated hashes: every event compared by content
     # A hash shared by two ids (a collision) only sends more rows to the comparison by content.
-    monkeypatch.setattr(job, "repeated_id_hashes", lambda frame: frame.select(F.xxhash64("event_id").alias(rules.ID_HASH)).distinct())
+    monkeypatch.setattr(job, "repeated_id_hashes", lambda hashed: hashed.groupBy(rules.ID_HASH).agg(F.count(F.lit(1)).alias("_rows")))
     assert distinct_rows() == by_hash
 
 
