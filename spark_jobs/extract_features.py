@@ -43,7 +43,7 @@ from pipeline.validation import (  # noqa: E402
     DataValidationError, feature_suites, raw_events_suite, validate, with_pair_key,
 )
 from spark_jobs.event_rules import (  # noqa: E402
-    BROADCAST_CONFLICTS_MAX, RAW_COLUMNS, REPEATED_ID, conflicting_event_ids, deduplicate_events, flag_invalid_events,
+    BROADCAST_CONFLICTS_MAX, REPEATED_ID, conflicting_event_ids, deduplicate_events, flag_invalid_events,
     mark_repeated_ids, repeated_id_hashes, with_event_id_copies, with_id_hash, with_single_copy,
 )
 from spark_jobs.feature_transforms import transform  # noqa: E402
@@ -114,8 +114,8 @@ def flag_distinct_events(events: DataFrame, window_start: dt.date, window_end: d
         conflicting = conflicting_event_ids(distinct).cache()
         return with_event_id_copies(distinct, conflicting, broadcast=conflicting.count() <= BROADCAST_CONFLICTS_MAX), deduped_count
     marked = mark_repeated_ids(hashed, repeated)
-    candidates = marked.where(F.col(REPEATED_ID)).select(*RAW_COLUMNS)
-    repeats = flag_invalid_events(deduplicate_events(candidates), window_start, window_end).cache()
+    # Already flagged: the rules read only the contract columns, so copies alike by content share a reason.
+    repeats = deduplicate_events(marked.where(F.col(REPEATED_ID)).drop(REPEATED_ID)).cache()
     repeats_count = repeats.count()
     log.info("%d row(s) share an event_id hash with another row: %d distinct by content", repeated_rows, repeats_count)
     # Conflicting ids are among the repeated hashes, so no more than repeated_max of them: broadcast.
