@@ -50,6 +50,7 @@ if str(PROJECT_ROOT) not in sys.path:  # tasks import the project's `pipeline` p
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from pipeline.config import GATE_BOUNDS_VARIABLE, param_defaults  # noqa: E402
+from pipeline.spark import with_class_archive  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,7 @@ def recsys_distillation():
         application=str(PROJECT_ROOT / "spark_jobs" / "extract_features.py"),
         application_args=feature_job_args(run),
         name="recsys_extract_features",
+        conf=with_class_archive({}),  # the driver JVM starts from the installed class archive, if any
         env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "PYTHONPATH": str(PROJECT_ROOT)},
         execution_timeout=dt.timedelta(hours=1),
     )

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
@@ -17,13 +18,33 @@ from urllib.parse import unquote, urlparse
 # timestamps must not depend on the driver's time zone), no console progress bars.
 COMMON_CONF = {"spark.sql.session.timeZone": "UTC", "spark.ui.showConsoleProgress": "false"}
 
+# The classes a driver JVM loads, archived once by `make install` (spark_jobs.class_archive):
+# a JVM this module starts maps them instead of loading and verifying each jar's classes again.
+CLASS_ARCHIVE = Path(sys.prefix) / "spark-classes.jsa"
+JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+
+
+def with_class_archive(conf: Mapping[str, Any], archive: Path = CLASS_ARCHIVE) -> dict[str, Any]:
+    """``conf`` with the driver JVM option that maps ``archive``, when it exists.
+
+    Added after the options ``conf`` has; left out when ``conf`` records an archive itself.
+    """
+    options = str(conf.get(JAVA_OPTIONS, ""))
+    if not archive.exists() or "ArchiveClassesAtExit" in options:
+        return dict(conf)
+    # The JVM writes its warnings (e.g. a stale archive refused) to stdout by default, where a
+    # job prints its result: they go to stderr.
+    mapped = f'-XX:SharedArchiveFile="{archive}" -Xlog:disable -Xlog:all=warning:stderr'
+    return {**conf, JAVA_OPTIONS: f"{options} {mapped}".strip()}
+
 
 def spark_session(app_name: str, master: str | None = None, shuffle_partitions: int = 8,
                   conf: Mapping[str, Any] | None = None, default_master: str = "local[*]") -> Any:
     """Get or create a session.
 
     Under ``spark-submit`` the master is spark-submit's unless ``master`` is given; outside
-    it, ``master`` or else ``default_master`` is used.
+    it, ``master`` or else ``default_master`` is used. A driver JVM this call starts maps
+    :data:`CLASS_ARCHIVE` when it exists (a stale one is refused by the JVM, with a warning).
 
     Args:
         app_name: Application name (shown by the cluster manager).
@@ -35,10 +56,14 @@ def spark_session(app_name: str, master: str | None = None, shuffle_partitions: 
     Returns:
         A ``pyspark.sql.SparkSession``.
     """
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+    settings = {**COMMON_CONF, **(conf or {})}
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and SparkContext._active_spark_context is None:  # starts a JVM
+        settings = with_class_archive(settings)
     builder = SparkSession.builder.appName(app_name).config("spark.sql.shuffle.partitions", str(shuffle_partitions))
-    for key, value in {**COMMON_CONF, **(conf or {})}.items():
+    for key, value in settings.items():
         builder = builder.config(key, str(value))
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
         builder = builder.master(master or default_master)

@@ -19,3 +19,26 @@ def test_tensorflow_uses_legacy_keras_for_tfrs():
 
     assert tf.keras.__name__.startswith("tf_keras"), tf.keras.__name__
     assert isinstance(tfrs.layers.factorized_top_k.BruteForce(), tf.keras.layers.Layer)
+
+
+def test_the_class_archive_is_mapped_after_the_given_java_options_when_it_exists(tmp_path):
+    from pipeline.spark import JAVA_OPTIONS, with_class_archive
+
+    archive = tmp_path / "classes.jsa"
+    conf = {JAVA_OPTIONS: "-Xss64m", "spark.ui.enabled": "false"}
+    assert with_class_archive(conf, archive) == conf  # no archive: nothing added
+    archive.write_bytes(b"")
+    mapped = with_class_archive(conf, archive)
+    assert mapped[JAVA_OPTIONS].startswith(f'-Xss64m -XX:SharedArchiveFile="{archive}" ')
+    assert mapped["spark.ui.enabled"] == "false"
+    assert "-Xlog:all=warning:stderr" in mapped[JAVA_OPTIONS]  # a refused archive warns on stderr, not in a job's stdout
+    recording = {JAVA_OPTIONS: f"-XX:ArchiveClassesAtExit={tmp_path / 'new.jsa'}"}
+    assert with_class_archive(recording, archive) == recording  # a JVM that records an archive maps none
+
+
+def test_the_test_session_jvm_starts_from_the_installed_class_archive(spark):
+    from pipeline.spark import CLASS_ARCHIVE
+
+    assert CLASS_ARCHIVE.exists(), f"no class archive at {CLASS_ARCHIVE}: `make install` builds it"
+    arguments = list(spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    assert f"-XX:SharedArchiveFile={CLASS_ARCHIVE}" in arguments
