@@ -24,7 +24,7 @@ $(STAMP): requirements.txt requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	# MovieLens-100K ships inside this wheel; its own dependencies are heavy and unneeded.
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
-	# The classes a Spark driver JVM loads, archived for faster start-ups (about 90 s; see spark_jobs/class_archive.py).
+	# The classes a Spark driver JVM loads, archived for faster start-ups (about a minute; see spark_jobs/class_archive.py).
 	$(PY) -m spark_jobs.class_archive
 	touch $@
 

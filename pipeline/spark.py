@@ -27,7 +27,8 @@ JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 def with_class_archive(conf: Mapping[str, Any], archive: Path = CLASS_ARCHIVE) -> dict[str, Any]:
     """``conf`` with the driver JVM option that maps ``archive``, when it exists.
 
-    Added after the options ``conf`` has; left out when ``conf`` records an archive itself.
+    Put before the options ``conf`` has, so that its own ``-Xlog`` settings still apply;
+    left out when ``conf`` records an archive itself.
     """
     options = str(conf.get(JAVA_OPTIONS, ""))
     if not archive.exists() or "ArchiveClassesAtExit" in options:
@@ -35,7 +36,7 @@ def with_class_archive(conf: Mapping[str, Any], archive: Path = CLASS_ARCHIVE) -
     # The JVM writes its warnings (e.g. a stale archive refused) to stdout by default, where a
     # job prints its result: they go to stderr.
     mapped = f'-XX:SharedArchiveFile="{archive}" -Xlog:disable -Xlog:all=warning:stderr'
-    return {**conf, JAVA_OPTIONS: f"{options} {mapped}".strip()}
+    return {**conf, JAVA_OPTIONS: f"{mapped} {options}".strip()}
 
 
 def spark_session(app_name: str, master: str | None = None, shuffle_partitions: int = 8,

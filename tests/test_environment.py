@@ -1,6 +1,7 @@
 """The environment the pins promise: one pyspark, legacy Keras for TFRS."""
 
 import os
+from pathlib import Path
 
 import pipeline  # noqa: F401
 
@@ -29,16 +30,27 @@ def test_the_class_archive_is_mapped_after_the_given_java_options_when_it_exists
     assert with_class_archive(conf, archive) == conf  # no archive: nothing added
     archive.write_bytes(b"")
     mapped = with_class_archive(conf, archive)
-    assert mapped[JAVA_OPTIONS].startswith(f'-Xss64m -XX:SharedArchiveFile="{archive}" ')
+    assert mapped[JAVA_OPTIONS].startswith(f'-XX:SharedArchiveFile="{archive}" ')
+    assert mapped[JAVA_OPTIONS].endswith(" -Xss64m")  # the caller's options last: its own -Xlog settings win
     assert mapped["spark.ui.enabled"] == "false"
     assert "-Xlog:all=warning:stderr" in mapped[JAVA_OPTIONS]  # a refused archive warns on stderr, not in a job's stdout
     recording = {JAVA_OPTIONS: f"-XX:ArchiveClassesAtExit={tmp_path / 'new.jsa'}"}
     assert with_class_archive(recording, archive) == recording  # a JVM that records an archive maps none
 
 
-def test_the_test_session_jvm_starts_from_the_installed_class_archive(spark):
+def test_a_driver_jvm_loads_spark_from_the_installed_class_archive(tmp_path):
+    import subprocess
+    import sys
+
     from pipeline.spark import CLASS_ARCHIVE
 
     assert CLASS_ARCHIVE.exists(), f"no class archive at {CLASS_ARCHIVE}: `make install` builds it"
-    arguments = list(spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
-    assert f"-XX:SharedArchiveFile={CLASS_ARCHIVE}" in arguments
+    # A fresh JVM (this process has one already) that logs where each class came from: a
+    # refused archive, or -Xlog:disable overriding the caller's logging, fails here.
+    loaded = tmp_path / "classes.log"
+    script = ("from pipeline.spark import spark_session, JAVA_OPTIONS\n"
+              f"s = spark_session('archive', 'local[1]', 1, conf={{JAVA_OPTIONS: '-Xlog:class+load=info:file={loaded}'}})\n"
+              "s.range(3).count()\ns.stop()\n")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    lines = loaded.read_text().splitlines()
+    assert any("org.apache.spark.SparkContext source: shared objects file (top)" in line for line in lines)
