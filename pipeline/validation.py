@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import FeatureConfig
-from pipeline.data.contract import EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, window_bounds
+from pipeline.data.contract import BLANK_ID_FLAGS, EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, window_bounds
 from pipeline.features import SPLITS
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -66,7 +66,8 @@ class DataValidationError(RuntimeError):
 def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureConfig) -> list:
     """Expectations on the deduplicated raw event window: the row rules of
     :mod:`pipeline.data.contract`, as GX expectations. The frame carries, besides the
-    contract's columns, ``event_id_copies``: how many distinct events share each row's ``event_id``.
+    contract's columns, ``event_id_copies``: how many distinct events share each row's
+    ``event_id``, and ``<id>_is_blank`` for each id column (:data:`~pipeline.data.contract.BLANK_ID_FLAGS`).
 
     Row-level expectations tolerate up to ``cfg.max_quarantine_share`` bad rows (``mostly``):
     those rows are quarantined by the feature job; more than that fails the night.
@@ -88,8 +89,8 @@ def raw_events_suite(window_start: dt.date, window_end: dt.date, cfg: FeatureCon
         e.ExpectTableRowCountToBeBetween(min_value=cfg.min_events),
         *[e.ExpectColumnToExist(column=c) for c in EVENT_SCHEMA.names],
         *[e.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in (*ID_COLUMNS, "event_ts")],
-        # Rule "blank_id". A regex, as GX has no trim; the class spells out the same characters.
-        *[e.ExpectColumnValuesToNotMatchRegex(column=c, regex=f"^[{WHITESPACE}]*$", mostly=mostly) for c in ID_COLUMNS],
+        # Rule "blank_id", on the flags the feature job computes (null for a null id).
+        *[e.ExpectColumnValuesToBeInSet(column=flag, value_set=[False], mostly=mostly) for flag in BLANK_ID_FLAGS.values()],
         e.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), mostly=mostly),
         # The window is [start, end); GX's max is inclusive, so stop one microsecond before end.
         e.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end - dt.timedelta(microseconds=1), mostly=mostly),

@@ -15,7 +15,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_type
 
-from pipeline.data.contract import EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, RawWindowError, window_bounds
+from pipeline.data.contract import BLANK_ID_FLAGS, EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, WHITESPACE, RawWindowError, window_bounds
 from pipeline.data.raw_files import schema_problems
 
 RAW_COLUMNS = tuple(EVENT_SCHEMA.names)
@@ -159,6 +159,11 @@ def flag_invalid_events(events: DataFrame, window_start: dt.date, window_end: dt
         .when(F.col("value") < MIN_VALUE, "invalid_value")
     )
     return events.select(*events.columns, reason.alias("quarantine_reason"))
+
+
+def with_blank_id_flags(events: DataFrame) -> DataFrame:
+    """``events`` with :data:`~pipeline.data.contract.BLANK_ID_FLAGS`: each id is blank (null for a null id), for GX."""
+    return events.select(*events.columns, *[_blank(F.col(column)).alias(flag) for column, flag in BLANK_ID_FLAGS.items()])
 
 
 def _blank(value: Column) -> Column:

@@ -44,7 +44,7 @@ from pipeline.validation import (  # noqa: E402
 )
 from spark_jobs.event_rules import (  # noqa: E402
     BROADCAST_CONFLICTS_MAX, REPEATED_ID, conflicting_event_ids, deduplicate_events, flag_invalid_events,
-    mark_repeated_ids, repeated_id_hashes, with_event_id_copies, with_id_hash, with_single_copy,
+    mark_repeated_ids, repeated_id_hashes, with_blank_id_flags, with_event_id_copies, with_id_hash, with_single_copy,
 )
 from spark_jobs.feature_transforms import transform  # noqa: E402
 from spark_jobs.raw_inputs import read_raw, spark_stage  # noqa: E402
@@ -173,7 +173,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     log.info("events: %d raw, %d exact duplicates removed", raw_count, raw_count - deduped_count)
     checks: dict[str, dict] = {}
     if validate_data:
-        raw_events = flagged.drop("quarantine_reason")  # GX checks the rules its own way
+        raw_events = with_blank_id_flags(flagged.drop("quarantine_reason"))  # GX checks each rule on its own column
         checks["raw"] = validate({"raw_events": raw_events}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
     quarantine = flagged.where(F.col("quarantine_reason").isNotNull()).drop(EVENT_ID_COPIES)  # the contract's columns and the reason
     with spark_stage("applying the quarantine rules", where):

@@ -416,6 +416,26 @@ def test_gx_raw_suite_names_expectation_column_and_count(spark, tmp_path):
     assert not (tmp_path / "out" / f"ds={DS}").exists()
 
 
+def test_gx_raw_suite_checks_blank_ids_on_their_flags(spark, tmp_path):
+    # Blank item_ids on 3 of 13 rows (23%), above the 1% tolerance; " i1" starts with a space
+    # but is not blank, and the null item_id is rule null_id's, so neither counts here.
+    rows = ALICE_BOB + [event("n1", "bob", None, "view", ts(2)), event("s1", "bob", " i1", "view", ts(2))] + [
+        event(f"b{k}", "bob", blank, "view", ts(2)) for k, blank in enumerate(["", " \t", "\u3000"])]
+    raw = write_raw(tmp_path / "raw", rows, ITEMS)
+    with pytest.raises(DataValidationError) as caught:
+        job.run(spark, raw, tmp_path / "out", DS, CFG)
+    message = str(caught.value)
+    assert "raw_events: expect_column_values_to_be_in_set(item_id_is_blank): 3 of 13 rows unexpected" in message
+    assert "(user_id_is_blank)" not in message and "(event_id_is_blank)" not in message
+    assert not (tmp_path / "out" / f"ds={DS}").exists()
+
+
+def test_blank_id_flags_are_null_for_a_null_id(spark):
+    rows = [event("e1", " ", "i1", "view", ts(1)), event("e2", None, "\u2003 ", "view", ts(1)), event("e3", "bob", "i1", "view", ts(1))]
+    flags = {r.event_id: (r.user_id_is_blank, r.item_id_is_blank) for r in rules.with_blank_id_flags(frame(spark, rows)).collect()}
+    assert flags == {"e1": (True, False), "e2": (None, True), "e3": (False, False)}
+
+
 def test_gx_raw_suite_checks_conflicting_event_ids_on_the_copies_count_with_examples(spark, tmp_path):
     # e1 and e2 sent again with other content: 4 of 10 distinct events share an event_id.
     rows = ALICE_BOB + [event("e1", "alice", "i6", "view", ts(1, 8)), event("e2", "bob", "i1", "purchase", ts(1, 9), value=3.0)]
