@@ -43,7 +43,9 @@ if __package__ in (None, ""):  # run as a file: make `pipeline` and `bench` impo
 from bench.feature_results import machine_info  # noqa: E402
 from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs, world_shape  # noqa: E402
 from bench.process_measure import measure_process  # noqa: E402
-from pipeline.catalog import MANIFEST, date_partition  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.catalog import MANIFEST, Catalog, date_partition  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 log = logging.getLogger("bench.scale")
 
@@ -59,10 +61,16 @@ MAX_PIPELINE_MINUTES_AT_10M = 60
 MAX_TASK_RSS_MB = 6 * 1024
 
 
+def features_home(data_root: Path) -> Path:
+    """Where the later steps (``--set`` as below) look for the features: the feature job's ``--out``."""
+    cfg = load_config(cli.overrides([f"features.window_days={WINDOW_DAYS}", *SETTINGS]))
+    return Catalog(data_root).for_run(DS.isoformat(), cfg).features_home
+
+
 def task_command(task: str, raw_root: Path, data_root: Path) -> list[str]:
     """The command a user runs for ``task`` on this size's data."""
     if task == "extract_features":
-        return [sys.executable, "-m", "spark_jobs.extract_features", "--raw", str(raw_root), "--out", str(data_root / "features"),
+        return [sys.executable, "-m", "spark_jobs.extract_features", "--raw", str(raw_root), "--out", str(features_home(data_root)),
                 "--ds", DS.isoformat(), "--window-days", str(WINDOW_DAYS), "--master", "local[2]"]
     sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
     return [sys.executable, "-m", MODULES[task], "--ds", DS.isoformat(), "--data-root", str(data_root),
@@ -84,7 +92,7 @@ def run_size(events: int, keep_data: bool) -> dict:
         if measured.returncode != 0:
             tasks[task]["error"] = "\n".join(measured.stderr.strip().splitlines()[-15:])
             break
-    manifest = date_partition(data_root / "features", DS.isoformat()) / MANIFEST
+    manifest = date_partition(features_home(data_root), DS.isoformat()) / MANIFEST
     counts = json.loads(manifest.read_text())["counts"] if manifest.exists() else {}
     if not keep_data:
         shutil.rmtree(data_root, ignore_errors=True)

@@ -14,7 +14,9 @@ rejection -> run **report**.
   task's log and its XCom list every failed check with its numbers.
 * A re-run of a date and settings already promoted adds no version and leaves the champion
   where it is, so an operator's rollback holds; every attempt is recorded in the registry
-  (`python -m pipeline.registry list`).
+  (`python -m pipeline.registry list`). A student is promoted only if the champion is still
+  the version the gate compared it with (a backfill may run beside the nightly run);
+  otherwise `promote` logs and returns "not promoted: champion changed since evaluation".
 * Trigger by hand with params (date, window, epochs, T, alpha, beta, gate thresholds,
   reuse of the teacher). `data_root` must stay inside `$RECSYS_DATA_ROOT`, and so must every
   path a task uses under it once symlinks are followed.

@@ -3,8 +3,8 @@
 Layout under one data root::
 
     raw/                                        the raw event logs (pipeline.data.contract)
-    features/ds=<ds>/                           one logical date's feature set (manifest.json)
-    features/_validation/ds=<ds>/               GX Data Docs of that date's feature job
+    features/<features version>/ds=<ds>/        one feature set of a logical date (manifest.json)
+    features/<features version>/_validation/ds=<ds>/   GX Data Docs of that feature job
     models/teacher/<ds>-<identity>/             a teacher export (saved_model/, checkpoint/, metadata.json)
     soft_targets/ds=<ds>/<identity>/            the teacher's batch soft targets
     models/student/<ds>-<identity>/             a distilled student
@@ -17,7 +17,11 @@ An artifact's identity is a hash of the configuration sections it depends on and
 inputs' identities (recorded lineage, as TFX's resolver does), so the artifact "for this
 run" is found by computing that identity, never by picking the newest directory:
 
-* features: the feature manifest (window, inputs, counts, settings);
+* features: ``ds``, the ``features`` settings and the raw window's identity (every file it
+  reads, by path, size and modification time) make the *features version*, fixed when a
+  run is resolved (:meth:`Catalog.for_run`), so runs with other settings or other raw
+  files never share or overwrite a feature set; what is built on features hashes their
+  manifest (window, inputs, counts, settings);
 * teacher: features + ``training``, ``teacher``, ``serving``;
 * soft targets: teacher + ``soft_targets``;
 * student: soft targets + ``training``, ``student``, ``distill``, ``serving``.
@@ -43,7 +47,7 @@ import re
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, stable_hash
-from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, side_table_dir, window_partitions
+from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days, window_partitions
 
 STUDENT_ROLES = ("student", "student_plain")
 MANIFEST = "manifest.json"
@@ -118,6 +122,24 @@ def validation_docs(features_root: str | Path, ds: str) -> Path:
     return date_partition(Path(features_root) / "_validation", ds)
 
 
+def raw_window_identity(raw_root: str | Path, window_start: dt.date, window_end: dt.date) -> list:
+    """What the feature job of a window reads, file by file: ``[path, bytes, mtime_ns]`` of
+    every file under the window's event partitions and the side tables (missing ones skipped:
+    the pre-flight check reports them). A rewritten file counts as a new input."""
+    raw_root = Path(raw_root)
+    directories = [*(event_partition_dir(raw_root, day) for day in window_days(window_start, window_end)),
+                   *(side_table_dir(raw_root, name) for name in SIDE_TABLES)]
+    files = sorted(f for d in directories if d.is_dir() for f in d.rglob("*") if f.is_file())
+    return [[str(f.relative_to(raw_root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def features_version(raw_root: str | Path, ds: str, cfg: PipelineConfig) -> str:
+    """The identity of the feature set that ``cfg`` builds for ``ds`` from the raw files as
+    they are now: ``ds``, the ``features`` settings and :func:`raw_window_identity`."""
+    window = cfg.features.window(dt.date.fromisoformat(ds))
+    return stable_hash({"ds": ds, "features": dataclasses.asdict(cfg.features), "raw": raw_window_identity(raw_root, *window)})[:12]
+
+
 def features_identity(manifest: dict) -> str:
     """The identity of a published feature set: a hash of its manifest."""
     return stable_hash(manifest)
@@ -134,6 +156,8 @@ class Catalog:
     Attributes:
         root: The data root.
         allowed: The root every path must resolve inside; the data root itself by default.
+        features_version: The run's feature set (see :func:`features_version`); None: the
+            unversioned ``features/ds=<ds>/`` of a feature job run by hand with ``--out features``.
 
     Raises:
         OutsideDataRoot: From any path it would hand out that resolves outside ``allowed``.
@@ -141,10 +165,15 @@ class Catalog:
 
     root: Path
     allowed: Path | None = None
+    features_version: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "allowed", self.root if self.allowed is None else Path(self.allowed))
+
+    def for_run(self, ds: str, cfg: PipelineConfig) -> "Catalog":
+        """This catalogue with the feature set that ``cfg`` builds for ``ds`` from the raw files as they are now."""
+        return dataclasses.replace(self, features_version=features_version(self.raw, ds, cfg))
 
     def confine(self, path: str | Path) -> Path:
         """``path`` once it resolves inside the allowed root (see :func:`confine`)."""
@@ -162,6 +191,12 @@ class Catalog:
     @property
     def features_root(self) -> Path:
         return self.confine(self.root / "features")
+
+    @property
+    def features_home(self) -> Path:
+        """Where the run's feature job writes: ``features/<features version>`` (the feature job's ``--out``)."""
+        home = self.root / "features"
+        return self.confine(home / self.features_version if self.features_version else home)
 
     @property
     def models_root(self) -> Path:
@@ -186,7 +221,7 @@ class Catalog:
         Raises:
             ArtifactNotFound: When the feature job has not published it.
         """
-        path = self.confine(date_partition(self.features_root, ds))
+        path = self.confine(date_partition(self.features_home, ds))
         if not self.confine(path / MANIFEST).is_file():
             raise ArtifactNotFound(f"no published features at {path} ({MANIFEST} missing): run extract_features for ds={ds} first")
         return path
@@ -197,7 +232,7 @@ class Catalog:
 
     def validation_docs(self, ds: str) -> Path:
         """The GX Data Docs of the feature job of ``ds``."""
-        return self.confine(validation_docs(self.features_root, ds))
+        return self.confine(validation_docs(self.features_home, ds))
 
     # ------------------------------------------------------------------ models and soft targets
     def teacher_version(self, ds: str, cfg: PipelineConfig) -> str:

@@ -44,12 +44,14 @@ def overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def settings(args: argparse.Namespace) -> tuple[str, Catalog, PipelineConfig]:
-    """``(ds, catalog, cfg)`` from parsed :func:`parser` arguments.
+    """``(ds, catalog, cfg)`` from parsed :func:`parser` arguments; the catalogue names the
+    feature set these settings build for ``ds`` from the raw files as they are now.
 
     Raises:
         ConfigError: A bad date or setting.
     """
-    return parse_ds(args.ds).isoformat(), Catalog(Path(args.data_root)), load_config(overrides(args.set), args.config)
+    ds, cfg = parse_ds(args.ds).isoformat(), load_config(overrides(args.set), args.config)
+    return ds, Catalog(Path(args.data_root)).for_run(ds, cfg), cfg
 
 
 def run_step(step: Callable[[str, Catalog, PipelineConfig], dict], description: str, argv: Sequence[str] | None = None) -> int:

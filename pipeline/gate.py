@@ -40,11 +40,14 @@ class GateCheck:
 
 @dataclasses.dataclass(frozen=True)
 class GateResult:
-    """The gate's decision, every check, and the warnings (e.g. no champion yet)."""
+    """The gate's decision, every check, the warnings (e.g. no champion yet), and the
+    champion version the student was compared with (None: none), which promotion requires
+    to still be the champion."""
 
     blessed: bool
     checks: tuple[GateCheck, ...]
     warnings: tuple[str, ...] = ()
+    champion_version: int | None = None
 
     @property
     def decision(self) -> str:
@@ -57,7 +60,8 @@ class GateResult:
 
     def to_dict(self) -> dict:
         return {"decision": self.decision, "blessed": self.blessed, "reasons": self.reasons,
-                "warnings": list(self.warnings), "checks": [dataclasses.asdict(c) for c in self.checks]}
+                "warnings": list(self.warnings), "checks": [dataclasses.asdict(c) for c in self.checks],
+                "champion_version": self.champion_version}
 
 
 def _finite(value) -> bool:
@@ -109,7 +113,7 @@ def _floor(metric: str, value, floor: float) -> GateCheck:
 
 
 def evaluate_gate(student: Mapping[str, float], teacher: Mapping[str, float], champion: Mapping[str, float] | None,
-                  thresholds: GateConfig, *, champion_expected: bool) -> GateResult:
+                  thresholds: GateConfig, *, champion_expected: bool, champion_version: int | None = None) -> GateResult:
     """Decide whether ``student`` may be promoted.
 
     Args:
@@ -121,6 +125,8 @@ def evaluate_gate(student: Mapping[str, float], teacher: Mapping[str, float], ch
             the student must be compared with a champion. Only a first run (an empty
             registry) passes False; then a None ``champion`` skips the champion checks
             with a warning, otherwise it rejects.
+        champion_version: The registry version ``champion`` holds the metrics of (None when
+            there is no champion); recorded so promotion can check it is still the champion.
 
     Returns:
         A :class:`GateResult`; blessed only if there was at least one check and every
@@ -150,4 +156,5 @@ def evaluate_gate(student: Mapping[str, float], teacher: Mapping[str, float], ch
             checks.append(_compare("student_vs_champion", metric, value, champion.get(metric), thresholds.min_change_vs_champion, thresholds.mode))
         if metric in thresholds.floors:
             checks.append(_floor(metric, value, thresholds.floors[metric]))
-    return GateResult(bool(checks) and all(c.passed for c in checks), tuple(checks), tuple(warnings))
+    return GateResult(bool(checks) and all(c.passed for c in checks), tuple(checks), tuple(warnings),
+                      champion_version if champion is not None else None)

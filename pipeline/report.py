@@ -91,8 +91,11 @@ def _tables(evaluation: dict, gate: dict) -> list[tuple[str, list[str], list[lis
 
 def _lineage_table(run: dict, promotion: dict | None) -> tuple[str, list[str], list[list[str]]]:
     rows = [[str(key), str(value)] for key, value in run.items()]
-    rows.append(["promotion", f"version {promotion.get('version')} in {promotion.get('registry')} "
-                              f"(champion: {promotion.get('champion')})" if promotion else "not promoted"])
+    if promotion and promotion.get("promoted", True):
+        shown = f"version {promotion.get('version')} in {promotion.get('registry')} (champion: {promotion.get('champion')})"
+    else:
+        shown = f"not promoted: {promotion.get('reason')}" if promotion else "not promoted"
+    rows.append(["promotion", shown])
     return "Run and lineage", ["key", "value"], rows
 
 
@@ -102,7 +105,9 @@ def _headline(gate: dict, promotion: dict | None) -> str:
         failed = sum(not c.get("passed") for c in checks)
         return f"{failed} of {len(checks)} gate checks failed; the serving champion is unchanged"
     promoted = f"; promoted as version {promotion.get('version')}" if promotion else ""
-    if promotion and promotion.get("rerun"):
+    if promotion and not promotion.get("promoted", True):
+        promoted = f"; NOT PROMOTED: {promotion.get('reason')}"
+    elif promotion and promotion.get("rerun"):
         promoted = (f"; a re-run: version {promotion.get('version')} was published before, "
                     f"the champion stays version {promotion.get('champion')}")
     return f"the student passed all {len(checks)} gate checks{promoted}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import cli
-from pipeline.catalog import METADATA, Catalog, confine_raw_window
+from pipeline.catalog import MANIFEST, METADATA, Catalog, confine_raw_window, features_version
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
@@ -25,7 +25,9 @@ from pipeline.config import (
     load_gate_bounds,
     overrides_from_params,
     parse_ds,
+    setting_sources,
 )
+from pipeline.data.contract import RawWindowError
 from pipeline.data.raw_files import check_raw_window
 from pipeline.evaluate import format_table
 from pipeline.gate import evaluate_gate
@@ -73,7 +75,11 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str,
 
     Returns:
         ``{"ds", "data_root", "overrides", "config", "config_hash", "run_key", "run_id", "reuse_teacher",
-        "gate_bounds"}``: ``config`` is every setting, fixed here for the whole run.
+        "gate_bounds", "features_version", "setting_sources"}``: ``config`` is every setting, fixed here for the whole
+        run; ``features_version`` names the feature set of these settings and of the raw window
+        as it is now (see :func:`pipeline.catalog.features_version`), which every task uses;
+        ``setting_sources`` says where each setting changed from its default came from
+        (param or ``config_overrides``, see :func:`pipeline.config.overrides_from_params`).
 
     Raises:
         ConfigError: A bad date, setting, a data root outside the configured one, or gate
@@ -87,11 +93,15 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str,
         raise ConfigError(f"data_root {params.get('data_root')!r} resolves to {data_root}, outside the configured data root {allowed} (${DATA_ROOT_ENV})")
     overrides = overrides_from_params(params)
     cfg = load_config(overrides)
+    sources = setting_sources(params)
+    for setting, source in sorted(sources.items()):
+        log.info("setting %s = %r (from %s)", setting, cfg.to_dict()[setting.split(".")[0]][setting.split(".")[1]], source)
     bounds = load_gate_bounds(gate_bounds)
     check_gate_bounds(cfg, bounds)
+    catalog = Catalog(data_root, allowed=allowed).for_run(ds, cfg)
     return {"ds": ds, "data_root": str(data_root), "overrides": overrides, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "run_key": run_key(ds, cfg), "run_id": run_id, "reuse_teacher": bool(params.get("reuse_teacher")),
-            "gate_bounds": dataclasses.asdict(bounds)}
+            "gate_bounds": dataclasses.asdict(bounds), "features_version": catalog.features_version, "setting_sources": sources}
 
 
 def run_key(ds: str, cfg: PipelineConfig) -> str:
@@ -103,9 +113,11 @@ def settings(run: Mapping[str, Any]) -> tuple[str, Catalog, PipelineConfig]:
     """``(ds, catalog, cfg)`` of a resolved run (what every later task starts from).
 
     The catalogue confines every path to the configured data root, symlinks followed:
-    :func:`resolve_run` checked the run's data root, a task checks each path it uses.
+    :func:`resolve_run` checked the run's data root, a task checks each path it uses. It
+    names the run's own feature set (``features_version``), never another run's.
     """
-    return run["ds"], Catalog(Path(run["data_root"]), allowed=configured_data_root()), load_config(run["config"])
+    catalog = Catalog(Path(run["data_root"]), allowed=configured_data_root(), features_version=run.get("features_version"))
+    return run["ds"], catalog, load_config(run["config"])
 
 
 def open_registry(catalog: Catalog) -> Registry:
@@ -120,12 +132,18 @@ def validate_raw(run: Mapping[str, Any]) -> dict:
 
     Raises:
         OutsideDataRoot: When a partition or side table, or a file in one, resolves outside the data root.
-        RawWindowError: A structural fault of the window.
+        RawWindowError: A structural fault of the window, or a window whose files changed
+            since the run was resolved (its features version would no longer name them).
     """
     ds, catalog, cfg = settings(run)
     window = cfg.features.window(dt.date.fromisoformat(ds))
     confine_raw_window(catalog.raw, *window, catalog.allowed)
-    return check_raw_window(catalog.raw, *window, cfg.features.min_events)
+    checked = check_raw_window(catalog.raw, *window, cfg.features.min_events)
+    now = features_version(catalog.raw, ds, cfg)
+    if run.get("features_version") and now != run["features_version"]:
+        raise RawWindowError(f"the raw window ds={window[0]}..ds={window[1]} under {catalog.raw} changed since this run was "
+                             f"resolved (features version {run['features_version']}, now {now}): trigger a new run to read it")
+    return checked
 
 
 def check_features(catalog: Catalog, ds: str) -> dict:
@@ -151,7 +169,7 @@ def check_features(catalog: Catalog, ds: str) -> dict:
 def spark_arguments(run: Mapping[str, Any]) -> list[str]:
     """``application_args`` of the feature job for a resolved run."""
     ds, catalog, _ = settings(run)
-    return ["--raw", str(catalog.raw), "--out", str(catalog.features_root), "--ds", ds, "--allowed-root", str(catalog.allowed),
+    return ["--raw", str(catalog.raw), "--out", str(catalog.features_home), "--ds", ds, "--allowed-root", str(catalog.allowed),
             "--config-json", json.dumps({"features": run["config"]["features"]})]
 
 
@@ -162,13 +180,15 @@ _UNREADABLE = (OSError, ValueError, KeyError, TypeError, RegistryError)
 def champion_dir(catalog: Catalog) -> str | None:
     """The registry directory of the serving champion, or None when there is none to evaluate.
 
-    An unreadable champion record, or one naming a version that is not published, is
-    logged and gives None: the run goes on without champion metrics, and the gate rejects
-    it because the registry is not empty (see :func:`champion_expected`).
+    The registry is reconciled first (a champion change a crash cut short is finished), so
+    the champion evaluated is the one ``models.config`` serves. An unreadable champion
+    record, or one naming a version that is not published, is logged and gives None: the
+    run goes on without champion metrics, and the gate rejects it because the registry is
+    not empty (see :func:`champion_expected`).
     """
     registry = open_registry(catalog)
     try:
-        version = registry.champion()
+        version = registry.reconcile()
         published = registry.versions()
     except _UNREADABLE as err:
         log.warning("champion record of %s is unreadable (%s): no champion to evaluate", registry.path, err)
@@ -197,8 +217,10 @@ def decide(run: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict:
     """The gate's decision for the run's distilled student (see :func:`pipeline.gate.evaluate_gate`)."""
     _, catalog, cfg = settings(run)
     models = evaluation["models"]
-    result = evaluate_gate(models.get("student_kd", {}), models.get("teacher", {}), models.get("champion"), cfg.gate,
-                           champion_expected=champion_expected(catalog))
+    champion = models.get("champion")
+    result = evaluate_gate(models.get("student_kd", {}), models.get("teacher", {}), champion, cfg.gate,
+                           champion_expected=champion_expected(catalog),
+                           champion_version=champion.get("version") if isinstance(champion, Mapping) else None)
     for warning in result.warnings:
         log.warning("gate: %s", warning)
     for check in result.checks:
@@ -219,30 +241,41 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
 
 
 def promote(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
-    """Publish a BLESSED student as the next registry version and make it the champion.
+    """Publish a BLESSED student as the next registry version and make it the champion, if
+    the champion is still the one the gate compared it with.
 
-    A re-run of a run already published adds no version and leaves the champion as it is
-    (see :meth:`pipeline.registry.Registry.promote`); its attempt is recorded all the same.
+    A re-run of a run already published adds no version and leaves the champion as it is;
+    a champion moved since the evaluation (another run, a backfill beside the nightly run, a
+    rollback) refuses the promotion (see :meth:`pipeline.registry.Registry.promote`). Every
+    attempt is recorded all the same, a refused one with ``promoted: false`` and the reason.
 
     Returns:
-        ``{"version", "registry", "champion", "rerun"}``.
+        ``{"version", "registry", "champion", "rerun", "promoted", "reason"}``.
 
     Raises:
-        ValueError: If the gate did not bless the student (promotion fails closed).
+        ValueError: If the gate did not bless the student, or does not name the champion
+            it compared the student with (promotion fails closed).
     """
     if not gate.get("blessed"):
         raise ValueError(f"refusing to promote a student the gate did not bless: {gate.get('reasons')}")
+    if "champion_version" not in gate:
+        raise ValueError("refusing to promote: the gate result does not name the champion the student was compared with")
     _, catalog, _ = settings(run)
     registry = open_registry(catalog)
     lineage = _lineage(run, teacher, student, evaluation, gate)
-    promotion = registry.promote(catalog.confine_tree(Path(student["path"]) / "saved_model"), lineage)
-    registry.record_run({**lineage, "version": promotion.version, "rerun": promotion.rerun})
-    if promotion.rerun:
+    promotion = registry.promote(catalog.confine_tree(Path(student["path"]) / "saved_model"), lineage,
+                                 expected_champion=gate["champion_version"])
+    record = {**lineage, "version": promotion.version, "rerun": promotion.rerun, "promoted": promotion.promoted}
+    registry.record_run({**record, "reasons": [promotion.reason]} if not promotion.promoted else record)
+    if not promotion.promoted:
+        log.warning("NOT PROMOTED: %s; champion stays %s", promotion.reason, promotion.champion)
+    elif promotion.rerun:
         log.warning("re-run of %s: version %d was published before; champion left at %s",
                     run["run_key"], promotion.version, promotion.champion)
     else:
         log.info("promoted %s as %s version %d (champion)", student["path"], registry.model, promotion.version)
-    return {"version": promotion.version, "registry": str(registry.path), "champion": promotion.champion, "rerun": promotion.rerun}
+    return {"version": promotion.version, "registry": str(registry.path), "champion": promotion.champion,
+            "rerun": promotion.rerun, "promoted": promotion.promoted, "reason": promotion.reason}
 
 
 def record_rejection(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
@@ -263,7 +296,8 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
     histories = {name: json.loads(catalog.confine(Path(model["path"]) / METADATA).read_text())["history"]
                  for name, model in (("teacher", teacher), ("student_kd", student))}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
-            "teacher_version": teacher["version"], "student": student["path"]}
+            "teacher_version": teacher["version"], "student": student["path"],
+            "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none"}
     out = write_report(catalog.report(ds, run["run_key"], run["run_id"]), info, dict(evaluation), dict(gate), histories,
                        dict(promotion) if promotion else None)
     log.info("report: %s", out["html"])
@@ -290,7 +324,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     summary = json.loads((report_dir / "summary.json").read_text())
-    gate, manifest = summary["gate"], catalog.feature_manifest(ds)
+    recorded = attempts[-1].get("features")  # the feature set the run used, by its lineage
+    manifest = (json.loads((catalog.confine(recorded) / MANIFEST).read_text()) if recorded
+                else catalog.feature_manifest(ds))
+    gate = summary["gate"]
     print(f"\nrun {summary['run']['run_key']}  (ds {ds}), attempt {attempts[-1]['run_id']} of {len(attempts)}\n")
     print("features: " + ", ".join(f"{name} {table['rows']:,}" for name, table in manifest["tables"].items()))
     print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items() if isinstance(v, int)))

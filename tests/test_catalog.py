@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import cli
 from pipeline import run as run_module
-from pipeline.catalog import Catalog, OutsideDataRoot
+from pipeline.catalog import Catalog, OutsideDataRoot, date_partition, validation_docs
 from pipeline.config import load_config
 from pipeline.data.contract import event_partition_dir
 from spark_jobs import extract_features as job
@@ -27,7 +27,7 @@ from tests.test_registry import saved_model
 DS = "2024-01-03"  # ALICE_BOB_EVENTS fall on Jan 1-3: a three-day window holds them all
 AFTER = dt.datetime(2024, 1, 4, 2, 0, tzinfo=dt.timezone.utc)
 EVALUATION = {"models": {"student_kd": {"ndcg@10": 0.3}, "teacher": {"ndcg@10": 0.31}}}
-BLESSED = {"blessed": True, "decision": "BLESSED", "reasons": [], "warnings": []}
+BLESSED = {"blessed": True, "decision": "BLESSED", "reasons": [], "warnings": [], "champion_version": None}
 
 
 def refused(link: Path, target: Path, root: Path) -> str:
@@ -46,6 +46,11 @@ def data(tmp_path, monkeypatch) -> Path:
 
 def resolved_run(**params) -> dict:
     return run_module.resolve_run({"ds": DS, "window_days": 3, **params}, AFTER, "manual")
+
+
+def features_of(run: dict) -> Path:
+    """Where the feature set of ``run`` lives (its version follows the raw files when it was resolved)."""
+    return date_partition(run_module.settings(run)[1].features_home, DS)
 
 
 def publish_features(directory: Path) -> Path:
@@ -98,29 +103,31 @@ def test_a_raw_partition_or_file_linked_out_of_the_root_is_refused(data):
 
 
 def test_features_linked_out_of_the_root_are_refused_to_readers_and_to_the_feature_job(data):
-    partition = data / "features" / f"ds={DS}"
-    outside = publish_features(data.parent / "elsewhere" / f"ds={DS}")
-    partition.parent.mkdir()
+    run = resolved_run()
+    partition = features_of(run)
+    outside = publish_features(data.parent / "elsewhere" / partition.name)
+    partition.parent.mkdir(parents=True)
     partition.symlink_to(outside)
-    _, catalog, _ = run_module.settings(resolved_run())
+    _, catalog, _ = run_module.settings(run)
     with pytest.raises(OutsideDataRoot, match=refused(partition, outside, data)):
         run_module.check_features(catalog, DS)
     write_raw(data / "raw", ALICE_BOB_EVENTS)
+    home = partition.parent  # the feature job's --out
     with pytest.raises(OutsideDataRoot, match=refused(partition, outside, data)):
-        job.run(None, data / "raw", data / "features", dt.date.fromisoformat(DS), load_config().features, allowed_root=data)
+        job.run(None, data / "raw", home, dt.date.fromisoformat(DS), load_config().features, allowed_root=data)
     # Its validation docs too: the job would write GX Data Docs and quarantined rows there.
     partition.unlink()
-    docs = data / "features" / "_validation" / f"ds={DS}"
+    docs = validation_docs(home, DS)
     docs.parent.mkdir()
     docs.symlink_to(data.parent / "elsewhere")
-    with pytest.raises(OutsideDataRoot, match=refused(docs, data.parent / "elsewhere", data / "features")):
-        job.run(None, data / "raw", data / "features", dt.date.fromisoformat(DS), load_config().features)  # default: inside --out
+    with pytest.raises(OutsideDataRoot, match=refused(docs, data.parent / "elsewhere", home)):
+        job.run(None, data / "raw", home, dt.date.fromisoformat(DS), load_config().features)  # default: inside --out
 
 
 def test_a_step_run_from_the_command_line_refuses_and_says_why(data, caplog):
-    partition = data / "features" / f"ds={DS}"
-    outside = publish_features(data.parent / "elsewhere" / f"ds={DS}")
-    partition.parent.mkdir()
+    partition = date_partition(Catalog(data).for_run(DS, load_config()).features_home, DS)  # the step's default settings
+    outside = publish_features(data.parent / "elsewhere" / partition.name)
+    partition.parent.mkdir(parents=True)
     partition.symlink_to(outside)
     step = lambda ds, catalog, cfg: {"features": str(catalog.features(ds))}  # noqa: E731
     with caplog.at_level(logging.ERROR):
@@ -132,9 +139,10 @@ def test_a_step_run_from_the_command_line_refuses_and_says_why(data, caplog):
 
 
 def test_models_linked_out_of_the_root_are_refused(data):
-    publish_features(data / "features" / f"ds={DS}")
+    run = resolved_run()
+    publish_features(features_of(run))
     (data / "models").symlink_to(data.parent / "elsewhere")
-    _, catalog, cfg = run_module.settings(resolved_run())
+    _, catalog, cfg = run_module.settings(run)
     with pytest.raises(OutsideDataRoot, match=refused(data / "models", data.parent / "elsewhere", data)):
         catalog.teacher(DS, cfg)
     with pytest.raises(OutsideDataRoot, match=refused(data / "models", data.parent / "elsewhere", data)):
@@ -142,8 +150,8 @@ def test_models_linked_out_of_the_root_are_refused(data):
 
 
 def test_a_model_path_handed_over_by_an_upstream_task_is_checked_where_it_is_used(data):
-    publish_features(data / "features" / f"ds={DS}")
     run = resolved_run()
+    publish_features(features_of(run))
     teacher_dir = data / "models" / "teacher" / "t1"
     outside = model_dir(data.parent / "elsewhere" / "t1")
     teacher_dir.parent.mkdir(parents=True)
@@ -170,8 +178,8 @@ def test_a_model_path_handed_over_by_an_upstream_task_is_checked_where_it_is_use
 
 
 def test_a_registry_linked_out_of_the_root_is_refused(data):
-    publish_features(data / "features" / f"ds={DS}")
     run = {**resolved_run(), "run_id": "manual__1"}
+    publish_features(features_of(run))
     teacher = {"version": "t1", "path": str(model_dir(data / "models" / "teacher" / "t1"))}
     student = {"path": str(model_dir(data / "models" / "student" / "s1")), "soft_targets": "st"}
     elsewhere = data.parent / "elsewhere"
@@ -198,8 +206,8 @@ def test_a_registry_linked_out_of_the_root_is_refused(data):
 
 
 def test_reports_linked_out_of_the_root_are_refused(data):
-    publish_features(data / "features" / f"ds={DS}")
     run = {**resolved_run(), "run_id": "manual__1"}
+    publish_features(features_of(run))
     teacher = {"version": "t1", "path": str(model_dir(data / "models" / "teacher" / "t1"))}
     student = {"path": str(model_dir(data / "models" / "student" / "s1"))}
     (data / "reports").symlink_to(data.parent / "elsewhere")
@@ -216,11 +224,13 @@ def test_symlinks_that_stay_inside_the_root_are_accepted(data, tmp_path):
     (data / "raw").symlink_to(shared)
     assert run_module.validate_raw(resolved_run()) == {"partitions": 3, "files": 3, "rows": len(ALICE_BOB_EVENTS)}
     # A run's data root below $RECSYS_DATA_ROOT may link to elsewhere in it, e.g. shared features.
-    publish_features(data / "shared" / "features" / f"ds={DS}")
     (data / "nightly").mkdir()
     (data / "nightly" / "features").symlink_to(data / "shared" / "features")
-    _, catalog, _ = run_module.settings(resolved_run(data_root="nightly"))
-    assert run_module.check_features(catalog, DS)["path"] == str(data / "nightly" / "features" / f"ds={DS}")
+    nightly = resolved_run(data_root="nightly")
+    version = nightly["features_version"]
+    publish_features(date_partition(data / "shared" / "features" / version, DS))
+    _, catalog, _ = run_module.settings(nightly)
+    assert run_module.check_features(catalog, DS)["path"] == str(date_partition(data / "nightly" / "features" / version, DS))
     # The path handed out is the one asked for, not where it resolves: names (versions) keep their meaning.
     assert catalog.raw == data / "nightly" / "raw"
     # A data root that is itself reached through a symlink is fine.

@@ -116,6 +116,19 @@ def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
         resolve_run({"ds": "31/01/2024"}, DUE, "manual")
 
 
+def test_a_setting_given_in_config_overrides_is_not_replaced_by_a_param_left_at_its_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
+    params = load_dag().params.dump()  # what every run's params carry: each Param's default, then the trigger's conf
+    assert params["window_days"] == 30 and params["min_change_vs_champion"] == -0.02
+    params["config_overrides"] = {"gate": {"min_change_vs_champion": 0.0}, "features": {"window_days": 7}}
+    run = resolve_run(params, DUE, "manual")
+    assert (run["config"]["gate"]["min_change_vs_champion"], run["config"]["features"]["window_days"]) == (0.0, 7)
+    assert run["setting_sources"] == {"gate.min_change_vs_champion": "config_overrides", "features.window_days": "config_overrides"}
+    # The same setting given two ways, differently, is an error naming both.
+    with pytest.raises(ConfigError, match=r"window_days=14 \(param\) conflicts with config_overrides.features.window_days=7"):
+        resolve_run({**params, "window_days": 14}, DUE, "manual")
+
+
 def test_a_run_without_ds_processes_the_last_complete_utc_day():
     # Due at 02:00 on Nov 28: Nov 27 is the last complete day (Nov 28 has only begun).
     assert nightly_ds(dt.datetime(2026, 11, 28, 2, 0, tzinfo=UTC)) == "2026-11-27"

@@ -246,6 +246,41 @@ def test_job_reads_exactly_the_files_the_preflight_checks(spark, tmp_path):
             check()
 
 
+def test_job_runs_on_a_window_with_a_file_without_rows(spark, tmp_path):
+    import pandas as pd
+
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    # Empty frames as pandas writes them: every column of Parquet's null type, which Spark on
+    # its own reads as int and cannot merge with the other files' strings.
+    empty = lambda schema: pd.DataFrame({c: pd.Series([], dtype=object) for c in schema.names})  # noqa: E731
+    empty(EVENT_SCHEMA).to_parquet(event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00001.parquet")
+    empty(ITEM_SCHEMA).to_parquet(raw / "items" / "update.parquet")
+    assert check_raw_window(raw, dt.date(2024, 1, 1), DS, 1) == {"partitions": 3, "files": 3, "rows": len(ALICE_BOB)}
+    manifest = job.run(spark, raw, tmp_path / "out", DS, CFG, validate_data=False)
+    assert manifest["input_files"] == [f"ds=2024-01-0{day}/part-00000.parquet" for day in (1, 2, 3)]  # the empty file is not read
+    assert manifest["counts"]["raw_events"] == len(ALICE_BOB)
+    assert manifest["counts"]["interactions_by_split"] == {"train": 5, "validation": 1, "test": 1}
+
+
+def test_job_reads_a_column_spelled_in_capitals_as_the_preflight_accepts_it(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.rename_columns([c.upper() if c == "user_id" else c for c in table.column_names]), path)
+    assert check_raw_window(raw, dt.date(2024, 1, 1), DS, 1)["rows"] == len(ALICE_BOB)
+    # Spark matches names case-insensitively (spark.sql.caseSensitive=false): USER_ID is user_id.
+    users = {r.event_id: r.user_id for r in job.read_raw(spark, raw, dt.date(2024, 1, 1), DS).events.collect()}
+    assert users == {e["event_id"]: e["user_id"] for e in ALICE_BOB}
+
+
+def test_columns_spark_cannot_tell_apart_by_case_fail_the_job_naming_both(spark, tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB, ITEMS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("USER_ID", table.column("user_id")), path)
+    run_fails(spark, tmp_path, raw, re.escape(str(path)) + r": has columns \['user_id', 'USER_ID'\] that Spark reads as one, user_id")
+
+
 def test_timestamps_in_any_utc_unit_are_read_as_instants(spark, tmp_path):
     import pandas as pd
 

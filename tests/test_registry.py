@@ -77,9 +77,9 @@ def test_crash_mid_promotion_leaves_no_partial_version_and_champion_unchanged(tm
         raise OSError("simulated crash")
 
     if crash_in == "rename":
-        monkeypatch.setattr(registry_module.os, "rename", crash)
+        monkeypatch.setattr(registry_module.store.os, "rename", crash)
     else:
-        monkeypatch.setattr(registry_module, crash_in, crash)
+        monkeypatch.setattr(registry_module.store, crash_in, crash)
     with pytest.raises(OSError, match="simulated crash"):
         reg.promote(saved_model(tmp_path, "sm2"), lineage("2024-01-02_a"))
     monkeypatch.undo()
@@ -109,7 +109,8 @@ def test_rollback_and_errors(tmp_path, capsys):
     root = str(tmp_path / "registry")
     assert registry_module.main(["--registry", root, "rollback", "1", "--reason", "bad CTR"]) == 0
     assert Registry(root).champion() == 1
-    assert reg.champion_log()[-1] | {"at": None} == {"at": None, "action": "rollback", "previous": 3, "version": 1, "reason": "bad CTR"}
+    assert reg.champion_log()[-1] | {"at": None} == {"at": None, "action": "rollback", "previous": 3, "version": 1, "reason": "bad CTR",
+                                                     "history": [1, 2, 3]}
     assert registry_module.main(["--registry", root, "show", "2"]) == 0
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["run_key"] == "2024-01-02_a"
     reg.record_run(run_record("2024-01-02_a", "NOT_BLESSED", run_id="manual__2"))
@@ -236,16 +237,16 @@ def test_run_steps_record_every_attempt(tmp_path, monkeypatch):
     features.mkdir(parents=True)
     (features / "manifest.json").write_text("{}")
     evaluation = {"models": {"student_kd": {"ndcg@10": 0.3}, "teacher": {"ndcg@10": 0.31}}}
-    blessed = {"blessed": True, "decision": "BLESSED", "reasons": []}
+    blessed = {"blessed": True, "decision": "BLESSED", "reasons": [], "champion_version": None}
     rejected = {"blessed": False, "decision": "NOT_BLESSED", "reasons": ["ndcg@10 -3.23% < allowed -2.00%"]}
     registry = str(tmp_path / "data" / "registry" / "recsys_student")
     assert run_module.promote(run, teacher, student, evaluation, blessed) == {
-        "version": 1, "registry": registry, "champion": 1, "rerun": False}
+        "version": 1, "registry": registry, "champion": 1, "rerun": False, "promoted": True, "reason": ""}
     with pytest.raises(ValueError, match="refusing to promote"):
         run_module.promote(run, teacher, student, evaluation, rejected)
     run_module.record_rejection({**run, "run_id": "manual__1"}, teacher, student, evaluation, rejected)
-    assert run_module.promote({**run, "run_id": "manual__2"}, teacher, student, evaluation, blessed) == {
-        "version": 1, "registry": registry, "champion": 1, "rerun": True}
+    assert run_module.promote({**run, "run_id": "manual__2"}, teacher, student, evaluation, {**blessed, "champion_version": 1}) == {
+        "version": 1, "registry": registry, "champion": 1, "rerun": True, "promoted": True, "reason": ""}
     runs = Registry(tmp_path / "data" / "registry").runs()
     assert [(r["run_id"], r["decision"], r["version"]) for r in runs] == [
         ("scheduled__2024-01-02", "BLESSED", 1), ("manual__1", "NOT_BLESSED", None), ("manual__2", "BLESSED", 1)]
@@ -274,7 +275,7 @@ def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp
                                                       "reasons": ["ndcg@10 -3.23% < allowed -2.00%"]}}
     registry = Registry(data_root / "registry")
     for run_id, gate in outcomes.items():
-        registry.record_run(run_record(run["run_key"], gate["decision"], run_id=run_id))
+        registry.record_run(run_record(run["run_key"], gate["decision"], run_id=run_id, features=str(features)))
         run_module.write_run_report({**run, "run_id": run_id}, teacher, student, evaluation, gate, None)
 
     reports = sorted((data_root / "reports" / f"ds={ds}" / run["run_key"]).glob("*/summary.json"))

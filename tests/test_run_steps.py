@@ -14,7 +14,7 @@ import pytest
 from pipeline import cli
 from pipeline.catalog import Catalog
 from pipeline.config import ConfigError, load_config
-from pipeline.data.contract import RawWindowError, event_partition_dir
+from pipeline.data.contract import EVENT_SCHEMA, RawWindowError, event_partition_dir
 from pipeline.data.raw_files import check_raw_window
 from pipeline.run import check_features
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
@@ -106,6 +106,41 @@ def test_raw_window_accepts_null_typed_columns_only_where_nullable(tmp_path):
     pq.write_table(table.append_column("item_id", table.column("item_id")), path)
     with pytest.raises(RawWindowError, match=re.escape(str(path)) + r": has column\(s\) \['item_id'\] more than once"):
         check_raw_window(raw, START, END, 1)
+
+
+def test_raw_window_accepts_a_file_without_rows_whatever_its_types(tmp_path):
+    import pandas as pd
+
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    empty = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00001.parquet"
+    # pandas stores an empty object column as Parquet's null type, the ids included.
+    pd.DataFrame({c: pd.Series([], dtype=object) for c in EVENT_SCHEMA.names}).to_parquet(empty)
+    assert pq.read_schema(empty).field("item_id").type == pa.null()
+    # Not read (no rows, nothing to read): 3 files, as the feature job reads them.
+    assert check_raw_window(raw, START, END, 1) == {"partitions": 3, "files": 3, "rows": len(ALICE_BOB_EVENTS)}
+    pd.DataFrame({c: pd.Series([], dtype=object) for c in EVENT_SCHEMA.names if c != "user_id"}).to_parquet(empty)
+    with pytest.raises(RawWindowError, match=re.escape(str(empty)) + r": lacks column\(s\) \['user_id'\]"):
+        check_raw_window(raw, START, END, 1)  # its column names are still the contract's
+
+
+def test_raw_window_rejects_columns_spark_cannot_tell_apart_by_case(tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("USER_ID", table.column("user_id")), path)
+    with pytest.raises(RawWindowError, match=re.escape(str(path)) + r": has columns \['user_id', 'USER_ID'\] that Spark reads as one, user_id"):
+        check_raw_window(raw, START, END, 1)
+
+
+def test_raw_window_matches_column_names_case_insensitively_as_spark_reads_them(tmp_path):
+    raw = write_raw(tmp_path / "raw", ALICE_BOB_EVENTS)
+    path = event_partition_dir(raw, dt.date(2024, 1, 2)) / "part-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.rename_columns([c.upper() if c == "user_id" else c for c in table.column_names]), path)
+    assert check_raw_window(raw, START, END, 1)["rows"] == len(ALICE_BOB_EVENTS)  # Spark reads USER_ID as user_id
+    pq.write_table(table.set_column(1, "USER_ID", pa.array([1] * table.num_rows)), path)
+    with pytest.raises(RawWindowError, match=re.escape(str(path)) + r": USER_ID \(read as user_id\) is int64, expected string"):
+        check_raw_window(raw, START, END, 1)  # and judges its type
 
 
 def test_raw_window_checks_the_side_tables_too(tmp_path):

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Mapping
 
-from pipeline.config.checks import _check
+from pipeline.config.checks import _check, is_number, shown
 
 # Fixed cut-offs of the single-number summaries (the Recall/NDCG cut-offs are EvalConfig.ks).
 HITRATE_K = 10
@@ -49,8 +49,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        _check(all(k >= 1 for k in self.ks), "evaluate.ks must be >= 1")
-        _check(self.pairs_per_chunk >= 1, "evaluate.pairs_per_chunk must be >= 1")
+        _check(all(k >= 1 for k in self.ks), f"evaluate.ks must be >= 1, got {list(self.ks)}")
+        _check(self.pairs_per_chunk >= 1, f"evaluate.pairs_per_chunk must be >= 1, got {self.pairs_per_chunk!r}")
 
 
 def is_quality_metric(name: object) -> bool:
@@ -91,7 +91,11 @@ class GateConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "floors", dict(self.floors))
-        _check(len(self.metrics) >= 1, "gate.metrics must name at least one metric")
+        _check(len(self.metrics) >= 1, "gate.metrics must name at least one metric, got []")
         _check(self.mode in ("relative", "absolute"), f"gate.mode must be 'relative' or 'absolute', got {self.mode!r}")
         unknown = sorted(set(self.floors) - set(self.metrics))
         _check(not unknown, f"gate.floors names metrics that are not gated: {unknown}")
+        for metric, floor in self.floors.items():
+            # A quality metric lies in [0, 1]; NaN fails the comparison and so is rejected.
+            _check(is_quality_metric(metric), f"gate.floors names {metric!r}, not a quality metric (recall@K, ndcg@K, hitrate@K or mrr)")
+            _check(is_number(floor) and 0.0 <= floor <= 1.0, f"gate.floors.{metric} must be a number in [0, 1], got {shown(floor)}")

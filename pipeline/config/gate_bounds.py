@@ -16,9 +16,8 @@ import math
 import os
 from typing import Any, Mapping
 
-from pipeline.config.checks import ConfigError, _check
+from pipeline.config.checks import ConfigError, _check, apply_settings
 from pipeline.config.evaluation import QUALITY_METRIC_FAMILIES, computed_quality_metrics, is_quality_metric
-from pipeline.config.loading import _build
 from pipeline.config.sections import PipelineConfig
 
 GATE_BOUNDS_ENV = "RECSYS_GATE_BOUNDS"
@@ -93,7 +92,7 @@ def load_gate_bounds(variable: str | Mapping[str, Any] | None = None, environ: M
                 source = json.loads(source)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{label} must be a JSON object: {err}") from None
-        bounds = _build(bounds, source, label)
+        bounds = apply_settings(bounds, source, label)
     return bounds
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.config.checks import apply_settings, object_expected, shown
 from pipeline.config.sections import ConfigError, PipelineConfig
 
 # Trigger parameter -> (config section, setting): the knobs a manual run sets by name. The
@@ -33,56 +33,87 @@ def param_defaults() -> dict[str, Any]:
 
 
 def overrides_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested settings from trigger parameters: ``config_overrides``, then each named parameter."""
-    overrides: dict[str, Any] = {section: dict(values) for section, values in (params.get("config_overrides") or {}).items()}
+    """Nested settings from trigger parameters, each setting from one source.
+
+    Precedence: ``config_overrides`` may give any setting; a named parameter
+    (:data:`PARAM_SETTINGS`) gives its setting only when changed from its default
+    (:func:`param_defaults`). Airflow fills every named parameter, so one left at its
+    default says nothing and yields to ``config_overrides``. A changed parameter and
+    ``config_overrides`` may give the same setting only with equal values.
+
+    Args:
+        params: The DAG's params: the named parameters and ``config_overrides``, a JSON
+            object of sections, e.g. ``{"gate": {"floors": {"ndcg@10": 0.05}}}``.
+
+    Returns:
+        Nested settings for :func:`load_config` (which checks them).
+
+    Raises:
+        ConfigError: When ``config_overrides`` or one of its sections is not a JSON object,
+            or a changed parameter and ``config_overrides`` give one setting different values.
+    """
+    return _sourced_overrides(params)[0]
+
+
+def setting_sources(params: Mapping[str, Any]) -> dict[str, str]:
+    """Where each setting that a run changes from its default came from, for its logs and records.
+
+    Args:
+        params: As for :func:`overrides_from_params`.
+
+    Returns:
+        ``"section.key"`` -> ``"param NAME"``, ``"config_overrides"`` or ``"param NAME and
+        config_overrides"``, for every setting whose value differs from its default.
+
+    Raises:
+        ConfigError: As :func:`overrides_from_params` and :func:`load_config` do.
+    """
+    overrides, sources = _sourced_overrides(params)
+    changed, default = load_config(overrides).to_dict(), PipelineConfig().to_dict()
+    return {f"{section}.{key}": sources[section, key] for section, values in changed.items()
+            for key, value in values.items() if value != default[section][key]}
+
+
+def _sourced_overrides(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, str], str]]:
+    """The settings of :func:`overrides_from_params`, and the source of each ``(section, key)``."""
+    given = params.get("config_overrides")
+    given = {} if given is None else given
+    if not isinstance(given, Mapping):
+        raise object_expected("config_overrides", given)
+    overrides: dict[str, Any] = {}
+    for section, values in given.items():
+        if not isinstance(values, Mapping):
+            raise object_expected(f"config_overrides.{section}", values)
+        overrides[section] = dict(values)
+    sources = {(section, key): "config_overrides" for section, values in overrides.items() for key in values}
+    defaults = param_defaults()
     for param, (section, key) in PARAM_SETTINGS.items():
-        if params.get(param) is not None:
-            overrides.setdefault(section, {})[key] = params[param]
-    return overrides
-
-
-def _build(default: Any, values: Mapping[str, Any], prefix: str) -> Any:
-    """``default`` (a config dataclass instance) with ``values`` applied, checked and coerced."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix} must be a JSON object, got {type(values).__name__}")
-    names = [f.name for f in dataclasses.fields(default)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(names)}")
-    changes = {}
-    for name, value in values.items():
-        current = getattr(default, name)
-        if dataclasses.is_dataclass(current):
-            changes[name] = _build(current, value, f"{prefix}.{name}")
+        value = params.get(param)
+        if value is None or _same(value, defaults[param]):
+            continue
+        if key in overrides.get(section, {}):
+            other = overrides[section][key]
+            if not _same(value, other):
+                raise ConfigError(f"{param}={shown(value)} (param) conflicts with "
+                                  f"config_overrides.{section}.{key}={shown(other)}: give it once")
+            sources[section, key] = f"param {param} and config_overrides"
         else:
-            changes[name] = _coerce(value, current, f"{prefix}.{name}")
-    return dataclasses.replace(default, **changes)
+            sources[section, key] = f"param {param}"
+        overrides.setdefault(section, {})[key] = value
+    return overrides, sources
 
 
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if isinstance(default, int) and not float(value).is_integer():
-            raise ConfigError(f"{name} must be a whole number, got {value!r}")
-        return type(default)(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return tuple(value)
-    if isinstance(default, Mapping) and not isinstance(value, Mapping):
-        raise ConfigError(f"{name} must be an object, got {value!r}")
-    return value
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of one kind: 7 is 7.0, but ``true`` is not 1."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, path: str | Path | None = None) -> PipelineConfig:
     """Build the pipeline config from defaults, an optional JSON file, then overrides.
+
+    Every setting is checked here, by its field's type (a finite number, a whole number,
+    true or false, a string, a list or object of those, or null where allowed) and then by
+    its section's ranges, so a bad value never gets past loading.
 
     Args:
         overrides: Nested settings, e.g. ``{"features": {"window_days": 7}}``; applied last.
@@ -92,7 +123,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, path: str | Path | N
         The frozen config.
 
     Raises:
-        ConfigError: On an unknown key, a value of the wrong type or out of range.
+        ConfigError: Naming the setting and its value, on an unknown key (with the nearest
+            known one), a value of the wrong type, or out of range.
     """
     merged: dict[str, Any] = {}
     if path is not None:
@@ -100,12 +132,17 @@ def load_config(overrides: Mapping[str, Any] | None = None, path: str | Path | N
             merged = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from err
-    for section, values in (overrides or {}).items():
+        if not isinstance(merged, dict):
+            raise object_expected(f"config file {path}", merged)
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, Mapping):
+        raise object_expected("config overrides", overrides)
+    for section, values in overrides.items():
         if isinstance(values, Mapping) and isinstance(merged.get(section), Mapping):
             merged[section] = {**merged[section], **values}
         else:
             merged[section] = values
-    return _build(PipelineConfig(), merged, "config")
+    return apply_settings(PipelineConfig(), merged, "config")
 
 
 def parse_ds(value: str) -> dt.date:

@@ -56,21 +56,23 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "event_weights", dict(self.event_weights))
-        _check(self.window_days >= 1, "features.window_days must be >= 1")
-        _check(0.0 <= self.max_quarantine_share <= 1.0, "features.max_quarantine_share must be in [0, 1]")
-        _check(self.min_events >= 1, "features.min_events must be >= 1")
+        _check(self.window_days >= 1, f"features.window_days must be >= 1, got {self.window_days!r}")
+        _check(0.0 <= self.max_quarantine_share <= 1.0,
+               f"features.max_quarantine_share must be in [0, 1], got {self.max_quarantine_share!r}")
+        _check(self.min_events >= 1, f"features.min_events must be >= 1, got {self.min_events!r}")
         unknown = sorted(set(self.event_weights) - set(EVENT_TYPES))
         _check(not unknown, f"features.event_weights has unknown event types {unknown}; allowed: {list(EVENT_TYPES)}")
         missing = sorted(set(EVENT_TYPES) - set(self.event_weights))
         _check(not missing, f"features.event_weights lacks a weight for {missing}")
-        _check(all(w > 0 for w in self.event_weights.values()), "features.event_weights must all be > 0")
-        _check(0.0 < self.val_fraction < 0.5, "features.val_fraction must be in (0, 0.5)")
-        _check(0.0 < self.test_fraction < 0.5, "features.test_fraction must be in (0, 0.5)")
-        _check(self.min_user_interactions >= 3, "features.min_user_interactions must be >= 3")
-        _check(self.history_length >= 1, "features.history_length must be >= 1")
+        _check(all(w > 0 for w in self.event_weights.values()), f"features.event_weights must all be > 0, got {self.event_weights!r}")
+        _check(0.0 < self.val_fraction < 0.5, f"features.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
+        _check(0.0 < self.test_fraction < 0.5, f"features.test_fraction must be in (0, 0.5), got {self.test_fraction!r}")
+        _check(self.min_user_interactions >= 3, f"features.min_user_interactions must be >= 3, got {self.min_user_interactions!r}")
+        _check(self.history_length >= 1, f"features.history_length must be >= 1, got {self.history_length!r}")
         _check(self.max_user_interactions >= self.min_user_interactions,
-               "features.max_user_interactions must be >= features.min_user_interactions")
-        _check(self.shuffle_partitions >= 1, "features.shuffle_partitions must be >= 1")
+               f"features.max_user_interactions ({self.max_user_interactions!r}) must be >= features.min_user_interactions "
+               f"({self.min_user_interactions!r})")
+        _check(self.shuffle_partitions >= 1, f"features.shuffle_partitions must be >= 1, got {self.shuffle_partitions!r}")
         _check(re.fullmatch(r"[1-9][0-9]*[kmgt]", self.driver_memory) is not None,
                f"features.driver_memory must look like 512m or 4g, got {self.driver_memory!r}")
 
@@ -119,12 +121,12 @@ class TrainingConfig:
     refit: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 2, "training.batch_size must be >= 2")
-        _check(self.learning_rate > 0, "training.learning_rate must be > 0")
-        _check(self.patience >= 1, "training.patience must be >= 1")
-        _check(self.early_stopping_k >= 1, "training.early_stopping_k must be >= 1")
-        _check(self.full_softmax_max_items >= 0, "training.full_softmax_max_items must be >= 0")
-        _check(self.retrieval_temperature > 0, "training.retrieval_temperature must be > 0")
+        _check(self.batch_size >= 2, f"training.batch_size must be >= 2, got {self.batch_size!r}")
+        _check(self.learning_rate > 0, f"training.learning_rate must be > 0, got {self.learning_rate!r}")
+        _check(self.patience >= 1, f"training.patience must be >= 1, got {self.patience!r}")
+        _check(self.early_stopping_k >= 1, f"training.early_stopping_k must be >= 1, got {self.early_stopping_k!r}")
+        _check(self.full_softmax_max_items >= 0, f"training.full_softmax_max_items must be >= 0, got {self.full_softmax_max_items!r}")
+        _check(self.retrieval_temperature > 0, f"training.retrieval_temperature must be > 0, got {self.retrieval_temperature!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +161,14 @@ class TowerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
-        _check(self.embedding_dim >= 1 and self.side_dim >= 1 and self.output_dim >= 1, "tower dims must be >= 1")
-        _check(all(h >= 1 for h in self.hidden_units), "tower hidden_units must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "tower dropout must be in [0, 1)")
-        _check(self.l2 >= 0.0, "tower l2 must be >= 0")
-        _check(self.epochs >= 1, "tower epochs must be >= 1")
-        _check(self.max_param_share is None or 0.0 < self.max_param_share <= 1.0, "tower max_param_share must be in (0, 1]")
+        for dim in ("embedding_dim", "side_dim", "output_dim"):
+            _check(getattr(self, dim) >= 1, f"tower {dim} must be >= 1, got {getattr(self, dim)!r}")
+        _check(all(h >= 1 for h in self.hidden_units), f"tower hidden_units must be >= 1, got {list(self.hidden_units)}")
+        _check(0.0 <= self.dropout < 1.0, f"tower dropout must be in [0, 1), got {self.dropout!r}")
+        _check(self.l2 >= 0.0, f"tower l2 must be >= 0, got {self.l2!r}")
+        _check(self.epochs >= 1, f"tower epochs must be >= 1, got {self.epochs!r}")
+        _check(self.max_param_share is None or 0.0 < self.max_param_share <= 1.0,
+               f"tower max_param_share must be in (0, 1], got {self.max_param_share!r}")
 
 
 def _default_student() -> TowerConfig:
@@ -204,13 +208,13 @@ class DistillConfig:
     full_catalogue_max_items: int = 5_000
 
     def __post_init__(self) -> None:
-        _check(self.full_catalogue_max_items >= 0, "distill.full_catalogue_max_items must be >= 0")
-        _check(self.distill_temperature > 0, "distill.distill_temperature must be > 0")
-        _check(0.0 <= self.alpha <= 1.0, "distill.alpha must be in [0, 1]")
-        _check(self.beta >= 0.0, "distill.beta must be >= 0")
+        _check(self.full_catalogue_max_items >= 0, f"distill.full_catalogue_max_items must be >= 0, got {self.full_catalogue_max_items!r}")
+        _check(self.distill_temperature > 0, f"distill.distill_temperature must be > 0, got {self.distill_temperature!r}")
+        _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha!r}")
+        _check(self.beta >= 0.0, f"distill.beta must be >= 0, got {self.beta!r}")
         _check(self.soft_loss in ("kl", "ranking"), f"distill.soft_loss must be 'kl' or 'ranking', got {self.soft_loss!r}")
-        _check(self.ranking_decay > 0, "distill.ranking_decay must be > 0")
-        _check(self.sampled_negatives >= 0, "distill.sampled_negatives must be >= 0")
+        _check(self.ranking_decay > 0, f"distill.ranking_decay must be > 0, got {self.ranking_decay!r}")
+        _check(self.sampled_negatives >= 0, f"distill.sampled_negatives must be >= 0, got {self.sampled_negatives!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,13 +242,13 @@ class SoftTargetConfig:
     batch_size: int = 512
     pairs_per_chunk: int = 4_000_000
     spark_min_users: int = 2_000_000
-    spark_master: str | None = None
+    spark_master: str | None = dataclasses.field(default=None, metadata={"expects": "a master URL"})
 
     def __post_init__(self) -> None:
-        _check(self.top_k >= 1, "soft_targets.top_k must be >= 1")
-        _check(self.batch_size >= 1, "soft_targets.batch_size must be >= 1")
-        _check(self.pairs_per_chunk >= 1, "soft_targets.pairs_per_chunk must be >= 1")
-        _check(self.spark_min_users >= 1, "soft_targets.spark_min_users must be >= 1")
+        _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k!r}")
+        _check(self.batch_size >= 1, f"soft_targets.batch_size must be >= 1, got {self.batch_size!r}")
+        _check(self.pairs_per_chunk >= 1, f"soft_targets.pairs_per_chunk must be >= 1, got {self.pairs_per_chunk!r}")
+        _check(self.spark_min_users >= 1, f"soft_targets.spark_min_users must be >= 1, got {self.spark_min_users!r}")
         _check(self.spark_master is None or (isinstance(self.spark_master, str) and self.spark_master.strip() != ""),
                f"soft_targets.spark_master must be a master URL or null, got {self.spark_master!r}")
 
@@ -282,12 +286,13 @@ class ServingConfig:
     block_size: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.top_k >= 1, "serving.top_k must be >= 1")
-        _check(self.block_size >= 0, "serving.block_size must be >= 0")
+        _check(self.top_k >= 1, f"serving.top_k must be >= 1, got {self.top_k!r}")
+        _check(self.block_size >= 0, f"serving.block_size must be >= 0, got {self.block_size!r}")
         _check(self.index in ("ivf", "brute_force"), f"serving.index must be 'ivf' or 'brute_force', got {self.index!r}")
-        _check(min(self.num_partitions, self.kmeans_iterations) >= 0, "serving.num_partitions and kmeans_iterations must be >= 0")
-        _check(self.probe_partitions >= 1, "serving.probe_partitions must be >= 1")
-        _check(self.partition_capacity >= 1.0, "serving.partition_capacity must be >= 1")
+        _check(min(self.num_partitions, self.kmeans_iterations) >= 0,
+               f"serving.num_partitions and kmeans_iterations must be >= 0, got {self.num_partitions!r} and {self.kmeans_iterations!r}")
+        _check(self.probe_partitions >= 1, f"serving.probe_partitions must be >= 1, got {self.probe_partitions!r}")
+        _check(self.partition_capacity >= 1.0, f"serving.partition_capacity must be >= 1, got {self.partition_capacity!r}")
 
 
 @dataclasses.dataclass(frozen=True)

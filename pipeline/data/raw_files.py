@@ -1,10 +1,11 @@
 """Which raw files are data, and whether what they store satisfies the contract.
 
 One rule picks the files (:func:`data_files`); one check judges each file by its Parquet
-footer the way Spark will read it (:func:`check_file`). The pre-flight check
-(:func:`check_raw_window`) and the Spark feature job both go through them, and the job
-hands Spark the checked file list, never a directory, so the two cannot disagree about
-what a partition holds. Every error names the file, the column and the rule.
+footer the way Spark will read it (:func:`check_file`); files without rows are checked
+but never read (:func:`check_event_files`). The pre-flight check (:func:`check_raw_window`)
+and the Spark feature job both go through them, and the job hands Spark the checked file
+list, never a directory, so the two cannot disagree about what a partition holds. Every
+error names the file, the column and the rule.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class CheckedFile:
             UTC timestamp in milliseconds, microseconds or INT96 as ``timestamp[us, UTC]``
             and one in nanoseconds as ``timestamp[ns, UTC]`` (Spark reads those only as
             integers, see :func:`check_file`). Files with equal ``columns`` can be read
-            together under one schema.
+            together under one schema. Fields carry the contract's names, which Spark
+            matches to the stored ones ignoring case (see :func:`check_file`). Empty for
+            a file without rows: its types are not judged, as nothing reads it.
     """
 
     path: Path
@@ -152,23 +155,25 @@ def schema_problems(schema: pa.Schema, contract: pa.Schema = EVENT_SCHEMA) -> li
 _PARQUET_UNITS = {"milliseconds": "ms", "microseconds": "us", "nanoseconds": "ns"}
 
 
-def _stored_timestamp(meta: pq.FileMetaData, field: pa.Field, found: pa.DataType) -> tuple[pa.DataType | None, str | None]:
-    """A timestamp column judged by its Parquet encoding, which is what Spark reads.
+def _stored_timestamp(meta: pq.FileMetaData, field: pa.Field, found: pa.DataType, name: str,
+                      label: str) -> tuple[pa.DataType | None, str | None]:
+    """A timestamp column (stored as ``name``, called ``label`` in errors) judged by its
+    Parquet encoding, which is what Spark reads.
 
     The Arrow type alone can mislead: pyarrow shows INT96 as a naive ``timestamp[ns]`` and
     may restore a unit from its own metadata that differs from the stored one.
     """
-    column = next((meta.schema.column(i) for i in range(meta.num_columns) if meta.schema.column(i).path == field.name), None)
+    column = next((meta.schema.column(i) for i in range(meta.num_columns) if meta.schema.column(i).path == name), None)
     if column is None or pa.types.is_null(found):
-        return None, _type_problem(field.name, found, field)
+        return None, _type_problem(label, found, field)
     if column.physical_type == "INT96":  # the legacy Impala/Spark encoding of UTC instants; Spark reads it as one
         return pa.timestamp("us", tz="UTC"), None
     logical = json.loads(column.logical_type.to_json())
     if logical.get("Type") != "Timestamp":
-        return None, _type_problem(field.name, found, field)
+        return None, _type_problem(label, found, field)
     if not logical["isAdjustedToUTC"]:
         return None, (
-            f"{field.name} is a timestamp without a time zone ({found}, Parquet isAdjustedToUTC=false), expected UTC "
+            f"{label} is a timestamp without a time zone ({found}, Parquet isAdjustedToUTC=false), expected UTC "
             f"instants: the zone its values are in is unknown, so no day can be assigned; write it time-zone aware "
             f"(pandas: .dt.tz_localize('UTC'), pyarrow: pa.timestamp(unit, tz='UTC'))"
         )
@@ -176,8 +181,38 @@ def _stored_timestamp(meta: pq.FileMetaData, field: pa.Field, found: pa.DataType
     return pa.timestamp("ns" if unit == "ns" else "us", tz="UTC"), None
 
 
+def _name_problems(names: Sequence[str], contract: pa.Schema) -> tuple[dict[str, str], list[str]]:
+    """Find the contract's columns among a file's column ``names`` as Spark does: case-insensitively.
+
+    Spark matches the names of the schema it is given to a file's columns ignoring case
+    (its default, ``spark.sql.caseSensitive=false``): it reads ``USER_ID`` as ``user_id``,
+    and fails on a file that has both.
+
+    Returns:
+        Contract column -> the name the file stores it under, for each found once; and the
+        problems: missing columns, and columns stored more than once.
+    """
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(name.lower(), []).append(name)
+    found = {f.name: spellings.get(f.name.lower(), []) for f in contract}
+    missing = [column for column, stored in found.items() if not stored]
+    repeated = [column for column, stored in found.items() if len(stored) > 1 and len(set(stored)) == 1]
+    problems = ([f"lacks column(s) {missing}"] if missing else []) + ([f"has column(s) {repeated} more than once"] if repeated else [])
+    problems += [f"has columns {stored} that Spark reads as one, {column}: it matches column names ignoring case "
+                 f"(spark.sql.caseSensitive=false) and cannot tell them apart; keep one"
+                 for column, stored in found.items() if len(set(stored)) > 1]
+    return {column: stored[0] for column, stored in found.items() if len(stored) == 1}, problems
+
+
 def check_file(path: str | Path, contract: pa.Schema) -> CheckedFile:
     """Judge one data file by its Parquet footer against ``contract``, the way Spark will read it.
+
+    Column names match as Spark matches them, ignoring case (``USER_ID`` is read as
+    ``user_id``); a file storing one column under two such names is rejected, as Spark
+    would fail on it. A file without rows is judged by its column names alone: it holds no
+    value, so its types cannot matter (pandas writes an empty frame's object columns as
+    Parquet's null type, ids included), and it is never read (:func:`check_event_files`).
 
     Timestamps: any Parquet unit is accepted when the column is UTC adjusted (or INT96).
     Milliseconds and microseconds Spark reads as timestamps; nanoseconds (pandas' default)
@@ -202,19 +237,22 @@ def check_file(path: str | Path, contract: pa.Schema) -> CheckedFile:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise RawWindowError(f"corrupt Parquet file {path}: {err}") from err
-    missing = [f.name for f in contract if f.name not in schema.names]
-    repeated = [f.name for f in contract if schema.names.count(f.name) > 1]  # Spark could not tell them apart
-    problems = ([f"lacks column(s) {missing}"] if missing else []) + ([f"has column(s) {repeated} more than once"] if repeated else [])
+    names, problems = _name_problems(schema.names, contract)
+    if meta.num_rows == 0:
+        if problems:
+            raise RawWindowError(f"{path}: " + "; ".join(problems))
+        return CheckedFile(path=path, rows=0, columns=pa.schema([]))
     columns = []
     for field in contract:
-        if field.name not in schema.names or field.name in repeated:
+        if field.name not in names:
             continue
-        found = schema.field(field.name).type
+        name, found = names[field.name], schema.field(names[field.name]).type
+        label = name if name == field.name else f"{name} (read as {field.name})"
         if pa.types.is_timestamp(field.type):
-            stored, problem = _stored_timestamp(meta, field, found)
+            stored, problem = _stored_timestamp(meta, field, found, name, label)
         else:
             stored = stored_type(found, field.type, field.nullable)
-            problem = None if stored is not None else _type_problem(field.name, found, field)
+            problem = None if stored is not None else _type_problem(label, found, field)
         if problem:
             problems.append(problem)
         else:
@@ -224,20 +262,37 @@ def check_file(path: str | Path, contract: pa.Schema) -> CheckedFile:
     return CheckedFile(path=path, rows=meta.num_rows, columns=pa.schema(columns))
 
 
+def _with_rows(files: Sequence[CheckedFile]) -> list[CheckedFile]:
+    """The files a reader is given: those holding rows.
+
+    A file without rows adds nothing, and its types need not be the contract's
+    (:func:`check_file`): Spark reads pandas' empty null-typed columns as int and fails to
+    merge them with another file's strings. The pre-flight check counts these files and
+    the Spark job (and the DuckDB benchmark) reads them, so they agree on what is read.
+    """
+    for empty in (f for f in files if not f.rows):
+        log.info("%s: no rows, not read", empty.path)
+    return [f for f in files if f.rows]
+
+
 def check_event_files(partitions: Sequence[Path]) -> list[CheckedFile]:
     """Every data file of ``partitions`` (:func:`data_files`), judged by :func:`check_file`.
+
+    Returns:
+        The files holding rows, the ones to read (a file without rows is checked, then left out).
 
     Raises:
         RawWindowError: Naming the first file, column and rule at fault.
     """
-    return [check_file(path, EVENT_SCHEMA) for partition in partitions for path in data_files(partition)]
+    return _with_rows([check_file(path, EVENT_SCHEMA) for partition in partitions for path in data_files(partition)])
 
 
 def check_side_table(raw_root: str | Path, name: str) -> list[CheckedFile]:
     """The data files of side table ``name`` (``items`` or ``users``), judged by :func:`check_file`.
 
     Returns:
-        The files; none when the table's directory does not exist (side features are then null).
+        The files holding rows, the ones to read (as :func:`check_event_files`); none when
+        the table's directory does not exist (side features are then null).
 
     Raises:
         RawWindowError: Naming the file, column and rule at fault.
@@ -245,19 +300,20 @@ def check_side_table(raw_root: str | Path, name: str) -> list[CheckedFile]:
     directory = side_table_dir(raw_root, name)
     if not directory.is_dir():
         return []
-    return [check_file(path, SIDE_TABLES[name]) for path in data_files(directory)]
+    return _with_rows([check_file(path, SIDE_TABLES[name]) for path in data_files(directory)])
 
 
 def check_raw_window(raw_root: str | Path, window_start: dt.date, window_end: dt.date, min_events: int) -> dict:
     """Cheap structural checks of the raw window from Parquet footers alone (no Spark).
 
-    Every file the feature job will read (:func:`data_files` of each partition and side
-    table) must be Parquet and hold the contract's columns with types Spark can read as
-    the contract's (:func:`check_file`); the window must hold at least ``min_events`` rows.
+    Every data file (:func:`data_files` of each partition and side table) must be Parquet
+    and hold the contract's columns, with types Spark can read as the contract's when it
+    holds rows (:func:`check_file`); the window must hold at least ``min_events`` rows.
     Row-level checks (nulls, blank ids, event types, duplicates) run in the Spark job.
 
     Returns:
-        ``{"partitions", "files", "rows"}`` of the event window.
+        ``{"partitions", "files", "rows"}`` of the event window; ``files`` counts the files
+        the feature job reads, those holding rows.
 
     Raises:
         RawWindowError: Naming the file, column and rule at fault.

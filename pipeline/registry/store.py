@@ -1,33 +1,13 @@
-"""Model registry in TF Serving layout: versions, lineage, a champion alias, and journals.
-
-Layout under ``<registry>/``::
-
-    models.config                   TF Serving config pinning every model to its champion
-    <model>/1/ 2/ ...               TF Serving versions (saved_model.pb, variables/), integers that only grow
-    <model>/<N>/assets.extra/lineage.json   ds, run id, teacher version, features, soft targets,
-                                    config hash, metrics, blessing (TF Serving ignores assets.extra)
-    <model>/champion.json           the current champion, and the champions before it (for rollback)
-    <model>/champion_log.jsonl      every champion decision, appended: promote, rollback, rerun
-    <model>/runs.jsonl              every run attempt, appended: BLESSED / NOT_BLESSED and why
-    <model>/.lock                   the lock that serialises writers of this model
-
-A version is copied into a locked temporary directory and flushed outside the lock; under
-the lock it gets the next number and is renamed into place (TF Serving and readers never
-see a partial version), then ``champion.json`` and ``models.config`` are rewritten
-atomically and the change is journaled. A re-run of a ``run_key`` published before adds
-no version and leaves the champion where it is, so an operator's rollback holds until the
-next new blessed promotion. ``python -m pipeline.registry`` lists, shows and rolls back.
-"""
+"""The registry store: versions, lineage, the champion alias and its journals, under one lock
+(the layout and the rules are in :mod:`pipeline.registry`)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
 import os
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +32,28 @@ class RegistryError(RuntimeError):
     """A registry operation cannot be done (unknown version, nothing to roll back to)."""
 
 
+# ``expected_champion`` of a caller that does not compare (the CLI, tests of other rules).
+ANY_CHAMPION = object()
+
+
 @dataclass(frozen=True)
 class Promotion:
     """What :meth:`Registry.promote` did.
 
     Attributes:
-        version: The run's version: new, or the one published by an earlier attempt.
+        version: The run's version: new, or the one published by an earlier attempt; None
+            when the promotion was refused before anything was published.
         champion: The champion after the call.
-        rerun: True when the run_key had been published before; the champion was left alone.
+        rerun: True when the run_key had been promoted before; the champion was left alone.
+        promoted: False when the promotion was refused (see ``reason``).
+        reason: Why it was refused (empty otherwise).
     """
 
-    version: int
+    version: int | None
     champion: int | None
     rerun: bool
+    promoted: bool = True
+    reason: str = ""
 
 
 def utc_now() -> str:
@@ -121,7 +110,7 @@ class Registry:
         return [r for r in records if run_key is None or r.get("run_key") == run_key]
 
     def champion_log(self) -> list[dict]:
-        """Every champion decision (``promote``, ``rollback``, ``rerun``), oldest first."""
+        """Every champion decision (``promote``, ``rollback``, ``rerun``, ``refused``), oldest first."""
         return read_jsonl(self.path / CHAMPION_LOG)
 
     # ------------------------------------------------------------------ writing
@@ -148,19 +137,26 @@ class Registry:
             append_jsonl(self.path / RUN_LOG, stored)
         return stored
 
-    def promote(self, saved_model_dir: str | Path, lineage: Mapping) -> Promotion:
-        """Publish a blessed SavedModel as the next version and make it the champion.
+    def promote(self, saved_model_dir: str | Path, lineage: Mapping, expected_champion=ANY_CHAMPION) -> Promotion:
+        """Publish a blessed SavedModel as the next version and make it the champion, if the
+        champion is still the one the student was evaluated against.
 
-        The rule for re-runs: if ``lineage["run_key"]`` was published before, no version is
-        added and the champion is not touched (it may be a rolled-back or a newer version);
-        the decision is journaled as ``rerun``. Only a new run_key moves the champion. The
-        one exception is a promotion that a crash cut short -- its version was published
-        but never made champion (no ``promote`` entry in the journal) -- which the re-run
-        completes, so a killed promotion and its re-run end as one uninterrupted promotion.
+        Rules, under the registry lock:
+
+        * a ``run_key`` promoted before (a re-run) adds no version and leaves the champion
+          alone (it may be a rolled-back or a newer version); journaled as ``rerun``;
+        * compare-and-swap: when the champion is no longer ``expected_champion``, nothing is
+          published and the champion stays; journaled as ``refused`` ("champion changed since
+          evaluation: was N, now M"), so two runs gated against one champion never both win;
+        * a version published by an attempt that died before its promotion was journaled is
+          completed by the re-run only if no promotion or rollback was journaled after it
+          was published: a crash and its re-run never undo a later decision.
 
         Args:
             saved_model_dir: The student's exported SavedModel.
             lineage: Must hold ``run_key``; ``run_id`` is journaled; stored with the version.
+            expected_champion: The champion version (None: no champion) the gate compared the
+                student with; :data:`ANY_CHAMPION` skips the comparison.
 
         Returns:
             The :class:`Promotion`.
@@ -172,17 +168,22 @@ class Registry:
             shutil.copytree(saved_model_dir, tmp, dirs_exist_ok=True)
             fsync_tree(tmp)
             with self._lock():
+                self._reconcile()
+                champion = self.champion()
                 existing = self.find(run_key)
                 if existing is not None and self._promoted(existing):
-                    champion = self.champion()
                     reason = f"re-run of {run_key}: version {existing} was published before; champion stays {champion}"
                     self._journal_champion("rerun", champion, champion, run_key=run_key, run_id=run_id, reason=reason)
-                    self.write_serving_config()  # in case the earlier attempt died before it
                     return Promotion(existing, champion, rerun=True)
+                refusal = self._refusal(champion, expected_champion, existing)
+                if refusal:
+                    self._journal_champion("refused", champion, champion, run_key=run_key, run_id=run_id, reason=refusal)
+                    return Promotion(existing, champion, rerun=False, promoted=False, reason=refusal)
                 if existing is None:
                     version = (self.versions() or [0])[-1] + 1
                     (tmp / "assets.extra").mkdir(exist_ok=True)
-                    write_json(tmp / "assets.extra" / "lineage.json", {**lineage, "version": version, "model": self.model})
+                    write_json(tmp / "assets.extra" / "lineage.json",
+                               {**lineage, "version": version, "model": self.model, "published_at": utc_now()})
                     os.rename(tmp, self.path / str(version))
                     fsync_dir(self.path)
                     crash_point("promote.published")
@@ -191,6 +192,25 @@ class Registry:
                     version, reason = existing, f"promoted {run_key} (completing an interrupted promotion)"
                 self._move_champion(version, "promote", reason, run_key=run_key, run_id=run_id)
                 return Promotion(version, version, rerun=False)
+
+    def _refusal(self, champion: int | None, expected, existing: int | None) -> str:
+        """Under the lock: why this promotion may not move the champion, or ''."""
+        if expected is not ANY_CHAMPION and champion != expected:
+            return (f"champion changed since evaluation: was {_named(expected)}, now {_named(champion)}; "
+                    "the student was not compared with the new champion, so it is not promoted")
+        if existing is not None:
+            published = self._published_at(existing)
+            later = [e for e in self.champion_log() if e.get("action") in ("promote", "rollback") and e.get("at", "") > published]
+            if later:
+                return (f"version {existing} was published by an interrupted attempt at {published}, and the champion has "
+                        f"changed since ({later[-1]['action']} to {later[-1]['version']} at {later[-1]['at']}): not completing it")
+        return ""
+
+    def _published_at(self, version: int) -> str:
+        """When ``version`` was published: its lineage's ``published_at``, else its lineage file's time."""
+        path = self.path / str(version) / "assets.extra" / "lineage.json"
+        recorded = self.lineage(version).get("published_at")
+        return recorded or dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="microseconds")
 
     def rollback(self, version: int | None = None, reason: str = "") -> int:
         """Re-point the champion at ``version``, or at the previous champion.
@@ -204,6 +224,7 @@ class Registry:
         if not self.versions():  # checked first, so a mistyped --model creates no directory
             raise RegistryError(f"{self.model} has no versions under {self.root}: nothing to roll back to")
         with self._lock():
+            self._reconcile()
             record = self._champion_record() or {}
             history = None
             if version is None:
@@ -214,6 +235,15 @@ class Registry:
             self._move_champion(version, "rollback", reason or f"rollback from {record.get('version')} to {version}", history)
         return version
 
+    def reconcile(self) -> int | None:
+        """Bring ``champion.json`` and ``models.config`` in line with the champion journal
+        (rolling forward a champion change that a crash cut short); returns the champion."""
+        if not self.path.is_dir():
+            return None
+        with self._lock():
+            self._reconcile()
+            return self.champion()
+
     def write_serving_config(self) -> Path:
         """Rewrite ``<registry>/models.config`` from every model's ``champion.json`` (atomically).
 
@@ -223,7 +253,10 @@ class Registry:
         with file_lock(self.root / MODELS_CONFIG_LOCK):
             champions = {path.parent.name: (path.parent, json.loads(path.read_text())["version"])
                          for path in sorted(self.root.glob(f"*/{CHAMPION_FILE}"))}
-            return write_text(self.root / MODELS_CONFIG, models_config(champions))
+            target, text = self.root / MODELS_CONFIG, models_config(champions)
+            if not target.is_file() or target.read_text() != text:  # unchanged: TF Serving sees no new file
+                write_text(target, text)
+            return target
 
     # ------------------------------------------------------------------ internals
     def _lock(self) -> contextlib.AbstractContextManager:
@@ -235,19 +268,39 @@ class Registry:
             raise RegistryError(f"{self.model} has no version {version} (have {self.versions()})")
 
     def _move_champion(self, version: int, action: str, reason: str, history: list[int] | None = None, **context) -> None:
-        """Under the lock: point the champion at ``version``, journal it, re-pin serving.
+        """Under the lock: journal the change, then point the champion at ``version`` and re-pin serving.
 
         ``history`` replaces the rollback stack (a rollback to the previous champion pops
-        it); by default the outgoing champion is pushed onto it.
+        it); by default the outgoing champion is pushed onto it. The journal entry is written
+        first and carries the whole record, so :meth:`_reconcile` can finish a change a crash
+        cut short.
         """
         record = self._champion_record() or {}
         previous = record.get("version")
         if history is None:
             history = record.get("history", []) + ([previous] if previous not in (None, version) else [])
+        self._journal_champion(action, version, previous, reason=reason, history=history, **context)
+        crash_point(f"{action}.journaled")
         write_json(self.path / CHAMPION_FILE, {"version": version, "history": history, "reason": reason, "at": utc_now()})
-        crash_point("promote.champion_written")
-        self._journal_champion(action, version, previous, reason=reason, **context)
+        crash_point(f"{action}.champion_written")
         self.write_serving_config()
+        crash_point(f"{action}.config_written")
+
+    def _reconcile(self) -> None:
+        """Under the lock: make ``champion.json`` say what the journal's last decision says,
+        then ``models.config`` what ``champion.json`` says (each rewritten only if it differs)."""
+        log = [e for e in self.champion_log() if e.get("action") in ("promote", "rollback")]
+        record = self._champion_record()
+        if log and (record is None or record.get("version") != log[-1]["version"]):
+            last = log[-1]
+            previous = (record or {}).get("version")
+            history = last.get("history")
+            if history is None:  # an entry from before the journal carried the record
+                history = (record or {}).get("history", []) + ([previous] if previous not in (None, last["version"]) else [])
+            write_json(self.path / CHAMPION_FILE, {"version": last["version"], "history": history,
+                                                   "reason": f"{last.get('reason', '')} (completed from the journal)", "at": utc_now()})
+        if log or record is not None:
+            self.write_serving_config()
 
     def _journal_champion(self, action: str, version: int | None, previous: int | None, **context) -> None:
         append_jsonl(self.path / CHAMPION_LOG, {"at": utc_now(), "action": action, "version": version, "previous": previous, **context})
@@ -264,51 +317,5 @@ class Registry:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def main(argv=None) -> int:
-    """``list``, ``show N``, ``rollback [N]`` and ``serving-config`` for one model of a registry."""
-    parser = argparse.ArgumentParser(description="Inspect the model registry and roll back the champion.")
-    parser.add_argument("--registry", default="data/registry", help="registry root (default: data/registry)")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="versions with their metrics, every run attempt and champion change")
-    show = sub.add_parser("show", help="one version's lineage")
-    show.add_argument("version", type=int)
-    back = sub.add_parser("rollback", help="re-point the champion (default: the previous champion)")
-    back.add_argument("version", type=int, nargs="?")
-    back.add_argument("--reason", default="", help="why, for the champion log")
-    sub.add_parser("serving-config", help="rewrite <registry>/models.config from the champions")
-    args = parser.parse_args(argv)
-    registry = Registry(args.registry, args.model)
-    try:
-        if args.command == "list":
-            print_listing(registry)
-        elif args.command == "show":
-            print(json.dumps(registry.lineage(args.version), indent=2))
-        elif args.command == "rollback":
-            print(f"champion is now version {registry.rollback(args.version, args.reason)}")
-        else:
-            print(f"wrote {registry.write_serving_config()}")
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def print_listing(registry: Registry) -> None:
-    """Versions (champion starred), then every run attempt and champion change in order."""
-    champion = registry.champion()
-    print(f"{'version':>7}  {'champion':8}  {'ds':10}  {'teacher':24}  metrics")
-    for version in registry.versions():
-        lin = registry.lineage(version)
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(lin.get("metrics", {}).items()) if isinstance(v, float))
-        print(f"{version:>7}  {'*' if version == champion else '':8}  {lin.get('ds', ''):10}  {lin.get('teacher_version', ''):24}  {metrics}")
-    for run in registry.runs():
-        version = f" version {run['version']}" if run.get("version") is not None else ""
-        print(f"run {run.get('at', '-')} {run['run_key']} [{run.get('run_id', '-')}]: {run.get('decision')}{version}"
-              f" {'; '.join(run.get('reasons', []))}".rstrip())
-    for change in registry.champion_log():
-        print(f"champion {change['at']} {change['action']}: {change['previous']} -> {change['version']} ({change.get('reason', '')})")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _named(version) -> str:
+    return "no champion" if version is None else f"version {version}"

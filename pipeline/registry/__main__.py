@@ -1,0 +1,3 @@
+from pipeline.registry.cli import main
+
+raise SystemExit(main())
