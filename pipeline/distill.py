@@ -38,7 +38,7 @@ from pipeline.io import atomic_dir, temp_dir, write_json
 from pipeline.losses import SoftTargetLoss, hint_loss
 from pipeline.models import TwoTowerModel, build_student, export_retrieval, size_student
 from pipeline.soft_target_rows import TeacherItems, UserSoftTargets, read_teacher_items
-from pipeline.training import seed_everything, train_two_tower
+from pipeline.training import numeric_runtime, seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
         "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
         "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
         "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
-        "tensorflow": tf.__version__,
+        "tensorflow": tf.__version__, "runtime": numeric_runtime(),
     }
     with atomic_dir(final) as tmp:
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)

@@ -19,11 +19,11 @@ from pipeline.config import PipelineConfig
 from pipeline.evaluation import (
     MostPopularScorer,
     SavedModelScorer,
-    directory_bytes,
     evaluate_scorer,
     fit_als,
     limit_tf_threads,
     measure_latency,
+    saved_model_bytes,
 )
 from pipeline.features import load_item_table, load_user_ids
 
@@ -79,7 +79,7 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
         saved_model = directory / "saved_model"
         meta = json.loads((directory / METADATA).read_text())
         models[name] = {**test(SavedModelScorer(saved_model, user_ids, items.item_ids)),
-                        "trainable_params": meta["trainable_params"], "saved_model_bytes": directory_bytes(saved_model)}
+                        "trainable_params": meta["trainable_params"], "saved_model_bytes": saved_model_bytes(saved_model)}
     if champion_dir:
         models["champion"] = {**test(SavedModelScorer(champion_dir, user_ids, items.item_ids)),
                               "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir)}

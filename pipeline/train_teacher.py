@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig
 from pipeline.features import load_item_table, load_user_table, read_manifest, with_history_before_test
 from pipeline.io import atomic_dir, write_json
 from pipeline.models import build_teacher, export_retrieval
-from pipeline.training import seed_everything, train_two_tower
+from pipeline.training import numeric_runtime, seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         "config_hash": cfg.config_hash(), "trainable_params": trained.params,
         "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history, "refit": trained.refit,
         "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2), "tensorflow": tf.__version__,
+        "runtime": numeric_runtime(),
     }
     with atomic_dir(final) as tmp:
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)

@@ -55,6 +55,7 @@ from pyspark.sql import functions as F  # noqa: E402
 log = logging.getLogger("extract_features")
 
 MIN_SPLITS_CONF = "spark.sql.files.minPartitionNum"
+SHUFFLE_PARTITIONS_CONF = "spark.sql.shuffle.partitions"
 
 
 def write_tables(tables: dict[str, DataFrame], directory: Path) -> tuple[dict[str, dict], dict[str, int]]:
@@ -129,7 +130,7 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
     """Extract, check, transform and publish one ``ds``.
 
     Args:
-        spark: The session to use.
+        spark: The session to use; its ``spark.sql.shuffle.partitions`` becomes ``cfg.shuffle_partitions``.
         raw_root: Raw root (``events/``, ``items/``, ``users/``).
         out_root: Feature root; the result lands in ``<out_root>/ds=<ds>/``.
         ds: Logical date; the window ends on it.
@@ -160,6 +161,10 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read
         # (Spark sizes the splits when the scan runs, after every path was checked).
         spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
+    # The interactions are stored partition by partition, so their order (the order a trainer
+    # reads them in, and so the trained weights) follows the shuffle partitions: those of the
+    # settings the manifest records, not those of whatever session the caller passed.
+    spark.conf.set(SHUFFLE_PARTITIONS_CONF, str(cfg.shuffle_partitions))
     events_dir = raw_root / "events"
     where = f"{len(inputs.files)} event file(s) in ds={window_start}..ds={window_end} under {events_dir}"
     log.info("read %d partition(s), %s", len(inputs.partitions), where)

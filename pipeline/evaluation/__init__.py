@@ -13,10 +13,10 @@ from pipeline.evaluation.baselines import FoldInScorer, fit_als, train_als_model
 from pipeline.evaluation.harness import evaluate_scorer
 from pipeline.evaluation.metrics import COVERAGE_K, HITRATE_K, ranking_metrics, top_k_items
 from pipeline.evaluation.scorers import EmbeddingScorer, History, MostPopularScorer, QueryScorer, SavedModelScorer, Scorer
-from pipeline.evaluation.serving_cost import directory_bytes, limit_tf_threads, measure_latency
+from pipeline.evaluation.serving_cost import directory_bytes, limit_tf_threads, measure_latency, saved_model_bytes
 
 __all__ = [
     "COVERAGE_K", "HITRATE_K", "EmbeddingScorer", "FoldInScorer", "History", "MostPopularScorer", "QueryScorer",
     "SavedModelScorer", "Scorer", "directory_bytes", "evaluate_scorer", "fit_als", "limit_tf_threads", "measure_latency",
-    "ranking_metrics", "top_k_items", "train_als_model",
+    "ranking_metrics", "saved_model_bytes", "top_k_items", "train_als_model",
 ]

@@ -50,6 +50,23 @@ def directory_bytes(path: str | Path) -> int:
     return sum(os.path.getsize(Path(root) / name) for root, _, files in os.walk(path) for name in files)
 
 
+# TensorFlow writes a random UUID, in decimal, into each export's fingerprint, so this file's
+# size differs by a byte or two between two exports of the very same model.
+SAVED_MODEL_FINGERPRINT = "fingerprint.pb"
+
+
+def saved_model_bytes(path: str | Path) -> int:
+    """Bytes of a SavedModel's graph, variables and assets: the same for the same model.
+
+    Its ``fingerprint.pb`` (under 100 bytes) is left out: see :data:`SAVED_MODEL_FINGERPRINT`.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a directory.
+    """
+    fingerprint = Path(path) / SAVED_MODEL_FINGERPRINT
+    return directory_bytes(path) - (fingerprint.stat().st_size if fingerprint.is_file() else 0)
+
+
 def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: EvalConfig) -> dict[str, float | int]:
     """Latency of batched top-K queries against a retrieval SavedModel.
 
