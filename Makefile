@@ -39,9 +39,9 @@ demo: $(STAMP)
 	$(AIRFLOW_ENV) RECSYS_RUN_DEADLINE_MINUTES=0 bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}'
 	$(PY) -m pipeline.run --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
 
-# The Airflow UI with this DAG (user admin; password printed on start and kept in airflow_home/).
+# The Airflow UI with this DAG on 127.0.0.1:8080 (user admin; password in airflow_home/), run notes included.
 airflow: $(STAMP)
-	$(AIRFLOW_ENV) airflow standalone
+	$(AIRFLOW_ENV) $(PY) -m deploy.standalone --home $(CURDIR)/airflow_home
 
 # The pipeline as services, without Docker: a Spark standalone master and two workers, and
 # Airflow (api-server, scheduler with LocalExecutor, dag-processor, triggerer) on PostgreSQL.

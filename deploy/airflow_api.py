@@ -77,6 +77,11 @@ class AirflowAPI:
     def unpause(self, dag_id: str) -> None:
         self._call("PATCH", f"/api/v2/dags/{_q(dag_id)}?update_mask=is_paused", {"is_paused": False})
 
+    def set_xcom(self, dag_id: str, run_id: str, task_id: str, key: str, value: Any) -> None:
+        """Replace a task's XCom (any user with edit access to the DAG's runs may)."""
+        self._call("PATCH", f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/xcomEntries/{_q(key)}",
+                   {"value": value, "map_index": -1})
+
     def set_variable(self, key: str, value: str) -> None:
         """Create or replace an Airflow Variable."""
         try:

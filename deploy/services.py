@@ -10,12 +10,21 @@ and their children. Both commands are idempotent.
 
 Every setting comes from the environment (see :class:`Settings`); every port is bound to
 127.0.0.1. The commands, settings and order are the same as ``docker/docker-compose.yaml``'s.
+
+Secrets (the UI passwords, Airflow's JWT and session keys, the Spark cluster's shared secret,
+the database role's password) are generated once and kept in files of mode 600 in folders of
+mode 700; none is ever put on a command line. The Spark master and workers run with
+``spark.authenticate``: only a driver that has the secret (every process with :func:`service_env`'s
+``SPARK_CONF_DIR``, e.g. the DAG's spark-submit) gets executors. Airflow connects to its database
+as a role of its own, not as the superuser that created it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -25,16 +34,22 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
+
+from pipeline.io import fsync_dir
 
 log = logging.getLogger("deploy.services")
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 DAG_ID = "recsys_distillation"
+# The superuser that creates the services' own database and role (PostgreSQL's default: local, no password).
+ADMIN_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 class ServiceError(RuntimeError):
@@ -54,9 +69,15 @@ class Settings:
     """Where the services live and listen.
 
     Attributes:
-        home: Folder of the services' state: ``airflow/`` (AIRFLOW_HOME), ``spark/``, ``logs/``, ``pids/``.
+        home: Folder of the services' state: ``airflow/`` (AIRFLOW_HOME), ``secrets/``, ``spark/`` (``conf/``
+            is SPARK_CONF_DIR), ``logs/``, ``pids/``.
         data_root: The pipeline's data root (``RECSYS_DATA_ROOT`` of every task).
-        database_url: Airflow's metadata database (PostgreSQL); the database is created when missing.
+        database_url: The operator's own metadata database (PostgreSQL), used as is. None (the default):
+            the services' own database ``database_name``, which ``start`` creates when missing through
+            ``admin_database_url``, owned by a role of the same name (its password generated into
+            ``secrets/``) as which Airflow connects.
+        admin_database_url: A PostgreSQL role that may create roles and databases; used for nothing else.
+        database_name: The services' own database and the role that owns it.
         airflow_port: Airflow api-server (UI, REST API and the tasks' Execution API).
         spark_master_port: Spark master RPC port.
         spark_ui_port: Spark master web UI (and its JSON API at ``/json/``).
@@ -68,7 +89,9 @@ class Settings:
 
     home: Path
     data_root: Path
-    database_url: str
+    database_url: str | None = None
+    admin_database_url: str = ADMIN_DATABASE_URL
+    database_name: str = "recsys_airflow"
     airflow_port: int = 8080
     spark_master_port: int = 7077
     spark_ui_port: int = 8090
@@ -79,7 +102,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Settings from ``RECSYS_SERVICES_*`` variables (defaults: this repository's folders, PostgreSQL at 127.0.0.1:5432)."""
+        """Settings from ``RECSYS_SERVICES_*`` variables (defaults: this repository's folders, PostgreSQL at 127.0.0.1:5432).
+
+        ``RECSYS_SERVICES_DB_URL`` names the operator's own database; ``RECSYS_SERVICES_DB_ADMIN_URL``
+        the role that creates the services' own one when it is not set.
+        """
         workers = os.environ.get("RECSYS_SERVICES_SPARK_WORKER_UI_PORTS", "8091,8092")
         try:
             worker_ports = tuple(int(port) for port in workers.split(","))
@@ -88,7 +115,8 @@ class Settings:
         return cls(
             home=Path(os.environ.get("RECSYS_SERVICES_HOME") or REPO / "services_home").resolve(),
             data_root=Path(os.environ.get("RECSYS_DATA_ROOT") or REPO / "data").resolve(),
-            database_url=os.environ.get("RECSYS_SERVICES_DB_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/recsys_airflow"),
+            database_url=os.environ.get("RECSYS_SERVICES_DB_URL") or None,
+            admin_database_url=os.environ.get("RECSYS_SERVICES_DB_ADMIN_URL") or ADMIN_DATABASE_URL,
             airflow_port=_env_int("RECSYS_SERVICES_AIRFLOW_PORT", 8080),
             spark_master_port=_env_int("RECSYS_SERVICES_SPARK_MASTER_PORT", 7077),
             spark_ui_port=_env_int("RECSYS_SERVICES_SPARK_UI_PORT", 8090),
@@ -101,6 +129,15 @@ class Settings:
     @property
     def airflow_home(self) -> Path:
         return self.home / "airflow"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    @property
+    def spark_conf_dir(self) -> Path:
+        """SPARK_CONF_DIR of every service: its ``spark-defaults.conf`` holds the cluster's secret."""
+        return self.home / "spark" / "conf"
 
     @property
     def airflow_url(self) -> str:
@@ -134,34 +171,168 @@ class Service:
 USERS = {"admin": "admin", "recsys": "user"}  # user -> role; "recsys" is the DAG's own (it writes run notes)
 
 
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # the simple auth manager's, in AIRFLOW_HOME
+
+
 def passwords_file(settings: Settings) -> Path:
-    return settings.airflow_home / "simple_auth_manager_passwords.json.generated"
+    return settings.airflow_home / PASSWORDS_FILE
 
 
-def password(settings: Settings, user: str = "admin") -> str:
-    """A user's password for the UI and the REST API (generated once, kept in the passwords file)."""
-    path = passwords_file(settings)
-    known = json.loads(path.read_text()) if path.exists() else {}
-    if any(name not in known for name in USERS):
-        # Written before the api-server starts, so the DAG's own user has a password we know.
-        known = {**{name: secrets.token_urlsafe(16) for name in USERS}, **known}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.chmod(0o600)
+def users_setting() -> str:
+    """``[core] simple_auth_manager_users`` for :data:`USERS`."""
+    return ",".join(f"{user}:{role}" for user, role in USERS.items())
+
+
+def api_connection(port: int, recsys_password: str) -> str:
+    """``AIRFLOW_CONN_RECSYS_AIRFLOW_API``: the DAG's own user on the api-server (it writes run notes)."""
+    return json.dumps({"conn_type": "http", "host": HOST, "port": port, "login": "recsys", "password": recsys_password})
+
+
+# ---------------------------------------------------------------------------- secrets
+#
+# Every secret is read from its file by whoever needs it. One that is missing, empty, unreadable
+# or unparsable (e.g. left so by a process killed while writing it) is generated again, by one
+# process at a time under a lock, and written atomically: a reader sees the old file or the whole
+# new one, so every service and command of a start gets the same value.
+
+SPARK_SECRET = "spark_auth_secret"
+DATABASE_PASSWORD = "database_password"
+
+
+def _private_dir(folder: Path) -> Path:
+    """``folder``, created if missing, with mode 700 (also when an earlier version made it with the default mode)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    return folder
+
+
+def _secrets_lock(settings: Settings) -> contextlib.AbstractContextManager:
+    """Hold the lock under which the services' secrets are generated (see :func:`_lock_in`)."""
+    return _lock_in(settings.secrets_dir)
+
+
+@contextlib.contextmanager
+def _lock_in(folder: Path) -> Iterator[None]:
+    """Hold the lock under which secrets in ``folder`` are generated: one process writes, the
+    others then read its file. The kernel drops a ``flock`` when its holder dies, so a killed
+    writer never leaves it held."""
+    fd = os.open(_private_dir(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` atomically, readable by this user only from the file's creation on.
+
+    A temporary file beside it is created with mode 600, written, flushed and renamed over
+    ``path``. A writer killed midway leaves only that temporary file, which the next write
+    removes. Callers hold :func:`_secrets_lock`.
+    """
+    folder = _private_dir(path.parent)
+    for debris in folder.glob(f".{path.name}.*.tmp"):
+        debris.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)  # O_EXCL, mode 600
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
-    return known[user]
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None if it is missing or unreadable."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _secret(settings: Settings, name: str) -> str:
-    """A random secret kept (mode 600) under the services' home, so every process and restart shares it."""
-    path = settings.home / "secrets" / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    """A random secret kept in ``secrets/<name>``, so every process and restart shares it."""
+    path = settings.secrets_dir / name
+    value = (_read_text(path) or "").strip()
+    if not value:
+        with _secrets_lock(settings):
+            value = (_read_text(path) or "").strip()  # another process may have written it meanwhile
+            if not value:
+                if path.exists():
+                    log.warning("secret %s is empty or unreadable: a new one is generated "
+                                "(restart the services that still run with the old one)", path)
+                value = secrets.token_urlsafe(32)
+                _write_private(path, value)
+    return value
+
+
+def _passwords(path: Path) -> dict[str, str]:
+    """The valid entries of a passwords file (none if it is missing, unreadable or not a JSON object)."""
+    try:
+        known = json.loads(_read_text(path) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {user: value for user, value in known.items() if isinstance(value, str) and value.strip()}
+
+
+def password(settings: Settings, user: str = "admin") -> str:
+    """A user's password for the UI and the REST API (generated once, kept in the passwords file).
+
+    Written before the api-server starts, so the DAG's own user has a password we know.
+    """
+    return user_passwords(passwords_file(settings), settings.secrets_dir)[user]
+
+
+def user_passwords(path: Path, lock_dir: Path) -> dict[str, str]:
+    """Every :data:`USERS` password in the auth manager's passwords file ``path``, the missing
+    ones generated (under the lock in ``lock_dir``) and written with mode 600."""
+    known = _passwords(path)
+    if any(name not in known for name in USERS):
+        with _lock_in(lock_dir):
+            known = _passwords(path)
+            missing = [name for name in USERS if name not in known]
+            if missing:
+                known = {**known, **{name: secrets.token_urlsafe(16) for name in missing}}
+                _write_private(path, json.dumps(known))
+    return known
+
+
+def _spark_conf_dir(settings: Settings) -> Path:
+    """SPARK_CONF_DIR of the services, with the cluster's authentication in its ``spark-defaults.conf``.
+
+    The master and workers, spark-submit and pyspark all read that file, so the secret is
+    never on a command line. A driver without it cannot register with the master. The master's
+    REST submission server, which ignores ``spark.authenticate``, is turned off.
+    """
+    path = settings.spark_conf_dir / "spark-defaults.conf"
+    wanted = ("# Written by deploy/services.py at every start (the secret: secrets/spark_auth_secret).\n"
+              "spark.authenticate true\n"
+              f"spark.authenticate.secret {_secret(settings, SPARK_SECRET)}\n"
+              "spark.master.rest.enabled false\n")
+    if _read_text(path) != wanted:
+        with _secrets_lock(settings):
+            if _read_text(path) != wanted:
+                _write_private(path, wanted)
+    return _private_dir(settings.spark_conf_dir)
+
+
+def airflow_database_url(settings: Settings) -> str:
+    """The URL Airflow connects with: ``database_url`` as given, else the services' own database as its own role."""
+    from sqlalchemy.engine import make_url
+
+    if settings.database_url:
+        return settings.database_url
+    own = make_url(settings.admin_database_url).set(username=settings.database_name, database=settings.database_name,
+                                                   password=_secret(settings, DATABASE_PASSWORD))
+    return own.render_as_string(hide_password=False)
 
 
 def spark_home() -> Path:
@@ -174,15 +345,20 @@ def spark_home() -> Path:
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment of every service (and of ``airflow`` commands run against them)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    for folder in (settings.secrets_dir, settings.airflow_home):
+        _private_dir(folder)
     bin_dir = str(Path(sys.executable).parent)
     env.update({
         "PATH": f"{bin_dir}:{env.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
         "RECSYS_DATA_ROOT": str(settings.data_root),
+        "RECSYS_ALLOWED_SPARK_MASTERS": settings.spark_master_url,  # a trigger may name this cluster, or local
         "RECSYS_SCHEDULE": settings.schedule,
         # Spark: the wheel's own distribution; every daemon, driver and executor bound to 127.0.0.1.
         "SPARK_HOME": str(spark_home()),
         "SPARK_LOCAL_IP": HOST,
+        # spark-defaults.conf with the cluster's secret, read by every daemon, spark-submit and pyspark.
+        "SPARK_CONF_DIR": str(_spark_conf_dir(settings)),
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         # Airflow: LocalExecutor on PostgreSQL, this repository's DAGs, no examples.
@@ -191,7 +367,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.database_url,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_database_url(settings),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",
         "AIRFLOW__API__HOST": HOST,
         "AIRFLOW__API__PORT": str(settings.airflow_port),
@@ -199,12 +375,11 @@ def service_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__SECRET_KEY": _secret(settings, "api_secret_key"),
         "AIRFLOW__API_AUTH__JWT_SECRET": _secret(settings, "jwt_secret"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{user}:{role}" for user, role in USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users_setting(),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.home / "logs" / "tasks"),
         "AIRFLOW_CONN_RECSYS_SPARK": json.dumps({"conn_type": "spark", "host": f"spark://{HOST}", "port": settings.spark_master_port,
                                                  "extra": {"deploy-mode": "client"}}),
-        "AIRFLOW_CONN_RECSYS_AIRFLOW_API": json.dumps({"conn_type": "http", "host": HOST, "port": settings.airflow_port,
-                                                       "login": "recsys", "password": password(settings, "recsys")}),
+        "AIRFLOW_CONN_RECSYS_AIRFLOW_API": api_connection(settings.airflow_port, password(settings, "recsys")),
     })
     return env
 
@@ -321,27 +496,61 @@ def _http_json(url: str) -> dict | None:
         return None
 
 
-def _ensure_database(url: str) -> None:
-    """Create the metadata database when missing (connecting to the server's ``postgres`` database)."""
+def _connect(url: str, setting: str):
+    """A psycopg2 connection to ``url``'s database; ``setting`` names the URL in errors (without its password)."""
     from sqlalchemy.engine import make_url
 
     import psycopg2
 
     parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
     if not parsed.drivername.startswith("postgresql"):
-        raise ServiceError(f"RECSYS_SERVICES_DB_URL={url!r}: the services need PostgreSQL (LocalExecutor runs tasks in parallel)")
+        raise ServiceError(f"{setting}={shown}: the services need PostgreSQL (LocalExecutor runs tasks in parallel)")
     try:
-        conn = psycopg2.connect(host=parsed.host or HOST, port=parsed.port or 5432, user=parsed.username or "postgres",
-                                password=parsed.password, dbname="postgres", connect_timeout=5)
+        return psycopg2.connect(host=parsed.host or HOST, port=parsed.port or 5432, user=parsed.username or "postgres",
+                                password=parsed.password, dbname=parsed.database or "postgres", connect_timeout=5)
     except psycopg2.OperationalError as err:
-        raise ServiceError(f"PostgreSQL at {parsed.host}:{parsed.port or 5432} not reachable: {err}") from err
+        raise ServiceError(f"{setting}={shown}: cannot connect: {str(err).strip()}") from err
+
+
+def _ensure_database(settings: Settings) -> None:
+    """Check the operator's database, or create the services' own one and its role when missing.
+
+    The role (``database_name``, password ``secrets/database_password``) may log in and nothing
+    more: no superuser, no new databases or roles; it owns its database, where ``airflow db migrate``
+    creates Airflow's tables. Its password is set at every start, so a new services home still
+    connects; the server stores only its hash (computed here), never the password.
+
+    Raises:
+        ServiceError: PostgreSQL is unreachable, or the database exists owned by another role.
+    """
+    from psycopg2 import sql
+    from psycopg2.extensions import encrypt_password
+
+    if settings.database_url:  # the operator's, used as is
+        _connect(settings.database_url, "RECSYS_SERVICES_DB_URL").close()
+        return
+    role = name = settings.database_name
+    conn = _connect(settings.admin_database_url, "RECSYS_SERVICES_DB_ADMIN_URL")
     conn.autocommit = True
     try:
+        verifier = encrypt_password(_secret(settings, DATABASE_PASSWORD), role, conn)
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{parsed.database}"')
-                log.info("created database %s", parsed.database)
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            exists = cur.fetchone() is not None
+            statement = ("ALTER" if exists else "CREATE") + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s"
+            cur.execute(sql.SQL(statement).format(sql.Identifier(role)), (verifier,))
+            if not exists:
+                log.info("created role %s", role)
+            cur.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,))
+            owner = cur.fetchone()
+            if owner is None:
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(role)))
+                log.info("created database %s, owned by %s", name, role)
+            elif owner[0] != role:
+                raise ServiceError(f"database {name} exists but is owned by {owner[0]}, not by the services' role {role} "
+                                   f"(made by an earlier version?): drop it to let it be made again, or set "
+                                   f"RECSYS_SERVICES_DB_URL to use it as is")
     finally:
         conn.close()
 
@@ -350,8 +559,9 @@ def start(settings: Settings, timeout: float = 180) -> None:
     """Start every service not already running, then wait until all are up.
 
     Raises:
-        ServiceError: A port is taken by another process, PostgreSQL is unreachable, or a
-            service is not up within ``timeout`` seconds (its log's tail is in the message).
+        ServiceError: A port is taken by another process, PostgreSQL is unreachable, the
+            services' database exists owned by another role, or a service is not up within
+            ``timeout`` seconds (its log's tail is in the message).
     """
     todo = [s for s in services(settings) if running_pid(settings, s.name) is None]
     busy = [f"{s.name} port {s.port}" for s in todo if s.port is not None and _port_open(s.port)]
@@ -360,12 +570,12 @@ def start(settings: Settings, timeout: float = 180) -> None:
     if not todo:
         log.info("every service already runs")
         return
-    for folder in ("logs", "pids", "airflow", "spark"):
+    for folder in ("logs", "pids", "spark"):  # airflow/ and secrets/: service_env makes them, private
         (settings.home / folder).mkdir(parents=True, exist_ok=True)
     settings.data_root.mkdir(parents=True, exist_ok=True)
     env = service_env(settings)
     if any(s.name.startswith("airflow") for s in todo):
-        _ensure_database(settings.database_url)
+        _ensure_database(settings)
         migrated = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, cwd=REPO,
                                   capture_output=True, text=True)
         if migrated.returncode != 0:

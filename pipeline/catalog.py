@@ -46,9 +46,11 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.config import PipelineConfig, stable_hash
+from pipeline.config import ConfigError, PipelineConfig, stable_hash
 from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days, window_partitions
 
+DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_ROLES = ("student", "student_plain")
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
@@ -60,6 +62,26 @@ class ArtifactNotFound(FileNotFoundError):
 
 class OutsideDataRoot(ValueError):
     """A path the pipeline would use resolves (through a symlink) outside the allowed data root."""
+
+
+def configured_data_root() -> Path:
+    """The data root every run must stay inside: ``$RECSYS_DATA_ROOT`` or ``<repo>/data``."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or REPO_ROOT / "data").resolve()
+
+
+def run_data_root(value: str | None) -> Path:
+    """A run's data root from its ``data_root`` param (None: the configured root; relative:
+    below it), resolved.
+
+    Raises:
+        ConfigError: When it resolves outside :func:`configured_data_root`.
+    """
+    allowed = configured_data_root()
+    data_root = Path(value or allowed)
+    data_root = (data_root if data_root.is_absolute() else allowed / data_root).resolve()
+    if data_root != allowed and allowed not in data_root.parents:
+        raise ConfigError(f"data_root {value!r} resolves to {data_root}, outside the configured data root {allowed} (${DATA_ROOT_ENV})")
+    return data_root
 
 
 def confine(path: str | Path, allowed: str | Path) -> Path:
@@ -264,8 +286,22 @@ class Catalog:
     def report(self, ds: str, run_key: str, run_id: str) -> Path:
         """The report directory of one run attempt (``run_key``: its date and settings;
         ``run_id``: the attempt), so a re-run adds a report and never rewrites an earlier one."""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
-        return self.confine(date_partition(self.reports_root, ds) / run_key / f"{safe}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}")
+        return self.confine(date_partition(self.reports_root, ds) / run_key / _attempt_name(run_id))
+
+    def reports_of(self, run_id: str) -> list[Path]:
+        """Every report directory of the run ``run_id`` (one per ``run_key`` it wrote), found by the
+        name :meth:`report` gives its attempt, never by a path recorded elsewhere."""
+        found = sorted(self.reports_root.glob(f"{PARTITION_KEY}=*/*/{_glob_escape(_attempt_name(run_id))}"))
+        return [self.confine(path) for path in found if path.is_dir()]
+
+
+def _attempt_name(run_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    return f"{safe}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}"
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def require(path: Path, marker: str, what: str, hint: str) -> Path:

@@ -10,17 +10,18 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import cli
-from pipeline.catalog import MANIFEST, METADATA, Catalog, confine_raw_window, features_version
+from pipeline.catalog import (MANIFEST, METADATA, Catalog, configured_data_root, confine_raw_window, features_version,
+                              run_data_root)
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
     check_gate_bounds,
+    check_spark_masters,
     load_config,
     load_gate_bounds,
     overrides_from_params,
@@ -35,13 +36,6 @@ from pipeline.registry import Registry, RegistryError
 from pipeline.report import write_report
 
 log = logging.getLogger(__name__)
-
-DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-def configured_data_root() -> Path:
-    """The data root every run must stay inside: ``$RECSYS_DATA_ROOT`` or ``<repo>/data``."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or REPO_ROOT / "data").resolve()
 
 
 def nightly_ds(run_after: dt.datetime) -> str:
@@ -82,15 +76,11 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str,
         (param or ``config_overrides``, see :func:`pipeline.config.overrides_from_params`).
 
     Raises:
-        ConfigError: A bad date, setting, a data root outside the configured one, or gate
-            settings beyond the operator's bounds.
+        ConfigError: A bad date, setting, a data root outside the configured one, gate
+            settings beyond the operator's bounds, or a Spark master the operator does not allow.
     """
     ds = parse_ds(params.get("ds") or nightly_ds(run_after)).isoformat()
-    allowed = configured_data_root()
-    data_root = Path(params.get("data_root") or allowed)
-    data_root = (data_root if data_root.is_absolute() else allowed / data_root).resolve()
-    if data_root != allowed and allowed not in data_root.parents:
-        raise ConfigError(f"data_root {params.get('data_root')!r} resolves to {data_root}, outside the configured data root {allowed} (${DATA_ROOT_ENV})")
+    allowed, data_root = configured_data_root(), run_data_root(params.get("data_root"))
     overrides = overrides_from_params(params)
     cfg = load_config(overrides)
     sources = setting_sources(params)
@@ -98,6 +88,7 @@ def resolve_run(params: Mapping[str, Any], run_after: dt.datetime, run_id: str,
         log.info("setting %s = %r (from %s)", setting, cfg.to_dict()[setting.split(".")[0]][setting.split(".")[1]], source)
     bounds = load_gate_bounds(gate_bounds)
     check_gate_bounds(cfg, bounds)
+    check_spark_masters(cfg)
     catalog = Catalog(data_root, allowed=allowed).for_run(ds, cfg)
     return {"ds": ds, "data_root": str(data_root), "overrides": overrides, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "run_key": run_key(ds, cfg), "run_id": run_id, "reuse_teacher": bool(params.get("reuse_teacher")),

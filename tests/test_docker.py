@@ -49,10 +49,12 @@ PLATFORM_ENV = {
     "GX_ANALYTICS_ENABLED": "pipeline/validation.py sets its own default (off)",
     "PYSPARK_GATEWAY_PORT": "set by spark-submit for the Python driver it starts",
     "RECSYS_KILL_AT": "the crash tests' hook (pipeline.io.crash_point); never set in a deployment",
+    **{name: "TensorFlow's own thread setting; only read to record it with a model (pipeline.training.numeric_runtime)"
+       for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")},
     **{name: SERVICES_TOOL_SETTING for name in (
-        "RECSYS_SERVICES_HOME", "RECSYS_SERVICES_DB_URL", "RECSYS_SERVICES_AIRFLOW_PORT", "RECSYS_SERVICES_SPARK_MASTER_PORT",
-        "RECSYS_SERVICES_SPARK_UI_PORT", "RECSYS_SERVICES_SPARK_WORKER_UI_PORTS", "RECSYS_SERVICES_SPARK_WORKER_CORES",
-        "RECSYS_SERVICES_SPARK_WORKER_MEMORY")},
+        "RECSYS_SERVICES_HOME", "RECSYS_SERVICES_DB_URL", "RECSYS_SERVICES_DB_ADMIN_URL", "RECSYS_SERVICES_AIRFLOW_PORT",
+        "RECSYS_SERVICES_SPARK_MASTER_PORT", "RECSYS_SERVICES_SPARK_UI_PORT", "RECSYS_SERVICES_SPARK_WORKER_UI_PORTS",
+        "RECSYS_SERVICES_SPARK_WORKER_CORES", "RECSYS_SERVICES_SPARK_WORKER_MEMORY")},
 }
 # Settings of the native services (deploy/services.service_env) that the Docker stack leaves to the
 # image or to Airflow's defaults, and why; every other AIRFLOW* and RECSYS_* setting must be the same.
@@ -446,8 +448,8 @@ def test_images_match_the_pinned_versions():
 
 def test_every_environment_variable_the_code_reads_is_configured():
     reads = code_env_reads()
-    # pipeline/run.py reads it through a module constant (DATA_ROOT_ENV): the scan resolves those too.
-    assert any(place.startswith("pipeline/run.py:") for place in reads["RECSYS_DATA_ROOT"])
+    # pipeline/catalog.py reads it through a module constant (DATA_ROOT_ENV): the scan resolves those too.
+    assert any(place.startswith("pipeline/catalog.py:") for place in reads["RECSYS_DATA_ROOT"])
     example, image_env = env_example(), dockerfile_env()
     airflow_env = environment(services()["airflow-scheduler"])
     for name, places in reads.items():

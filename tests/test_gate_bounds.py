@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 
-from pipeline.config import GATE_BOUNDS_ENV, ConfigError, GateBounds, check_gate_bounds, load_config, load_gate_bounds
+from pipeline.config import (GATE_BOUNDS_ENV, SPARK_MASTERS_ENV, ConfigError, GateBounds, check_gate_bounds, load_config,
+                             load_gate_bounds)
 from pipeline.registry import Registry
 from pipeline.run import champion_dir, decide, resolve_run, settings
 
@@ -173,3 +175,19 @@ def test_a_champion_record_naming_an_unpublished_version_rejects(monkeypatch):
     _, catalog, _ = settings(run)
     assert champion_dir(catalog) is None
     assert not decide(run, EVALUATION)["blessed"]
+
+
+# ---------------------------------------------------------------- Spark masters
+def test_a_trigger_may_not_send_spark_work_to_a_master_the_operator_did_not_list(monkeypatch):
+    monkeypatch.delenv(SPARK_MASTERS_ENV, raising=False)
+    for section, master in (("soft_targets", "spark://10.9.8.7:7077"), ("features", "yarn"), ("soft_targets", "local[2]x")):
+        with pytest.raises(ConfigError, match=re.escape(f"{section}.spark_master={master!r} is not a Spark master the operator allows")):
+            resolve_run({"config_overrides": {section: {"spark_master": master}}}, DUE, "manual")
+    for local in ("local", "local[2]", "local[*]", "local[4,2]"):
+        assert resolve_run({"config_overrides": {"soft_targets": {"spark_master": local}}}, DUE, "manual")
+    # The operator's own cluster, listed in the environment, is allowed.
+    monkeypatch.setenv(SPARK_MASTERS_ENV, "spark://127.0.0.1:7077, spark://spark-master:7077")
+    run = resolve_run({"config_overrides": {"soft_targets": {"spark_master": "spark://spark-master:7077"}}}, DUE, "manual")
+    assert run["config"]["soft_targets"]["spark_master"] == "spark://spark-master:7077"
+    with pytest.raises(ConfigError, match=re.escape("or one of ['spark://127.0.0.1:7077', 'spark://spark-master:7077']")):
+        resolve_run({"config_overrides": {"soft_targets": {"spark_master": "spark://evil:7077"}}}, DUE, "manual")

@@ -11,6 +11,7 @@ Airflow Variable), never from a trigger.
 
 from pipeline.config.evaluation import COVERAGE_K, HITRATE_K, QUALITY_METRIC_FAMILIES, computed_quality_metrics, is_quality_metric
 from pipeline.config.gate_bounds import GATE_BOUNDS_ENV, GATE_BOUNDS_VARIABLE, GateBounds, check_gate_bounds, load_gate_bounds
+from pipeline.config.spark_masters import SPARK_MASTERS_ENV, allowed_spark_masters, check_spark_masters
 from pipeline.config.loading import PARAM_SETTINGS, load_config, overrides_from_params, param_defaults, parse_ds, setting_sources
 from pipeline.config.sections import (
     ConfigError,
@@ -27,6 +28,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
+    "SPARK_MASTERS_ENV", "allowed_spark_masters", "check_spark_masters",
     "COVERAGE_K", "GATE_BOUNDS_ENV", "GATE_BOUNDS_VARIABLE", "HITRATE_K", "PARAM_SETTINGS", "QUALITY_METRIC_FAMILIES",
     "ConfigError", "DistillConfig", "EvalConfig", "FeatureConfig", "GateBounds", "GateConfig", "PipelineConfig",
     "ServingConfig", "SoftTargetConfig", "TowerConfig", "TrainingConfig", "check_gate_bounds", "computed_quality_metrics",
