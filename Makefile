@@ -17,11 +17,15 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(C
 
 install: $(STAMP)
 
-# Re-installs only when a requirements file changes; pip itself is idempotent too.
-$(STAMP): requirements.txt requirements-bench.txt
+# Re-installs only when a requirements file or pyproject.toml changes; pip itself is idempotent too.
+$(STAMP): requirements.txt requirements-bench.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# The project itself, editable (its packages and console scripts: pyproject.toml), on the pins
+	# above without re-resolving; built with the venv's setuptools when it has one new enough (>= 64).
+	$(PY) -m pip install --quiet --no-deps \
+		$$($(PY) -c 'import setuptools as s; print("--no-build-isolation" * (int(s.__version__.split(".")[0]) >= 64))' 2>/dev/null) -e .
 	# MovieLens-100K ships inside this wheel; its own dependencies are heavy and unneeded.
 	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
 	# The classes a Spark driver JVM loads, archived for faster start-ups (about a minute; see spark_jobs/class_archive.py).
@@ -31,17 +35,28 @@ $(STAMP): requirements.txt requirements-bench.txt
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
-# Real data end to end: ML-100K -> raw event logs -> the whole DAG under `airflow dags test`.
+# Real data end to end: ML-100K -> raw event logs -> the whole DAG under `airflow dags test`,
+# printing each task and the training as they finish. Timings as JSON only where asked:
+# `make demo DEMO_TIMING=bench/results/demo_timing.json`.
+DEMO_TIMING ?=
 demo: $(STAMP)
 	$(PY) -m pipeline.data.movielens --out $(DATA)/raw
 	$(AIRFLOW_ENV) airflow db migrate > /dev/null
 	# No run deadline under `airflow dags test`: Airflow 3.3.2 fails such a run at its end (see the DAG file).
-	$(AIRFLOW_ENV) RECSYS_RUN_DEADLINE_MINUTES=0 bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}'
-	$(PY) -m pipeline.run --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
+	$(AIRFLOW_ENV) RECSYS_RUN_DEADLINE_MINUTES=0 bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}' '$(DEMO_TIMING)'
+	$(PY) -m pipeline.steps.run --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
 
 # The Airflow UI with this DAG on 127.0.0.1:8080 (user admin; password in airflow_home/), run notes included.
 airflow: $(STAMP)
-	$(AIRFLOW_ENV) $(PY) -m deploy.standalone --home $(CURDIR)/airflow_home
+	$(AIRFLOW_ENV) RECSYS_SCHEDULE=$${RECSYS_SCHEDULE:-none} $(PY) -m deploy.standalone --home $(CURDIR)/airflow_home
+
+# TensorBoard on 127.0.0.1:6006 over every model's training logs, models/<role>/<version>/tensorboard/
+# {selection,refit} (per-epoch loss terms, validation metrics, seconds); a training still running shows
+# from its unpublished .tmp-* directory. TensorBoard itself is installed on first use (requirements-tensorboard.txt).
+.PHONY: tensorboard
+tensorboard: $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-tensorboard.txt
+	$(PY) -m tensorboard.main --logdir $(DATA)/models --host 127.0.0.1
 
 # The pipeline as services, without Docker: a Spark standalone master and two workers, and
 # Airflow (api-server, scheduler with LocalExecutor, dag-processor, triggerer) on PostgreSQL.

@@ -42,12 +42,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make `pipeline` and `bench` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench.feature_duckdb import DUCKDB_THREADS, extract_features_duckdb  # noqa: E402
-from bench.feature_results import (  # noqa: E402
+from bench.feature_duckdb import DUCKDB_THREADS, extract_features_duckdb
+from bench.feature_results import (
     ENGINES,
     check_size,
     machine_info,
@@ -56,9 +52,11 @@ from bench.feature_results import (  # noqa: E402
     size_ratios,
     summarize_engine,
 )
-from bench.process_measure import POLL_SECONDS, measure_process, parse_spark_log  # noqa: E402
-from pipeline.catalog import MANIFEST, date_partition  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from bench.process_measure import POLL_SECONDS, measure_process, parse_spark_log
+from pipeline.catalog import MANIFEST, date_partition
+from pipeline.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.features")
 

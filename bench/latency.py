@@ -14,21 +14,17 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.quality import DS
+from pipeline import cli
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
+from pipeline.data.features import load_user_table
+from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_latency
+from pipeline.steps.evaluate import run_models
 
-import pipeline  # noqa: E402,F401
-from bench.quality import DS  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import run_models  # noqa: E402
-from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_latency  # noqa: E402
-from pipeline.features import load_user_table  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_times(saved_model: Path, users, batch: int = 1024, repeats: int = 20) -> dict:

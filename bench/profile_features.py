@@ -17,20 +17,17 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make `pipeline`, `spark_jobs` and `bench` importable
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.features import DS, WINDOW_DAYS, ensure_synthetic_logs
+from pipeline.config import load_config
+from pipeline.spark import spark_session
+from spark_jobs.extract_features import run, session_conf
 
-from bench.features import DS, WINDOW_DAYS, ensure_synthetic_logs  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.spark import spark_session  # noqa: E402
-from spark_jobs.extract_features import run, session_conf  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 

@@ -7,8 +7,8 @@ From a clean checkout it writes the data set's raw logs (ML-100K from the recbol
 or a synthetic log of another shape), runs the Spark feature job once (features are
 deterministic), then for each seed trains the teacher, writes soft targets, distils the
 student and trains the same student without distillation (alpha=1, beta=0, same epochs)
-through ``pipeline.chain.run_chain``, and evaluates them all, with ALS and MostPopular, on
-the same test split with ``pipeline.evaluate.evaluate_run``. Teacher, KD student and
+through ``pipeline.steps.chain.run_chain``, and evaluates them all, with ALS and MostPopular, on
+the same test split with ``pipeline.steps.evaluate.evaluate_run``. Teacher, KD student and
 plain student share seed, features and split, so per-seed differences are paired.
 
 Writes ``bench/results/quality_<dataset>.json`` (every seed, mean and spread, paired
@@ -29,14 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
+from pipeline import cli
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
 
-import pipeline  # noqa: E402,F401
-from pipeline import cli  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.quality")
 # Data set -> the date its window ends on, the window, and how its raw logs are written.
@@ -74,8 +71,8 @@ def prepare_features(catalog: Catalog, dataset: str = "ml100k") -> None:
 
 def run_seed(catalog: Catalog, ds: str, cfg, seed: int) -> dict:
     """Teacher, KD student, plain student, ALS and MostPopular of one seed on one test split."""
-    from pipeline.chain import run_chain
-    from pipeline.evaluate import evaluate_run, run_models
+    from pipeline.steps.chain import run_chain
+    from pipeline.steps.evaluate import evaluate_run, run_models
 
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seed=seed))
     started = time.perf_counter()

@@ -10,7 +10,7 @@ tasks one after the other, each as its own process exactly as a user runs it by 
 * ``extract_features``: the Spark job, GX validation on, ``local[2]``;
 * ``train_teacher``, ``soft_targets``, ``distill_student``, ``evaluate`` (teacher, student,
   MostPopular and both ALS baselines on the test split): ``python -m pipeline.<step>``
-  (``pipeline.distill`` for ``distill_student``).
+  (``pipeline.steps.distill`` for ``distill_student``).
 
 The light tasks (parameter resolution, the gate, promotion, the report) take well under a
 second each and are left out. Each task is measured by :mod:`bench.process_measure`: wall
@@ -36,16 +36,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make `pipeline` and `bench` importable
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.feature_results import machine_info
+from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs, world_shape
+from bench.process_measure import measure_process
+from pipeline import cli
+from pipeline.catalog import MANIFEST, Catalog, date_partition
+from pipeline.config import load_config
 
-from bench.feature_results import machine_info  # noqa: E402
-from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs, world_shape  # noqa: E402
-from bench.process_measure import measure_process  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.catalog import MANIFEST, Catalog, date_partition  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench.scale")
 
@@ -54,8 +52,8 @@ DEFAULT_SIZES = (1_000_000, 3_000_000, 10_000_000)
 EPOCHS = 2
 SETTINGS = (f"teacher.epochs={EPOCHS}", f"student.epochs={EPOCHS}")
 TASKS = ("extract_features", "train_teacher", "soft_targets", "distill_student", "evaluate")
-MODULES = {"train_teacher": "pipeline.train_teacher", "soft_targets": "pipeline.soft_targets", "distill_student": "pipeline.distill",
-           "evaluate": "pipeline.evaluate"}
+MODULES = {"train_teacher": "pipeline.steps.train_teacher", "soft_targets": "pipeline.steps.soft_targets",
+           "distill_student": "pipeline.steps.distill", "evaluate": "pipeline.steps.evaluate"}
 # Targets of issue 12, reported as met or not.
 MAX_PIPELINE_MINUTES_AT_10M = 60
 MAX_TASK_RSS_MB = 6 * 1024

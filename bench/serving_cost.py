@@ -14,7 +14,7 @@ with each model's real query tower against
   distance from a real item to its nearest other item: variants lie as close to their item
   as real neighbours do, on each model's own scale.
 
-Every index is built by :func:`pipeline.retrieval.build_index` with ``cfg.serving`` (the
+Every index is built by :func:`pipeline.modeling.retrieval.build_index` with ``cfg.serving`` (the
 export's code path; ``--probe-partitions`` overrides the probe without changing which models are found), saved and loaded as SavedModels, so what is timed is what is served.
 Batched calls are timed by :func:`pipeline.evaluation.measure_latency` in interleaved rounds
 (teacher: IVF, brute force, brute force with one top_k; student: the same; teacher IVF, ...) in one
@@ -30,25 +30,21 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.quality import DS
+from pipeline import cli
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
+from pipeline.data.features import load_user_table
+from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_latency
+from pipeline.steps.evaluate import run_models
 
-import pipeline  # noqa: E402,F401
-from bench.quality import DS  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import run_models  # noqa: E402
-from pipeline.evaluation import directory_bytes, limit_tf_threads, measure_latency  # noqa: E402
-from pipeline.features import load_user_table  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("teacher", "student_kd")
 # Index kind -> its serving settings over cfg.serving: the exact brute force as exported
@@ -105,7 +101,7 @@ def build_indexes(exported: Path, size: int, work: Path, serving, example_ids: n
     """Build, save and describe the IVF and brute-force indexes of one model at one size."""
     import tensorflow as tf
 
-    from pipeline.retrieval import build_index, save_index
+    from pipeline.modeling.retrieval import build_index, save_index
 
     model = tf.saved_model.load(str(exported))
     vectors, ids = model.item_vectors.numpy(), model.item_ids.numpy().astype(str)

@@ -17,13 +17,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make `pipeline` and `bench` importable
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.feature_results import machine_info
+from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs
+from bench.process_measure import measure_process
 
-from bench.feature_results import machine_info  # noqa: E402
-from bench.features import DS, WINDOW_DAYS, WORK_DIR, ensure_synthetic_logs  # noqa: E402
-from bench.process_measure import measure_process  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = {"aqe on, driver 4g": ("true", "4g"), "aqe off, driver 4g": ("false", "4g"), "aqe on, driver 2g": ("true", "2g")}
 

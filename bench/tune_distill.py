@@ -15,26 +15,22 @@ import dataclasses
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO_ROOT))
+from bench.quality import DS, prepare_features
+from pipeline import cli
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
 
-import pipeline  # noqa: E402,F401
-from bench.quality import DS, prepare_features  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 GRID = {"alpha": (0.0, 0.2, 0.5), "beta": (0.0, 0.1), "distill_temperature": (1.0, 2.0, 4.0)}
 
 
 def main(argv=None) -> int:
-    from pipeline.distill import distill_student
-    from pipeline.soft_targets import generate_soft_targets
-    from pipeline.train_teacher import train_teacher
+    from pipeline.steps.distill import distill_student
+    from pipeline.steps.soft_targets import generate_soft_targets
+    from pipeline.steps.train_teacher import train_teacher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,6 +25,9 @@ rejection -> run **report**.
   `{"min_change_vs_teacher": -0.1}`). A trigger beyond them fails at `resolve_config`.
 * Spark runs through the `recsys_spark` connection: `local[2]` by default, a cluster
   master URL in a real deployment; nothing else changes.
+* **Retries.** A bad setting or input (`DETERMINISTIC_ERRORS` below) fails its task at once,
+  its log saying why it was not retried; anything else (a lost disk, connection or executor)
+  is retried twice with back-off.
 * **Monitoring.** The run's note carries the gate decision, NDCG@10 of student, teacher and
   champion, and a link to the run's HTML report (also the run page's "Run report" tab, from
   `plugins/`); the note needs the connection `recsys_airflow_api` (an Airflow user allowed to
@@ -38,27 +41,29 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import (Asset, AssetAlias, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param, SyncCallback,
-                         Variable, dag, task)
+from airflow.sdk import (Asset, AssetAlias, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, ExceptionRetryPolicy, Param,
+                         RetryAction, RetryRule, SyncCallback, Variable, dag, task)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:  # tasks import the project's `pipeline` package
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from pipeline.config import GATE_BOUNDS_VARIABLE, param_defaults  # noqa: E402
-from pipeline.spark import with_class_archive  # noqa: E402
+from pipeline.catalog import ArtifactNotFound, OutsideDataRoot
+from pipeline.config import GATE_BOUNDS_VARIABLE, ConfigError, param_defaults
+from pipeline.data.contract import RawWindowError
+from pipeline.registry import RegistryError
+from pipeline.spark import with_class_archive
 
 log = logging.getLogger(__name__)
 
 SPARK_CONN_ID = os.environ.get("RECSYS_SPARK_CONN_ID", "recsys_spark")
 API_CONN_ID = "recsys_airflow_api"  # an Airflow user that may edit runs: the run's note
 SCHEDULE = os.environ.get("RECSYS_SCHEDULE", "0 2 * * *")  # "none": manual runs only
+# The feature job's file in the installed `spark_jobs` package: spark-submit runs a file, which
+# imports the project as every task does, from the environment the project is installed in.
+FEATURE_JOB = importlib.util.find_spec("spark_jobs.extract_features").origin
 # 0 turns the deadline off: `airflow dags test` (make demo) fails at the end of a successful
 # run of a DAG with a deadline in Airflow 3.3.2 (it looks the DAG's alerts up by id, but holds
 # the alerts themselves), so the demo and the in-process tests run without one.
@@ -70,6 +75,30 @@ FEATURES = AssetAlias("recsys_features")
 TEACHER = AssetAlias("recsys_teacher")
 SOFT_TARGETS = AssetAlias("recsys_soft_targets")
 STUDENT = AssetAlias("recsys_student")
+
+# Errors a retry cannot mend: the same params, inputs and settings raise them again, so the
+# task fails at once with the reason instead of after every retry and its back-off. The one
+# list of them; each with why. Subclasses come before their bases (the first matching rule wins).
+DETERMINISTIC_ERRORS = {
+    ConfigError: "a setting or trigger param is invalid or beyond the operator's gate bounds; the same params fail again",
+    OutsideDataRoot: "a path resolves outside $RECSYS_DATA_ROOT; it resolves there again",
+    RawWindowError: "the raw window breaks the data contract; the same files break it again",
+    # A FileNotFoundError, so an OSError, but not a lost disk: only its upstream task publishes it.
+    ArtifactNotFound: "an artifact the step needs is not published; a retry of this task does not publish it",
+    RegistryError: "the registry refuses the operation (no such version, nothing to roll back to); it refuses it again",
+    ValueError: "a bad value in the data or results (features not validated, a student the gate did not bless, NaN scores); "
+                "it is there on every try",
+    LookupError: "a key or user the data lacks (e.g. MissingSoftTargets); the data lacks it on every try",
+    TypeError: "a value of the wrong type, a bug or a bad input; the same on every try",
+}
+# Everything else keeps the task's retries: OSError (a lost disk, mount or connection) by
+# name, and by default Spark's and TensorFlow's runtime errors, a busy database, a failed
+# spark-submit. A killed worker never reaches the policy: the scheduler retries its task.
+RETRY_POLICY = ExceptionRetryPolicy(rules=[
+    *(RetryRule(exception=error, action=RetryAction.FAIL, reason=f"{error.__name__}, not retried: {why}")
+      for error, why in DETERMINISTIC_ERRORS.items()),
+    RetryRule(exception=OSError, action=RetryAction.RETRY, reason="OSError: a lost disk, mount or connection may be back"),
+])
 
 
 def emit(outlet_events, alias: AssetAlias, path, ds: str) -> None:
@@ -113,19 +142,32 @@ def flag_overdue(**kwargs) -> None:
         set_note(run.get("dag_id", "recsys_distillation"), run["dag_run_id"], message)
 
 DEFAULT = param_defaults()
+# The trigger form: one titled field per Param, in sections shown in the order of their first Param.
 PARAMS = {
-    "ds": Param(None, type=["null", "string"], format="date", description="Date to process (YYYY-MM-DD); empty: the last complete UTC day (yesterday)."),
-    "window_days": Param(DEFAULT["window_days"], type="integer", minimum=1, description="Days of raw logs read, ending at ds."),
-    "teacher_epochs": Param(DEFAULT["teacher_epochs"], type="integer", minimum=1, description="Most teacher epochs (early stopping)."),
-    "student_epochs": Param(DEFAULT["student_epochs"], type="integer", minimum=1, description="Most student epochs (early stopping)."),
-    "distill_temperature": Param(DEFAULT["distill_temperature"], type="number", exclusiveMinimum=0, description="Distillation temperature T of the soft loss."),
-    "alpha": Param(DEFAULT["alpha"], type="number", minimum=0, maximum=1, description="Weight of the hard loss (1 - alpha: soft loss)."),
-    "beta": Param(DEFAULT["beta"], type="number", minimum=0, description="Weight of the hint loss."),
-    "min_change_vs_teacher": Param(DEFAULT["min_change_vs_teacher"], type="number", description="Gate: signed minimum change of the student against the teacher (-0.1 = at most 10% below); no lower than the operator's bound (Variable recsys_gate_bounds)."),
-    "min_change_vs_champion": Param(DEFAULT["min_change_vs_champion"], type="number", description="Gate: signed minimum change against the serving champion; no lower than the operator's bound (Variable recsys_gate_bounds)."),
-    "reuse_teacher": Param(False, type="boolean", description="Reuse the teacher already trained on these features and settings."),
-    "data_root": Param(None, type=["null", "string"], description="Data root; must be inside $RECSYS_DATA_ROOT (empty: that root)."),
-    "config_overrides": Param({}, type="object", description='Any other settings of pipeline/config, e.g. {"serving": {"top_k": 50}}; gate settings stay within the operator\'s bounds.'),
+    "ds": Param(None, type=["null", "string"], format="date", title="Date to process", section="Data",
+                description="Date to process (YYYY-MM-DD); empty: the last complete UTC day (yesterday)."),
+    "window_days": Param(DEFAULT["window_days"], type="integer", minimum=1, title="Window (days)", section="Data",
+                         description="Days of raw logs read, ending at ds."),
+    "data_root": Param(None, type=["null", "string"], title="Data root", section="Data",
+                       description="Data root; must be inside $RECSYS_DATA_ROOT (empty: that root)."),
+    "teacher_epochs": Param(DEFAULT["teacher_epochs"], type="integer", minimum=1, title="Teacher epochs", section="Training",
+                            description="Most teacher epochs (early stopping)."),
+    "student_epochs": Param(DEFAULT["student_epochs"], type="integer", minimum=1, title="Student epochs", section="Training",
+                            description="Most student epochs (early stopping)."),
+    "reuse_teacher": Param(False, type="boolean", title="Reuse the teacher", section="Training",
+                           description="Reuse the teacher already trained on these features and settings."),
+    "distill_temperature": Param(DEFAULT["distill_temperature"], type="number", exclusiveMinimum=0, title="Distillation temperature T", section="Distillation",
+                                 description="Distillation temperature T of the soft loss."),
+    "alpha": Param(DEFAULT["alpha"], type="number", minimum=0, maximum=1, title="Hard-loss weight alpha", section="Distillation",
+                   description="Weight of the hard loss (1 - alpha: soft loss)."),
+    "beta": Param(DEFAULT["beta"], type="number", minimum=0, title="Hint-loss weight beta", section="Distillation",
+                  description="Weight of the hint loss."),
+    "min_change_vs_teacher": Param(DEFAULT["min_change_vs_teacher"], type="number", title="Minimum change vs teacher", section="Gate",
+                                   description="Gate: signed minimum change of the student against the teacher (-0.1 = at most 10% below); no lower than the operator's bound (Variable recsys_gate_bounds)."),
+    "min_change_vs_champion": Param(DEFAULT["min_change_vs_champion"], type="number", title="Minimum change vs champion", section="Gate",
+                                    description="Gate: signed minimum change against the serving champion; no lower than the operator's bound (Variable recsys_gate_bounds)."),
+    "config_overrides": Param({}, type="object", title="Other settings (JSON)", section="Advanced",
+                              description='Any other settings of pipeline/config, e.g. {"serving": {"top_k": 50}}; gate settings stay within the operator\'s bounds.'),
 }
 
 
@@ -142,6 +184,9 @@ PARAMS = {
         "owner": "recsys-ml",
         "on_failure_callback": functools.partial(announce_failure, "failed"),
         "on_retry_callback": functools.partial(announce_failure, "failed, will retry"),
+        # Every task, so a new one cannot go without: a deterministic error fails at once,
+        # a transient one takes the retries.
+        "retry_policy": RETRY_POLICY,
         "retries": 2,
         "retry_delay": dt.timedelta(minutes=1),
         "retry_exponential_backoff": True,
@@ -155,33 +200,33 @@ PARAMS = {
     tags=["recsys", "distillation"],
 )
 def recsys_distillation():
-    @task(retries=0)
+    @task
     def resolve_config(params=None, dag_run=None, run_id=None) -> dict:
         """Turn the trigger's params into the run's checked settings (and the date it processes), within the operator's gate bounds."""
-        from pipeline.run import resolve_run
+        from pipeline.steps.run import resolve_run
 
         # Read here, not from params: the bounds must be out of reach of whoever triggers the run.
         bounds = Variable.get(GATE_BOUNDS_VARIABLE, default=None)
         return resolve_run(params, dag_run.run_after, run_id, gate_bounds=bounds)
 
-    @task(retries=0, execution_timeout=dt.timedelta(minutes=10))
+    @task(execution_timeout=dt.timedelta(minutes=10))
     def validate_raw(run: dict) -> dict:
         """Pre-flight check of the raw window's partitions, files and columns (no Spark)."""
-        from pipeline.run import validate_raw as check
+        from pipeline.steps.run import validate_raw as check
 
         return check(run)
 
     @task
     def feature_job_args(run: dict) -> list[str]:
         """The Spark feature job's arguments for this run."""
-        from pipeline.run import spark_arguments
+        from pipeline.steps.run import spark_arguments
 
         return spark_arguments(run)
 
-    @task(retries=0, outlets=[FEATURES])
+    @task(outlets=[FEATURES])
     def validate_features(run: dict, outlet_events=None) -> dict:
         """Check that the published features passed their GX suite and every split has rows."""
-        from pipeline.run import check_features, settings
+        from pipeline.steps.run import check_features, settings
 
         ds, catalog, _ = settings(run)
         checked = check_features(catalog, ds)
@@ -191,8 +236,8 @@ def recsys_distillation():
     @task(outlets=[TEACHER])
     def train_teacher(run: dict, outlet_events=None) -> dict:
         """Train and export the teacher (or reuse the one with the same identity)."""
-        from pipeline.run import settings
-        from pipeline.train_teacher import train_teacher as train
+        from pipeline.steps.run import settings
+        from pipeline.steps.train_teacher import train_teacher as train
 
         ds, catalog, cfg = settings(run)
         teacher = train(ds, catalog, cfg, reuse=run["reuse_teacher"])
@@ -202,8 +247,8 @@ def recsys_distillation():
     @task(outlets=[SOFT_TARGETS])
     def soft_targets(run: dict, teacher: dict, outlet_events=None) -> dict:
         """Write the teacher's top-K scores and embeddings for every training user to Parquet."""
-        from pipeline.run import settings
-        from pipeline.soft_targets import generate_soft_targets
+        from pipeline.steps.run import settings
+        from pipeline.steps.soft_targets import generate_soft_targets
 
         ds, catalog, cfg = settings(run)
         targets = generate_soft_targets(ds, catalog, cfg)
@@ -213,47 +258,47 @@ def recsys_distillation():
     @task
     def distill_student(run: dict, targets: dict) -> dict:
         """Distil the soft targets into the small student and export it."""
-        from pipeline.distill import distill_student as distill
-        from pipeline.run import settings
+        from pipeline.steps.distill import distill_student as distill
+        from pipeline.steps.run import settings
 
         return distill(*settings(run))
 
     @task
     def evaluate(run: dict, teacher: dict, student: dict) -> dict:
         """Evaluate teacher, student, champion and baselines on the same test split."""
-        from pipeline.evaluate import evaluate_run
-        from pipeline.run import champion_dir, settings
+        from pipeline.steps.evaluate import evaluate_run
+        from pipeline.steps.run import champion_dir, settings
 
         ds, catalog, cfg = settings(run)
         exported = {"teacher": teacher["path"], "student_kd": student["path"]}
         return evaluate_run(ds, catalog, cfg, exported, champion_dir=champion_dir(catalog))
 
-    @task(retries=0)
+    @task
     def gate(run: dict, evaluation: dict) -> dict:
         """The validation gate: every check against the teacher and the champion, with its numbers."""
-        from pipeline.run import decide
+        from pipeline.steps.run import decide
 
         return decide(run, evaluation)
 
-    @task.branch(retries=0)
+    @task.branch
     def route(gate_result: dict) -> str:
         """Promote a BLESSED student; record a NOT_BLESSED one."""
         return "promote" if gate_result["blessed"] else "record_rejection"
 
-    @task(retries=0, outlets=[STUDENT])
+    @task(outlets=[STUDENT])
     def promote(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict, outlet_events=None) -> dict:
         """Publish the blessed student as the next registry version and make it the champion."""
-        from pipeline.run import promote as publish, settings
+        from pipeline.steps.run import promote as publish, settings
 
         promotion = publish(run, teacher, student, evaluation, gate_result)
         ds, catalog, _ = settings(run)
         emit(outlet_events, STUDENT, catalog.registry_root, ds)
         return promotion
 
-    @task(retries=0)
+    @task
     def record_rejection(run: dict, teacher: dict, student: dict, evaluation: dict, gate_result: dict) -> dict:
         """Record the rejection and its reasons; the champion stays."""
-        from pipeline.run import record_rejection as record
+        from pipeline.steps.run import record_rejection as record
 
         return record(run, teacher, student, evaluation, gate_result)
 
@@ -263,7 +308,7 @@ def recsys_distillation():
         """Write the run's HTML and Markdown report (its path is in the log and the XCom) and the run's note."""
         from deploy.airflow_api import report_url
         from pipeline.report import run_note
-        from pipeline.run import write_run_report
+        from pipeline.steps.run import write_run_report
 
         written = write_run_report(run, teacher, student, evaluation, gate_result, promotion)
         set_note(dag_run.dag_id, dag_run.run_id,
@@ -276,12 +321,16 @@ def recsys_distillation():
         task_id="extract_features",
         doc_md="The Spark feature job: GX-validated features of the run's window, published atomically.",
         conn_id=SPARK_CONN_ID,
-        application=str(PROJECT_ROOT / "spark_jobs" / "extract_features.py"),
+        application=FEATURE_JOB,
         application_args=feature_job_args(run),
         name="recsys_extract_features",
         conf=with_class_archive({}),  # the driver JVM starts from the installed class archive, if any
-        env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "PYTHONPATH": str(PROJECT_ROOT)},
+        env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable},
         execution_timeout=dt.timedelta(hours=1),
+        # Keeps the DAG's retries: spark-submit fails with one AirflowException for any
+        # non-zero exit, and the job exits 1 for a bad input and a crash (a lost executor or
+        # driver) alike. Bad settings and a bad raw window have failed at once before it, at
+        # resolve_config and validate_raw; what fails here is mostly GX or the cluster.
     )
     checked >> extract
     features = validate_features(run)

@@ -41,6 +41,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 from pipeline.io import fsync_dir
 
 log = logging.getLogger("deploy.services")
@@ -350,7 +352,6 @@ def service_env(settings: Settings) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env.update({
         "PATH": f"{bin_dir}:{env.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
         "RECSYS_DATA_ROOT": str(settings.data_root),
         "RECSYS_ALLOWED_SPARK_MASTERS": settings.spark_master_url,  # a trigger may name this cluster, or local
         "RECSYS_SCHEDULE": settings.schedule,
@@ -408,21 +409,34 @@ def services(settings: Settings) -> list[Service]:
 # ---------------------------------------------------------------------------- processes
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (field 22 of /proc/<pid>/stat), or None if it is gone
-    (a zombie, whose parent has not reaped it yet, is gone too)."""
+# The unit of the kernel's record of when a process started (field 22 of /proc/<pid>/stat).
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (the kernel's record, as in PID files), or
+    None if it is gone (a zombie, whose parent has not reaped it yet, is gone too).
+
+    Since boot, not psutil's seconds since the epoch: those add the boot time, which moves when the
+    wall clock is set (NTP, a resume), and a PID file must still match its process days later.
+    """
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return round((process.create_time() - psutil.boot_time()) * CLOCK_TICKS)
+    except psutil.NoSuchProcess:  # psutil.ZombieProcess is one
         return None
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _command(pid: int) -> str:
+    """The process's command line (its first 200 characters), for messages."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())[:200]
+    except psutil.NoSuchProcess:
         return "(gone)"
+    except psutil.AccessDenied:
+        return "(not readable)"
 
 
 def _pid_file(settings: Settings, name: str) -> Path:
@@ -432,27 +446,18 @@ def _pid_file(settings: Settings, name: str) -> Path:
 def running_pid(settings: Settings, name: str) -> int | None:
     """The PID of a service this tool started and that still runs (the same process, not a reused PID)."""
     try:
-        pid, started = _pid_file(settings, name).read_text().split()
+        pid, started = (int(field) for field in _pid_file(settings, name).read_text().split())
     except (OSError, ValueError):
         return None
-    return int(pid) if _start_time(int(pid)) == started else None
+    return pid if _start_time(pid) == started else None
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first found, then theirs)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
+    """Every process below ``pid`` (none if it is gone)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _port_open(port: int) -> bool:

@@ -5,7 +5,8 @@ Layout under one data root::
     raw/                                        the raw event logs (pipeline.data.contract)
     features/<features version>/ds=<ds>/        one feature set of a logical date (manifest.json)
     features/<features version>/_validation/ds=<ds>/   GX Data Docs of that feature job
-    models/teacher/<ds>-<identity>/             a teacher export (saved_model/, checkpoint/, metadata.json)
+    models/teacher/<ds>-<identity>/             a teacher export (saved_model/, checkpoint/, metadata.json,
+                                                tensorboard/: its training's TensorBoard logs)
     soft_targets/ds=<ds>/<identity>/            the teacher's batch soft targets
     models/student/<ds>-<identity>/             a distilled student
     models/student_plain/<ds>-<identity>/       the same student trained without distillation
@@ -54,6 +55,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_ROLES = ("student", "student_plain")
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
+# A model directory's TensorBoard logs, one run per training phase below it (recorded in its metadata).
+TENSORBOARD = "tensorboard"
 
 
 class ArtifactNotFound(FileNotFoundError):

@@ -2,19 +2,23 @@
 
 :func:`write_report` turns the run's lineage, test metrics, gate decision, training
 histories and promotion into ``report.html`` and ``report.md`` (the same tables, built
-once), two figures and ``summary.json`` (the inputs, for machines). The directory is
-published atomically, so a reader never sees half a report.
+once, rendered by the Jinja2 templates in ``pipeline/templates/``, the HTML one autoescaped),
+two figures and ``summary.json`` (the inputs, for machines). The directory is published
+atomically, so a reader never sees half a report.
 
 matplotlib is imported only when a report is written.
 """
 
 from __future__ import annotations
 
-import html
+import functools
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from pipeline.io import atomic_dir, write_json
 
@@ -31,13 +35,8 @@ COST_COLUMNS = (("trainable_params", "params", ",.0f"), ("saved_model_mb", "Save
                 ("latency_ms_p50", "p50 ms", ".2f"), ("latency_ms_p99", "p99 ms", ".2f"),
                 ("throughput_users_per_s", "users/s", ",.0f"), ("batch_size", "batch", ",.0f"))
 COST_KEYS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
-_NUMERIC_CELL = re.compile(r"^([+-]?[\d,.]+[×%]?|–|nan|inf|-inf)$")
-_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1150px;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px}
-th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.banner{padding:.8em 1.2em;border-radius:6px;margin:1em 0}.banner h2{margin:.1em 0 .4em;font-size:1.6em}
-.blessed{background:#e3f5e6;border:2px solid #2e8b3e}.rejected{background:#fbe4e4;border:2px solid #c0392b}
-img{max-width:100%;border:1px solid #ddd}"""
+_NUMERIC_CELL = re.compile(r"^([+-]?[\d,.]+[×%]?|–|nan|inf|-inf)$")  # right-aligned in HTML tables
+TENSORBOARD_COMMAND = "make tensorboard"
 
 
 def _is_number(value) -> bool:
@@ -141,56 +140,28 @@ def run_note(gate: dict, evaluation: dict, promotion: dict | None, report_link: 
     return note if len(note) <= 1000 else note[:997] + "..."
 
 
-def _html_table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td{" class=n" if _NUMERIC_CELL.match(c) else ""}>{html.escape(c)}</td>' for c in row)
-                   + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _html_section(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    return f"<h2>{html.escape(title)}</h2>{_html_table(headers, rows)}"
-
-
 def _md_text(text) -> str:
     """``text`` safe in Markdown: "<" that could open raw HTML is backslash-escaped (renders as "<")."""
     return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", str(text))
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(_md_text(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-    return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(r) for r in rows])
+def _md_cell(text) -> str:
+    """``text`` safe in one Markdown table cell: escaped as by :func:`_md_text`, "|" escaped, one line."""
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _html_list(lines: list) -> str:
-    return "<ul>" + "".join(f"<li>{html.escape(str(line))}</li>" for line in lines) + "</ul>" if lines else ""
+@functools.cache
+def _templates() -> Environment:
+    """The report's templates (``pipeline/templates/``): ``.html`` autoescaped, a missing value an error."""
+    env = Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(md=_md_text, md_cell=_md_cell)
+    env.tests["numeric"] = lambda cell: bool(_NUMERIC_CELL.match(cell))
+    return env
 
 
-def _render_html(title: str, gate: dict, headline: str, tables: list, lineage: tuple) -> str:
-    blessed = bool(gate.get("blessed"))
-    banner = (f'<div class="banner {"blessed" if blessed else "rejected"}"><h2>{html.escape(str(gate.get("decision")))}</h2>'
-              f"<p>{html.escape(headline)}</p>{_html_list(gate.get('reasons', []))}"
-              + (f"<p><b>Warnings</b></p>{_html_list(gate.get('warnings', []))}" if gate.get("warnings") else "") + "</div>")
-    figures = (f'<h2>Training curves</h2><img src="{CURVES_PNG}" alt="training curves">'
-               f'<h2>Quality vs cost</h2><img src="{COST_PNG}" alt="NDCG@10 against serving cost">')
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{banner}"
-            f"{''.join(_html_section(*t) for t in tables)}{figures}{_html_section(*lineage)}</body></html>\n")
-
-
-def _render_markdown(title: str, gate: dict, headline: str, tables: list, lineage: tuple) -> str:
-    lines = [f"# {title}", "", f"**{gate.get('decision')}**: {_md_text(headline)}"]
-    if gate.get("reasons"):
-        lines += [""] + [f"- {_md_text(reason)}" for reason in gate["reasons"]]
-    if gate.get("warnings"):
-        lines += ["", "Warnings:", ""] + [f"- {_md_text(warning)}" for warning in gate["warnings"]]
-    for name, headers, rows in tables:
-        lines += ["", f"## {name}", "", _md_table(headers, rows)]
-    lines += ["", "## Training curves", "", f"![training curves]({CURVES_PNG})",
-              "", "## Quality vs cost", "", f"![NDCG@10 against serving cost]({COST_PNG})"]
-    lines += ["", f"## {lineage[0]}", "", _md_table(*lineage[1:])]
-    return "\n".join(lines) + "\n"
+def _render(template: str, context: dict) -> str:
+    return _templates().get_template(template).render(context)
 
 
 def _plot_training_curves(path: Path, histories: dict[str, list[dict]], colors: dict[str, str]) -> None:
@@ -264,7 +235,8 @@ def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str,
 
 
 def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
-                 histories: dict[str, list[dict]], promotion: dict | None) -> dict:
+                 histories: dict[str, list[dict]], promotion: dict | None,
+                 tensorboard: Mapping[str, str] | None = None) -> dict:
     """Write the run's report directory atomically (replacing any earlier one).
 
     Args:
@@ -274,6 +246,8 @@ def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
         gate: ``GateResult.to_dict()``.
         histories: Per-epoch training rows by model; keys ending in "loss" are loss terms.
         promotion: ``{"version", "registry", "champion"}``, or None when the student was not promoted.
+        tensorboard: Each model's TensorBoard log directory by model name; when given, the report
+            lists them with the command that serves them (as text: the reader's machine may differ).
 
     Returns:
         ``{"html", "markdown", "dir"}``: paths in the published directory.
@@ -285,13 +259,19 @@ def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
     models = evaluation.get("models", {})
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*models, *histories]))}
     title = f"Distillation report {run.get('ds', '?')}: {gate.get('decision', '?')}"
-    headline, tables, lineage = _headline(gate, promotion), _tables(evaluation, gate), _lineage_table(run, promotion)
+    context = {"title": title, "decision": str(gate.get("decision")), "blessed": bool(gate.get("blessed")),
+               "headline": _headline(gate, promotion), "reasons": [str(r) for r in gate.get("reasons", [])],
+               "warnings": [str(w) for w in gate.get("warnings", [])], "tables": _tables(evaluation, gate),
+               "lineage": _lineage_table(run, promotion), "curves_png": CURVES_PNG, "cost_png": COST_PNG,
+               "tensorboard": [[str(name), str(logdir)] for name, logdir in (tensorboard or {}).items()],
+               "tensorboard_command": TENSORBOARD_COMMAND}
     with atomic_dir(out_dir) as tmp:
-        (tmp / "report.html").write_text(_render_html(title, gate, headline, tables, lineage), encoding="utf-8")
-        (tmp / "report.md").write_text(_render_markdown(title, gate, headline, tables, lineage), encoding="utf-8")
+        (tmp / "report.html").write_text(_render("report.html", context), encoding="utf-8")
+        (tmp / "report.md").write_text(_render("report.md", context), encoding="utf-8")
         _plot_training_curves(tmp / CURVES_PNG, histories, colors)
         _plot_quality_vs_cost(tmp / COST_PNG, models, colors)
         write_json(tmp / "summary.json", {"run": run, "evaluation": evaluation, "gate": gate,
-                                          "histories": histories, "promotion": promotion})
+                                          "histories": histories, "promotion": promotion,
+                                          "tensorboard": dict(tensorboard) if tensorboard else None})
     log.info("report: %s %s, %d models, written to %s", run.get("ds"), gate.get("decision"), len(models), out_dir)
     return {"html": str(out_dir / "report.html"), "markdown": str(out_dir / "report.md"), "dir": str(out_dir)}

@@ -20,7 +20,6 @@ airflow`` and the Docker image do).
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException
@@ -30,11 +29,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from deploy.airflow_api import REPORT_TASK, REPORTS_PREFIX  # noqa: E402  (standard library only)
+from deploy.airflow_api import REPORT_TASK, REPORTS_PREFIX
 
 # The DAGs whose runs write these reports: a run id of another DAG names none of them.
 REPORT_DAGS = frozenset({"recsys_distillation"})

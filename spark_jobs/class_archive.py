@@ -21,10 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as a file: make `pipeline` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.spark import CLASS_ARCHIVE, JAVA_OPTIONS  # noqa: E402
+from pipeline.spark import CLASS_ARCHIVE, JAVA_OPTIONS
 
 log = logging.getLogger("class_archive")
 

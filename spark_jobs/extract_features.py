@@ -2,10 +2,13 @@
 
 Runs the same way under ``spark-submit spark_jobs/extract_features.py ...`` (any master,
 set by spark-submit) and ``python -m spark_jobs.extract_features ...`` (own session,
-``--master`` or the config's ``features.spark_master``). Only :func:`main` knows paths:
-extract (read the window: :mod:`spark_jobs.raw_inputs`) -> clean (exact duplicates and the
-quarantine rules: :mod:`spark_jobs.event_rules`) -> transform (:mod:`spark_jobs.feature_transforms`)
--> load (atomic write).
+``--master`` or the config's ``features.spark_master``). :func:`run` is four steps:
+:func:`extract` (read the window: :mod:`spark_jobs.raw_inputs`) -> :func:`clean` (exact
+duplicates, the quarantine rules of :mod:`spark_jobs.event_rules` and their limit, the raw
+GX suite) -> ``transform`` (:mod:`spark_jobs.feature_transforms`, DataFrames in and out)
+-> :func:`load` (atomic write, the feature GX suites, the manifest). Paths come from the
+caller (:func:`main` takes them from ``--out``, or from the catalogue for ``--data-root``)
+and reach only the steps that read or write files; ``transform`` sees DataFrames alone.
 
 Output, under ``<out>/ds=<ds>/`` (renamed into place only after every check passed)::
 
@@ -13,7 +16,8 @@ Output, under ``<out>/ds=<ds>/`` (renamed into place only after every check pass
     quarantine/                                   invalid rows, with the reason
     manifest.json                                 counts, schemas, input files, config
 
-GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fails.
+GX Data Docs go to ``<out>/_validation/ds=<ds>/`` whether the run passes or fails. With
+``--data-root DIR``, ``<out>`` is ``Catalog(DIR).for_run(ds, cfg).features_home``.
 """
 
 from __future__ import annotations
@@ -28,29 +32,22 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-if __package__ in (None, ""):  # run as a file by spark-submit: make `pipeline` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyspark import SparkContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from pipeline.catalog import OutsideDataRoot, confine, date_partition, validation_docs  # noqa: E402
-from pipeline.config import ConfigError, FeatureConfig, load_config, parse_ds  # noqa: E402
-from pipeline.data.contract import EVENT_ID_COPIES, RawWindowError  # noqa: E402
-from pipeline.features import SPLITS  # noqa: E402
-from pipeline.io import atomic_dir  # noqa: E402
-from pipeline.spark import spark_session  # noqa: E402
-from pipeline.validation import (  # noqa: E402
-    DataValidationError, feature_suites, raw_events_suite, validate, with_pair_key,
-)
-from spark_jobs.event_rules import (  # noqa: E402
-    BROADCAST_CONFLICTS_MAX, REPEATED_ID, conflicting_event_ids, deduplicate_events, flag_invalid_events,
-    mark_repeated_ids, repeated_id_hashes, with_blank_id_flags, with_event_id_copies, with_id_hash, with_single_copy,
-)
-from spark_jobs.feature_transforms import transform  # noqa: E402
-from spark_jobs.raw_inputs import read_raw, spark_stage  # noqa: E402
-
-from pyspark.sql import DataFrame, SparkSession  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
+from pipeline.catalog import Catalog, OutsideDataRoot, confine, date_partition, validation_docs
+from pipeline.config import ConfigError, FeatureConfig, PipelineConfig, load_config, parse_ds
+from pipeline.data.contract import RawWindowError
+from pipeline.data.features import SPLITS
+from pipeline.io import atomic_dir
+from pipeline.spark import spark_session
+from spark_jobs.cleaning import CleanEvents, clean
+from spark_jobs.feature_transforms import FeatureTables, transform
+from spark_jobs.raw_inputs import RawInputs, read_raw, spark_stage
+from spark_jobs.validation import DataValidationError, feature_suites, validate, with_pair_key
 
 log = logging.getLogger("extract_features")
 
@@ -86,48 +83,106 @@ def write_tables(tables: dict[str, DataFrame], directory: Path) -> tuple[dict[st
     return {name: {"schema": [[f.name, f.dataType.simpleString()] for f in frame.schema.fields]} for name, frame in tables.items()}, split_rows
 
 
-def flag_distinct_events(events: DataFrame, window_start: dt.date, window_end: dt.date,
-                         repeated_max: int = BROADCAST_CONFLICTS_MAX) -> tuple[DataFrame, int]:
-    """The window's distinct events, flagged by every quarantine rule and cached, and how many there are.
+class Outputs(NamedTuple):
+    """Where the job writes one ``ds``."""
 
-    Only rows whose ``event_id`` hash is repeated (:func:`~spark_jobs.event_rules.repeated_id_hashes`)
-    can be exact duplicates or conflicting copies: those alone are shuffled by ``event_id``
-    and compared by content; every other row is cached as read, with no shuffle. When more
-    than ``repeated_max`` hashes repeat (too many to broadcast, e.g. a day sent twice),
-    every event is deduplicated by content instead.
+    partition: Path  # <out>/ds=<ds>: the feature set, published whole or not at all
+    docs: Path  # <out>/_validation/ds=<ds>: GX Data Docs, and the rows of a window rejected for its quarantine
+
+
+def prepare_outputs(out_root: str | Path, ds: dt.date, allowed_root: str | Path | None = None) -> Outputs:
+    """The output directories of ``ds``, once they resolve inside ``allowed_root`` (default:
+    ``out_root``), with an earlier run's Data Docs removed (the docs describe this run only)."""
+    outputs = Outputs(date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat()))
+    for path in outputs:
+        confine(path, allowed_root or out_root)
+    shutil.rmtree(outputs.docs, ignore_errors=True)
+    return outputs
+
+
+def extract(spark: SparkSession, raw_root: str | Path, ds: dt.date, cfg: FeatureConfig,
+            allowed_root: str | Path | None = None) -> RawInputs:
+    """Read the raw window ending at ``ds`` (see :func:`~spark_jobs.raw_inputs.read_raw`) and set
+    the session's partitioning for it.
+
+    Raises:
+        RawWindowError: Structural faults of the window.
+        OutsideDataRoot: An input resolves outside ``allowed_root`` (default: ``raw_root``).
+    """
+    inputs = read_raw(spark, Path(raw_root), *cfg.window(ds), allowed_root)
+    if spark.conf.get(MIN_SPLITS_CONF, None) is None:
+        # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
+        # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read
+        # (Spark sizes the splits when the scan runs, after every path was checked).
+        spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
+    # The interactions are stored partition by partition, so their order (the order a trainer
+    # reads them in, and so the trained weights) follows the shuffle partitions: those of the
+    # settings the manifest records, not those of whatever session the caller passed.
+    spark.conf.set(SHUFFLE_PARTITIONS_CONF, str(cfg.shuffle_partitions))
+    log.info("read %d partition(s), %s", len(inputs.partitions), inputs.where)
+    return inputs
+
+
+def load(spark: SparkSession, tables: FeatureTables, inputs: RawInputs, events: CleanEvents, outputs: Outputs,
+         ds: dt.date, cfg: FeatureConfig, validate_data: bool = True) -> dict:
+    """Write the feature tables and the quarantine, run the feature GX suites on what was written,
+    and publish it with its manifest as ``outputs.partition`` in one rename.
 
     Returns:
-        ``with_event_id_copies``' columns (contract columns, ``event_id_copies``,
-        ``quarantine_reason``) and the count of distinct events.
+        The manifest (:func:`build_manifest`).
+
+    Raises:
+        RawWindowError: A Spark failure while building the tables.
+        DataValidationError: A feature GX suite failed (nothing is published).
     """
-    # The one cached copy of the events, flagged by the row rules on the way in: every later
-    # step scans it, and evaluating the rules costs more than a scan. The repeated hashes are
-    # then found in the cache: a second scan of the files for event_id took 12 s at 10M events.
-    hashed = flag_invalid_events(with_id_hash(events), window_start, window_end).cache()
-    rows = hashed.count()
-    repeated = repeated_id_hashes(hashed).cache()
-    repeated_count, repeated_rows = repeated.agg(F.count(F.lit(1)), F.coalesce(F.sum("_rows"), F.lit(0))).first()
-    if repeated_count > repeated_max:
-        log.info("%d repeated event_id hashes (more than %d): every event deduplicated by content", repeated_count, repeated_max)
-        hashed.unpersist()
-        distinct = flag_invalid_events(deduplicate_events(events), window_start, window_end).cache()
-        deduped_count = distinct.count()
-        conflicting = conflicting_event_ids(distinct).cache()
-        return with_event_id_copies(distinct, conflicting, broadcast=conflicting.count() <= BROADCAST_CONFLICTS_MAX), deduped_count
-    marked = mark_repeated_ids(hashed, repeated)
-    # Already flagged: the rules read only the contract columns, so copies alike by content share a reason.
-    repeats = deduplicate_events(marked.where(F.col(REPEATED_ID)).drop(REPEATED_ID)).cache()
-    repeats_count = repeats.count()
-    log.info("%d row(s) share an event_id hash with another row: %d distinct by content", repeated_rows, repeats_count)
-    # Conflicting ids are among the repeated hashes, so no more than repeated_max of them: broadcast.
-    conflicting = conflicting_event_ids(repeats)
-    singles = with_single_copy(marked.where(~F.col(REPEATED_ID)))
-    return singles.unionByName(with_event_id_copies(repeats, conflicting, broadcast=True)), rows - repeated_rows + repeats_count
+    with spark_stage("building the feature tables", inputs.where), atomic_dir(outputs.partition) as tmp_dir:
+        schemas, split_counts = write_tables({**tables.as_dict(), "quarantine": events.quarantine}, tmp_dir)
+        written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
+        checks = dict(events.checks)
+        if validate_data:
+            frames = {n: with_pair_key(written[n]) if n == "interactions" else written[n] for n in tables.as_dict()}
+            checks["features"] = validate(frames, feature_suites(), outputs.docs / "features")
+        over_cap = tables.over_cap.first().asDict()
+        if over_cap["users"]:
+            log.warning("%d user(s) over features.max_user_interactions=%d: %d oldest interaction(s) dropped",
+                        over_cap["users"], cfg.max_user_interactions, over_cap["interactions"])
+        table_info = {name: {"rows": written[name].count(), **schema} for name, schema in schemas.items()}
+        manifest = build_manifest(ds, cfg, inputs, events, split_counts, over_cap, table_info, checks, spark.version)
+        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def build_manifest(ds: dt.date, cfg: FeatureConfig, inputs: RawInputs, events: CleanEvents, split_counts: dict[str, int],
+                   over_cap: dict[str, int], tables: dict[str, dict], checks: dict[str, dict], spark_version: str) -> dict:
+    """What ``manifest.json`` records: the window and its input files, the counts of every
+    stage, each table's rows and schema, the GX results, the settings and the Spark version."""
+    quarantined = sum(events.by_reason.values())
+    return {
+        "ds": ds.isoformat(),
+        "window": {"start": inputs.window_start.isoformat(), "end": inputs.window_end.isoformat()},
+        "input_partitions": [p.name for p in inputs.partitions],
+        "input_files": [f.path.relative_to(inputs.events_dir).as_posix() for f in inputs.files],
+        "counts": {
+            "raw_events": events.raw_count,
+            "exact_duplicates": events.raw_count - events.distinct_count,
+            "duplicate_item_ids": inputs.duplicate_ids["items"],
+            "duplicate_user_ids": inputs.duplicate_ids["users"],
+            "quarantined": quarantined,
+            "quarantined_by_reason": dict(sorted(events.by_reason.items())),
+            "valid_events": events.distinct_count - quarantined,
+            "interactions_by_split": {s: split_counts.get(s, 0) for s in SPLITS},
+            "users_over_cap": over_cap["users"], "interactions_over_cap": over_cap["interactions"],
+        },
+        "tables": tables,
+        "validation": checks,
+        "config": dataclasses.asdict(cfg),
+        "spark_version": spark_version,
+    }
 
 
 def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.date, cfg: FeatureConfig,
         validate_data: bool = True, allowed_root: str | Path | None = None) -> dict:
-    """Extract, check, transform and publish one ``ds``.
+    """Extract, clean, transform and load one ``ds``.
 
     Args:
         spark: The session to use; its ``spark.sql.shuffle.partitions`` becomes ``cfg.shuffle_partitions``.
@@ -149,93 +204,15 @@ def run(spark: SparkSession, raw_root: str | Path, out_root: str | Path, ds: dt.
         OutsideDataRoot: A path resolves outside ``allowed_root``.
     """
     started = time.perf_counter()
-    raw_root, out_root = Path(raw_root), Path(out_root)
-    window_start, window_end = cfg.window(ds)
-    final_dir, docs_root = date_partition(out_root, ds.isoformat()), validation_docs(out_root, ds.isoformat())
-    for path in (final_dir, docs_root):
-        confine(path, allowed_root or out_root)
-    shutil.rmtree(docs_root, ignore_errors=True)  # the docs describe this run only
-    inputs = read_raw(spark, raw_root, window_start, window_end, allowed_root)
-    if spark.conf.get(MIN_SPLITS_CONF, None) is None:
-        # At least two input splits per core: Spark's default (one per core, capped at 128 MB)
-        # gave 3 splits of the 10M-event window to 2 cores, one core idle for a third of the read
-        # (Spark sizes the splits when the scan runs, after every path was checked).
-        spark.conf.set(MIN_SPLITS_CONF, str(2 * spark.sparkContext.defaultParallelism))
-    # The interactions are stored partition by partition, so their order (the order a trainer
-    # reads them in, and so the trained weights) follows the shuffle partitions: those of the
-    # settings the manifest records, not those of whatever session the caller passed.
-    spark.conf.set(SHUFFLE_PARTITIONS_CONF, str(cfg.shuffle_partitions))
-    events_dir = raw_root / "events"
-    where = f"{len(inputs.files)} event file(s) in ds={window_start}..ds={window_end} under {events_dir}"
-    log.info("read %d partition(s), %s", len(inputs.partitions), where)
-
-    raw_count = sum(f.rows for f in inputs.files)  # from the footers: Spark reads exactly these rows
-    with spark_stage("reading raw events", where):  # e.g. a corrupt page surfaces only here
-        flagged, deduped_count = flag_distinct_events(inputs.events, window_start, window_end)
-    if deduped_count < cfg.min_events:
-        raise RawWindowError(f"empty window: {deduped_count} event(s) in ds={window_start}..ds={window_end} under {events_dir}, "
-                             f"need >= {cfg.min_events} (features.min_events)")
-    log.info("events: %d raw, %d exact duplicates removed", raw_count, raw_count - deduped_count)
-    checks: dict[str, dict] = {}
-    if validate_data:
-        raw_events = with_blank_id_flags(flagged.drop("quarantine_reason"))  # GX checks each rule on its own column
-        checks["raw"] = validate({"raw_events": raw_events}, {"raw_events": raw_events_suite(window_start, window_end, cfg)}, docs_root / "raw")
-    quarantine = flagged.where(F.col("quarantine_reason").isNotNull()).drop(EVENT_ID_COPIES)  # the contract's columns and the reason
-    with spark_stage("applying the quarantine rules", where):
-        by_reason = {r["quarantine_reason"]: r["count"] for r in quarantine.groupBy("quarantine_reason").count().collect()}
-    quarantined = sum(by_reason.values())
-    share = quarantined / deduped_count
-    log.info("quarantined %d of %d events (%.3f%%): %s", quarantined, deduped_count, 100 * share, by_reason or "none")
-    if share > cfg.max_quarantine_share:
-        rejected = docs_root / "quarantine"  # kept for inspection; no feature output is written
-        with atomic_dir(rejected) as tmp:  # all of the rows or none, like every other output
-            # "append": "overwrite" would delete the locked temporary directory and make a new one.
-            quarantine.write.mode("append").parquet(str(tmp))
-        raise RawWindowError(
-            f"quarantined share {share:.2%} ({quarantined} of {deduped_count} events: {dict(sorted(by_reason.items()))}) exceeds "
-            f"features.max_quarantine_share={cfg.max_quarantine_share:.2%} in {where}; rows written to {rejected}"
-        )
-    if not quarantined:  # Spark writes the empty table (its schema) without scanning the events again
-        quarantine = quarantine.limit(0)
-    valid = flagged.where(F.col("quarantine_reason").isNull()).drop("quarantine_reason", EVENT_ID_COPIES)
-    tables = transform(valid, inputs.items, inputs.users, window_end, cfg)
-
+    outputs = prepare_outputs(out_root, ds, allowed_root)
+    inputs = extract(spark, raw_root, ds, cfg, allowed_root)
     try:
-        with spark_stage("building the feature tables", where), atomic_dir(final_dir) as tmp_dir:
-            schemas, split_counts = write_tables({**tables.as_dict(), "quarantine": quarantine}, tmp_dir)
-            written = {name: spark.read.parquet(str(tmp_dir / name)) for name in schemas}
-            if validate_data:
-                frames = {n: with_pair_key(written[n]) if n == "interactions" else written[n] for n in tables.as_dict()}
-                checks["features"] = validate(frames, feature_suites(), docs_root / "features")
-            over_cap = tables.over_cap.first()
-            if over_cap["users"]:
-                log.warning("%d user(s) over features.max_user_interactions=%d: %d oldest interaction(s) dropped",
-                            over_cap["users"], cfg.max_user_interactions, over_cap["interactions"])
-            manifest = {
-                "ds": ds.isoformat(),
-                "window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
-                "input_partitions": [p.name for p in inputs.partitions],
-                "input_files": [f.path.relative_to(events_dir).as_posix() for f in inputs.files],
-                "counts": {
-                    "raw_events": raw_count,
-                    "exact_duplicates": raw_count - deduped_count,
-                    "duplicate_item_ids": inputs.duplicate_ids["items"],
-                    "duplicate_user_ids": inputs.duplicate_ids["users"],
-                    "quarantined": quarantined,
-                    "quarantined_by_reason": dict(sorted(by_reason.items())),
-                    "valid_events": deduped_count - quarantined,
-                    "interactions_by_split": {s: split_counts.get(s, 0) for s in SPLITS},
-                    "users_over_cap": over_cap["users"], "interactions_over_cap": over_cap["interactions"],
-                },
-                "tables": {name: {"rows": written[name].count(), **schemas[name]} for name in schemas},
-                "validation": checks,
-                "config": dataclasses.asdict(cfg),
-                "spark_version": spark.version,
-            }
-            (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        events = clean(inputs, cfg, outputs.docs, validate_data)
+        tables = transform(events.valid, inputs.items, inputs.users, inputs.window_end, cfg)
+        manifest = load(spark, tables, inputs, events, outputs, ds, cfg, validate_data)
     finally:
-        spark.catalog.clearCache()
-    log.info("wrote %s in %.1fs: %s", final_dir, time.perf_counter() - started, {n: t["rows"] for n, t in manifest["tables"].items()})
+        spark.catalog.clearCache()  # the run's caches, whether it published or failed
+    log.info("wrote %s in %.1fs: %s", outputs.partition, time.perf_counter() - started, {n: t["rows"] for n, t in manifest["tables"].items()})
     return manifest
 
 
@@ -250,16 +227,36 @@ def session_conf(cfg: FeatureConfig) -> dict[str, str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", required=True, help="raw root with events/, items/, users/")
-    parser.add_argument("--out", required=True, help="feature root; writes <out>/ds=<ds>/")
+    parser.add_argument("--raw", help="raw root with events/, items/, users/ (default with --data-root: DIR/raw)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="feature root; writes <out>/ds=<ds>/")
+    target.add_argument("--data-root", metavar="DIR", help="the pipeline's data root: writes where its later steps look for "
+                        "this run's features, Catalog(DIR).for_run(ds, config).features_home (its version hashes DIR/raw)")
     parser.add_argument("--ds", required=True, help="logical date YYYY-MM-DD (the window's last day)")
     parser.add_argument("--config", help="pipeline config JSON file")
     parser.add_argument("--config-json", help="nested settings as a JSON string, applied after --config")
     parser.add_argument("--window-days", type=int, help="override features.window_days")
     parser.add_argument("--master", help="Spark master when not run by spark-submit (default: config)")
-    parser.add_argument("--allowed-root", help="every path must resolve inside it, symlinks followed (default: --raw for inputs, --out for outputs)")
+    parser.add_argument("--allowed-root", help="every path must resolve inside it, symlinks followed "
+                        "(default: --raw for inputs, --out for outputs; with --data-root, DIR)")
     parser.add_argument("--no-validation", action="store_true", help="skip the GX suites (benchmarks only)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is not None and args.raw is None:
+        parser.error("--raw is required with --out")
+    return args
+
+
+def job_paths(args: argparse.Namespace, ds: dt.date, config: PipelineConfig) -> tuple[Path, Path, str | Path | None]:
+    """``(raw root, feature root, allowed root)`` of the arguments: ``--out`` as given, or for
+    ``--data-root`` the feature home the catalogue names for this run's ``ds`` and settings.
+
+    Raises:
+        OutsideDataRoot: A catalogue path resolves outside the allowed root.
+    """
+    if args.data_root is None:
+        return Path(args.raw), Path(args.out), args.allowed_root
+    catalog = Catalog(Path(args.data_root), allowed=args.allowed_root).for_run(ds.isoformat(), config)
+    return Path(args.raw) if args.raw else catalog.raw, catalog.features_home, catalog.allowed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,19 +268,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = json.loads(args.config_json) if args.config_json else {}
         if args.window_days:
             overrides.setdefault("features", {})["window_days"] = args.window_days
-        cfg = load_config(overrides, args.config).features
+        config = load_config(overrides, args.config)
+        raw_root, out_root, allowed_root = job_paths(args, ds, config)
     except (ConfigError, json.JSONDecodeError) as err:
         log.error("%s", err)
         return 2
+    except OutsideDataRoot as err:
+        log.error("%s", err)
+        return 1
+    cfg = config.features
+    started_here = SparkContext._active_spark_context is None  # a session the caller already runs stays running
     spark = spark_session("extract_features", args.master, cfg.shuffle_partitions, conf=session_conf(cfg), default_master=cfg.spark_master)
     spark.sparkContext.setLogLevel("WARN")
     try:
-        manifest = run(spark, args.raw, args.out, ds, cfg, validate_data=not args.no_validation, allowed_root=args.allowed_root)
+        manifest = run(spark, raw_root, out_root, ds, cfg, validate_data=not args.no_validation, allowed_root=allowed_root)
     except (RawWindowError, DataValidationError, OutsideDataRoot) as err:
         log.error("%s", err)
         return 1
     finally:
-        spark.stop()
+        if started_here:
+            spark.stop()
     print(json.dumps({"ds": manifest["ds"], "rows": {n: t["rows"] for n, t in manifest["tables"].items()}, "counts": manifest["counts"]}))
     return 0
 

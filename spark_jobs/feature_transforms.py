@@ -1,8 +1,9 @@
 """Pure DataFrame transforms of the feature job: valid events in, feature tables out.
 
 Each function takes DataFrames and settings and returns a DataFrame; none reads or writes
-files (only ``spark_jobs/extract_features.py`` knows paths). The raw events are checked,
-deduplicated and flagged before, by :mod:`spark_jobs.event_rules`.
+files (the job's extract, clean and load steps do). The raw events are checked,
+deduplicated and flagged before, by :mod:`spark_jobs.cleaning` with the rules of
+:mod:`spark_jobs.event_rules`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pyspark.sql import functions as F
 
 from pipeline.config import FeatureConfig
 from pipeline.data.contract import EVENT_TYPES
-from pipeline.features import SPLITS
+from pipeline.data.features import SPLITS
 
 TABLES = ("interactions", "user_features", "item_features", "user_vocab", "item_vocab")
 

@@ -42,6 +42,9 @@ class RawInputs:
         partitions: The window's partition directories, oldest first.
         files: Every event file read, as the footer check found it.
         duplicate_ids: Side table -> rows dropped because their key was seen again.
+        window_start: First day of the window.
+        window_end: Last day of the window.
+        events_dir: The raw root's ``events/``, which ``files`` lie under.
     """
 
     events: DataFrame
@@ -50,6 +53,14 @@ class RawInputs:
     partitions: list[Path]
     files: list[CheckedFile]
     duplicate_ids: dict[str, int]
+    window_start: dt.date
+    window_end: dt.date
+    events_dir: Path
+
+    @property
+    def where(self) -> str:
+        """The window's event files, as the job's logs and errors name them."""
+        return f"{len(self.files)} event file(s) in ds={self.window_start}..ds={self.window_end} under {self.events_dir}"
 
 
 @contextlib.contextmanager
@@ -101,7 +112,8 @@ def read_raw(spark: SparkSession, raw_root: Path, window_start: dt.date, window_
     for name in SIDE_TABLES:
         with spark_stage(f"reading the {name} table", str(raw_root / name)):
             side[name], duplicates[name] = _read_side_table(spark, raw_root, name)
-    return RawInputs(check_raw_schema(events), side["items"], side["users"], partitions, files, duplicates)
+    return RawInputs(check_raw_schema(events), side["items"], side["users"], partitions, files, duplicates,
+                     window_start, window_end, raw_root / "events")
 
 
 def _read_checked(spark: SparkSession, files: Sequence[CheckedFile]) -> list[tuple[pa.Schema, DataFrame]]:

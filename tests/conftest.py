@@ -2,7 +2,7 @@
 
 import logging
 
-import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+import pipeline  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test module imports TensorFlow)
 import pytest
 
 @pytest.fixture(scope="session")

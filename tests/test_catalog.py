@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline import run as run_module
 from pipeline.catalog import Catalog, OutsideDataRoot, date_partition, validation_docs
 from pipeline.config import load_config
 from pipeline.data.contract import event_partition_dir
+from pipeline.steps import run as run_module
 from spark_jobs import extract_features as job
 from tests.rawlogs import ALICE_BOB_EVENTS, write_raw
-from tests.test_registry import saved_model
+from tests.helpers import saved_model
 
 DS = "2024-01-03"  # ALICE_BOB_EVENTS fall on Jan 1-3: a three-day window holds them all
 AFTER = dt.datetime(2024, 1, 4, 2, 0, tzinfo=dt.timezone.utc)
@@ -158,9 +158,9 @@ def test_a_model_path_handed_over_by_an_upstream_task_is_checked_where_it_is_use
     teacher_dir.symlink_to(outside)  # swapped in after train_teacher returned its path
     student = {"path": str(model_dir(data / "models" / "student" / "s1")), "soft_targets": "st"}
     teacher = {"version": "t1", "path": str(teacher_dir)}
-    with pytest.raises(OutsideDataRoot, match=refused(teacher_dir / "metadata.json", outside / "metadata.json", data)):
+    with pytest.raises(OutsideDataRoot, match=refused(teacher_dir, outside, data)):
         run_module.write_run_report({**run, "run_id": "manual__1"}, teacher, student, EVALUATION, BLESSED, None)
-    from pipeline.evaluate import evaluate_run
+    from pipeline.steps.evaluate import evaluate_run
 
     _, catalog, cfg = run_module.settings(run)
     with pytest.raises(OutsideDataRoot, match=refused(teacher_dir, outside, data)):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run as run_module
 from pipeline.catalog import Catalog, date_partition
 from pipeline.config import load_config
 from pipeline.io import KILL_AT_ENV
 from pipeline.registry import CHAMPION_FILE, MODELS_CONFIG, Registry
+from pipeline.steps import run as run_module
 
 REPO = Path(__file__).resolve().parents[1]
 JOIN_TIMEOUT_S = 120
@@ -46,7 +46,7 @@ def promote_in_child(root: Path, model: Path, run_key: str, ndcg: float, expecte
     """``Registry.promote`` in a process of its own (SIGKILLed at ``kill_at``); its exit code."""
     code = (f"from pipeline.registry import Registry\n"
             f"Registry({str(root)!r}).promote({str(model)!r}, {lineage(run_key, ndcg)!r}, expected_champion={expected!r})")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     env.pop(KILL_AT_ENV, None)
     if kill_at:
         env[KILL_AT_ENV] = kill_at

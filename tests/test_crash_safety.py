@@ -29,6 +29,7 @@ from pipeline.config import load_config
 from pipeline.data.synthetic import generate_synthetic_logs
 from pipeline.io import DEBRIS, KILL_AT_ENV, publish_dir, sweep_debris, temp_dir
 from pipeline.registry import Registry
+from tests.helpers import saved_model
 
 REPO = Path(__file__).resolve().parents[1]
 DS = "2024-01-31"
@@ -47,7 +48,7 @@ def debris(parent: Path) -> list[Path]:
 
 
 def start(args: list[str], kill_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     env.pop(KILL_AT_ENV, None)
     if kill_at:
         env[KILL_AT_ENV] = kill_at
@@ -93,11 +94,30 @@ def tables(path: Path) -> dict[str, list]:
     return {name: sorted(map(repr, pq.read_table(path / name).to_pylist())) for name in names}
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> Catalog:
-    catalog = Catalog(tmp_path_factory.mktemp("crash") / "data")
+def feature_job(catalog: Catalog) -> tuple[list[str], Path]:
+    """The feature job's command line for ``DS``, and the features home it writes: where the
+    steps look for the features under ``TINY``."""
+    home = catalog.for_run(DS, load_config(TINY)).features_home
+    args = ["spark_jobs/extract_features.py", "--raw", str(catalog.raw), "--out", str(home),
+            "--ds", DS, "--master", "local[1]", "--no-validation", "--config-json", json.dumps({"features": TINY["features"]})]
+    return args, home
+
+
+@pytest.fixture
+def catalog(tmp_path) -> Catalog:
+    """A data root of its own holding the synthetic raw logs, and nothing else."""
+    catalog = Catalog(tmp_path / "data")
     generate_synthetic_logs(catalog.raw, users=120, items=80, days=14, events=8_000, seed=5, end_date=DS)
     return catalog
+
+
+@pytest.fixture
+def features(catalog) -> Path:
+    """The catalog's features of ``DS``, published by an ordinary run of the feature job."""
+    args, home = feature_job(catalog)
+    code, out = run(args)
+    assert code == 0, out[-3000:]
+    return date_partition(home, DS)
 
 
 # ---------------------------------------------------------------------- the pieces
@@ -125,8 +145,7 @@ def test_sweep_spares_live_writers_and_takes_dead_ones(tmp_path):
     code = (f"import time; from pipeline.io import temp_dir\n"
             f"with temp_dir({str(final)!r}) as t:\n"
             f"    (t / 'part').write_text('x'); print(t, flush=True); time.sleep(600)")
-    writer = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         live = Path(writer.stdout.readline().strip())
         assert live.is_dir() and DEBRIS.match(live.name)
@@ -143,9 +162,7 @@ def test_sweep_spares_live_writers_and_takes_dead_ones(tmp_path):
 
 # ---------------------------------------------------------------------- the real CLIs
 def test_feature_job_killed_at_any_point(catalog):
-    home = catalog.for_run(DS, load_config(TINY)).features_home  # where the steps below look for these features
-    args = ["spark_jobs/extract_features.py", "--raw", str(catalog.raw), "--out", str(home),
-            "--ds", DS, "--master", "local[1]", "--no-validation", "--config-json", json.dumps({"features": TINY["features"]})]
+    args, home = feature_job(catalog)
     final = date_partition(home, DS)
 
     # Killed from outside while Spark writes the first table: nothing is published.
@@ -174,18 +191,16 @@ def test_feature_job_killed_at_any_point(catalog):
     assert len(debris(home)) == 1  # the old version, swept by the next writer
 
 
-def test_model_export_and_soft_targets_killed_then_rerun(catalog):
-    if not (date_partition(catalog.for_run(DS, load_config(TINY)).features_home, DS) / "manifest.json").is_file():
-        pytest.skip("needs the features of test_feature_job_killed_at_any_point")
+def test_model_export_and_soft_targets_killed_then_rerun(catalog, features):
     common = ["--ds", DS, "--data-root", str(catalog.root), *SETS]
     teachers = catalog.models_root / "teacher"
 
     # The teacher, killed after training with its export complete but unpublished.
-    assert run(["-m", "pipeline.train_teacher", *common], kill_at="publish.before")[0] == KILLED
+    assert run(["-m", "pipeline.steps.train_teacher", *common], kill_at="publish.before")[0] == KILLED
     assert [p for p in teachers.iterdir() if not DEBRIS.match(p.name)] == []
     (unpublished,) = debris(teachers)
     killed_meta = json.loads((unpublished / "metadata.json").read_text())
-    code, out = run(["-m", "pipeline.train_teacher", *common])
+    code, out = run(["-m", "pipeline.steps.train_teacher", *common])
     assert code == 0, out[-3000:]
     assert debris(teachers) == []
     (teacher,) = teachers.iterdir()
@@ -196,14 +211,14 @@ def test_model_export_and_soft_targets_killed_then_rerun(catalog):
     assert [{**e, "seconds": 0} for e in meta["history"]] == [{**e, "seconds": 0} for e in killed_meta["history"]]
 
     # Soft targets: published once, then a re-run killed after its swap, then one more run.
-    code, out = run(["-m", "pipeline.soft_targets", *common])
+    code, out = run(["-m", "pipeline.steps.soft_targets", *common])
     assert code == 0, out[-3000:]
     (soft_targets,) = (catalog.soft_targets_root / f"ds={DS}").iterdir()
     expected = tables(soft_targets)
-    assert run(["-m", "pipeline.soft_targets", *common], kill_at="publish.after")[0] == KILLED
+    assert run(["-m", "pipeline.steps.soft_targets", *common], kill_at="publish.after")[0] == KILLED
     assert tables(soft_targets) == expected and (soft_targets / "manifest.json").is_file()
     assert len(debris(soft_targets.parent)) == 1
-    code, out = run(["-m", "pipeline.soft_targets", *common])
+    code, out = run(["-m", "pipeline.steps.soft_targets", *common])
     assert code == 0, out[-3000:]
     assert debris(soft_targets.parent) == []
     assert tables(soft_targets) == expected
@@ -211,12 +226,10 @@ def test_model_export_and_soft_targets_killed_then_rerun(catalog):
 
 @pytest.mark.parametrize("kill_at", ["promote.published", "promote.champion_written"])
 def test_promotion_killed_then_rerun_completes_it(tmp_path, kill_at):
-    saved_model = tmp_path / "sm"
-    (saved_model / "variables").mkdir(parents=True)
-    (saved_model / "saved_model.pb").write_bytes(b"graph")
+    model = saved_model(tmp_path)
     root = tmp_path / "registry"
     code = (f"from pipeline.registry import Registry\n"
-            f"Registry({str(root)!r}).promote({str(saved_model)!r}, {{'run_key': 'k1', 'run_id': 'r1'}})")
+            f"Registry({str(root)!r}).promote({str(model)!r}, {{'run_key': 'k1', 'run_id': 'r1'}})")
     assert run(["-c", code], kill_at=kill_at)[0] == KILLED
     registry = Registry(root)
     assert registry.versions() == [1]

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.catalog import ArtifactNotFound, OutsideDataRoot
 from pipeline.config import ConfigError, param_defaults
-from pipeline.data.synthetic import generate_synthetic_logs
-from pipeline.registry import Registry
-from pipeline.run import nightly_ds, resolve_run
+from pipeline.data.contract import RawWindowError
+from pipeline.registry import Registry, RegistryError
+from pipeline.steps.run import nightly_ds, resolve_run
+from tests.helpers import DAG_DS, TINY_PARAMS, generate_tiny_logs
 
 REPO = Path(__file__).resolve().parents[1]
-DS = "2024-01-31"
 UTC = dt.timezone.utc
-DUE = dt.datetime(2024, 2, 1, 2, 0, tzinfo=UTC)  # the nightly run that processes DS
+DUE = dt.datetime(2024, 2, 1, 2, 0, tzinfo=UTC)  # the nightly run that processes DAG_DS
 EXPECTED_EDGES = {
     ("resolve_config", t) for t in ("validate_raw", "feature_job_args", "validate_features", "train_teacher", "soft_targets",
                                     "distill_student", "evaluate", "gate", "promote", "record_rejection", "report")
@@ -35,17 +36,6 @@ EXPECTED_EDGES = {
     ("train_teacher", "evaluate"), ("distill_student", "evaluate"), ("evaluate", "gate"), ("gate", "route"),
     ("route", "promote"), ("route", "record_rejection"), ("promote", "report"), ("record_rejection", "report"),
 } | {(up, down) for up in ("train_teacher", "distill_student", "evaluate", "gate") for down in ("promote", "record_rejection", "report")}
-# Small models and few epochs: the tiny run checks wiring and safety, not quality.
-TINY = {
-    "window_days": 14, "teacher_epochs": 2, "student_epochs": 2,
-    "config_overrides": {
-        "training": {"batch_size": 256, "patience": 1}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
-        "distill": {"sampled_negatives": 20},
-        "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32},
-        "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8},
-        "evaluate": {"als_rank": 8, "als_iterations": 3, "latency_repeats": 3, "latency_batch_size": 32},
-    },
-}
 
 
 def load_dag():
@@ -102,6 +92,95 @@ def test_a_failed_or_retried_task_logs_one_line_with_its_cause(caplog):
     ]
 
 
+def failure_outcome(task, error: BaseException) -> tuple[str, list[dict]]:
+    """What Airflow's task runner makes of ``error`` raised on a task's first try, with retries
+    left, and what it logs about it: the failure path of every task in Airflow 3.3.2
+    (``task_runner._handle_current_task_failed``, which consults the task's retry policy)."""
+    import types
+
+    import structlog
+    from structlog.testing import capture_logs
+    from airflow.sdk.execution_time.task_runner import _handle_current_task_failed
+
+    ti = types.SimpleNamespace(task=task, try_number=1, end_date=None, rendered_map_index=None, stats_tags={},
+                               _failure_metrics_emitted=False,
+                               _ti_context_from_server=types.SimpleNamespace(max_tries=task.retries, should_retry=True))
+    with capture_logs() as logs:
+        _, state = _handle_current_task_failed(ti, error, structlog.get_logger())
+    return state, logs
+
+
+DETERMINISTIC = [
+    ConfigError("distill.alpha must be in [0, 1], got 3"),
+    OutsideDataRoot("/etc is outside the configured data root /data"),
+    RawWindowError("no raw partitions in ds=2024-01-18..ds=2024-01-31"),
+    ArtifactNotFound("no features at /data/features/ds=2024-01-31: run extract_features"),
+    RegistryError("recsys has no version 7 (have [1, 2])"),
+    ValueError("refusing to promote a student the gate did not bless: ['ndcg@10 below the teacher']"),
+    KeyError("user_idx"),
+    TypeError("unsupported operand type(s) for +: 'int' and 'str'"),
+]
+
+
+@pytest.mark.parametrize("error", DETERMINISTIC, ids=lambda error: type(error).__name__)
+def test_a_deterministic_error_fails_at_once_with_its_reason(error):
+    task = load_dag().get_task("train_teacher")
+    assert task.retries == 2
+    state, logs = failure_outcome(task, error)
+    assert state == "failed", "retries are left, but a retry would fail the same way"
+    (decision,) = [entry for entry in logs if entry["event"] == "Retry policy decision"]
+    assert decision["action"] == "fail" and "not retried" in decision["reason"]
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), ConnectionResetError(104, "Connection reset by peer"),
+                                   TimeoutError("timed out"), RuntimeError("Py4JNetworkError: Answer from Java side is empty")],
+                         ids=lambda error: type(error).__name__)
+def test_a_transient_error_is_retried(error):
+    state, _ = failure_outcome(load_dag().get_task("train_teacher"), error)
+    assert state == "up_for_retry"
+
+
+def test_the_feature_job_keeps_its_retries():
+    from airflow.sdk.exceptions import AirflowException
+
+    # spark-submit's exit 1 is a bad input and a lost executor alike: it is retried.
+    task = load_dag().get_task("extract_features")
+    assert task.retries == 2
+    assert failure_outcome(task, AirflowException("Cannot execute: spark-submit ... Error code is: 1."))[0] == "up_for_retry"
+
+
+def test_every_task_fails_a_deterministic_error_at_once_and_retries_a_transient_one():
+    from airflow.sdk import RetryAction
+
+    # From the DAG's default_args, so a task added later cannot go without the policy.
+    for task in load_dag().tasks:
+        assert task.retry_policy is not None, task.task_id
+        assert task.retry_policy.evaluate(ConfigError("bad"), 1, 3).action == RetryAction.FAIL, task.task_id
+        assert task.retry_policy.evaluate(OSError("lost"), 1, 3).action != RetryAction.FAIL, task.task_id
+        assert task.retries == 2, f"{task.task_id}: a transient error gets the DAG's retries"
+
+
+PARAM_SECTIONS = {
+    "Data": ["ds", "window_days", "data_root"],
+    "Training": ["teacher_epochs", "student_epochs", "reuse_teacher"],
+    "Distillation": ["distill_temperature", "alpha", "beta"],
+    "Gate": ["min_change_vs_teacher", "min_change_vs_champion"],
+    "Advanced": ["config_overrides"],
+}
+
+
+def test_the_trigger_form_shows_every_param_titled_in_its_section():
+    params = load_dag().params
+    schemas = {name: params.get_param(name).schema for name in params}
+    assert {name: schema.get("section") for name, schema in schemas.items()} == {
+        name: section for section, names in PARAM_SECTIONS.items() for name in names}
+    assert all(schema.get("title") for schema in schemas.values()), "every param has a title"
+    assert len({schema["title"] for schema in schemas.values()}) == len(schemas), "titles are distinct"
+    assert all(params.get_param(name).description for name in params), "every param keeps its description"
+    # The form shows sections in the order their first param comes.
+    assert list(dict.fromkeys(schema["section"] for schema in schemas.values())) == list(PARAM_SECTIONS)
+
+
 def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path / "data"))
     for outside in ("/etc", "../elsewhere", str(tmp_path / "data-other")):
@@ -109,7 +188,7 @@ def test_params_outside_the_data_root_are_rejected(tmp_path, monkeypatch):
             resolve_run({"data_root": outside}, DUE, "manual")
     inside = resolve_run({"data_root": "nightly", "alpha": 0.7}, DUE, "manual")
     assert inside["data_root"] == str((tmp_path / "data" / "nightly").resolve())
-    assert inside["overrides"]["distill"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DS}_")
+    assert inside["overrides"]["distill"]["alpha"] == 0.7 and inside["run_key"].startswith(f"{DAG_DS}_")
     with pytest.raises(ConfigError, match="distill.alpha must be in"):
         resolve_run({"alpha": 3}, DUE, "manual")
     with pytest.raises(ConfigError, match="ds must be a date"):
@@ -138,7 +217,7 @@ def test_a_run_without_ds_processes_the_last_complete_utc_day():
     assert nightly_ds(dt.datetime(2026, 11, 28, 1, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))) == "2026-11-26"
     with pytest.raises(ConfigError, match="time-zone aware"):
         nightly_ds(dt.datetime(2026, 11, 28, 2, 0))
-    assert resolve_run({}, DUE, "scheduled")["ds"] == DS
+    assert resolve_run({}, DUE, "scheduled")["ds"] == DAG_DS
     assert resolve_run({"ds": "2024-01-15"}, DUE, "manual")["ds"] == "2024-01-15"
 
 
@@ -166,7 +245,7 @@ def test_nightly_schedule_and_backfill_process_each_day_once_in_order():
 @pytest.fixture(scope="module")
 def tiny_logs(tmp_path_factory):
     data = tmp_path_factory.mktemp("dag") / "data"
-    generate_synthetic_logs(data / "raw", users=150, items=120, days=14, events=12_000, seed=3, end_date=DS)
+    generate_tiny_logs(data / "raw")
     return data
 
 
@@ -177,7 +256,7 @@ def airflow_env(home: Path, data_root: Path) -> dict:
         "RECSYS_DATA_ROOT": str(data_root), "AIRFLOW_CONN_RECSYS_SPARK": json.dumps({"conn_type": "spark", "host": "local[2]"}),
         # The operator's gate bounds, as an Airflow Variable: tiny models need a lenient teacher threshold.
         "AIRFLOW_VAR_RECSYS_GATE_BOUNDS": json.dumps({"min_change_vs_teacher": -1.0}),
-        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONPATH": str(REPO),
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         # `airflow dags test` fails a successful run of a DAG with a deadline (Airflow 3.3.2; see the DAG file).
         "RECSYS_RUN_DEADLINE_MINUTES": "0",
     })
@@ -209,21 +288,21 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
 
     # 1. A first run: no champion yet, a lenient teacher threshold (within the operator's
     #    bound, see airflow_env) -> BLESSED and promoted.
-    first = run_dag(env, DS, {**TINY, "ds": DS, "min_change_vs_teacher": -1.0})
+    first = run_dag(env, DAG_DS, {**TINY_PARAMS, "ds": DAG_DS, "min_change_vs_teacher": -1.0})
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
-    states = task_states(env, DS)
+    states = task_states(env, DAG_DS)
     assert states["promote"].endswith("success") and states["record_rejection"].endswith("skipped"), states
     assert states["report"].endswith("success")
     registry = Registry(data_root / "registry")
     assert registry.versions() == [1] and registry.champion() == 1
     assert registry.runs()[0]["decision"] == "BLESSED"
-    reports = list((data_root / "reports" / f"ds={DS}").glob("*/*/report.html"))
+    reports = list((data_root / "reports" / f"ds={DAG_DS}").glob("*/*/report.html"))
     assert len(reports) == 1 and "BLESSED" in reports[0].read_text()
     blessed_report = reports[0].read_text()
 
     # 2. Impossible thresholds (the student must beat the teacher by 1000%) -> NOT_BLESSED;
     #    promote is skipped, the rejection recorded, the champion unchanged.
-    second = run_dag(env, "2024-02-01", {**TINY, "ds": DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
+    second = run_dag(env, "2024-02-01", {**TINY_PARAMS, "ds": DAG_DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
     assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
     states = task_states(env, "2024-02-01")
     assert states["promote"].endswith("skipped") and states["record_rejection"].endswith("success"), states
@@ -232,17 +311,17 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     rejected = [r for r in registry.runs() if r["decision"] == "NOT_BLESSED"]
     assert len(rejected) == 1 and "< allowed +1000.00%" in " ".join(rejected[0]["reasons"])
     # Each attempt has a report of its own: the rejection did not overwrite the blessed one.
-    reports = sorted((data_root / "reports" / f"ds={DS}").glob("*/*/report.html"))
+    reports = sorted((data_root / "reports" / f"ds={DAG_DS}").glob("*/*/report.html"))
     assert len(reports) == 2 and blessed_report in [r.read_text() for r in reports]
 
     # 3. A manual trigger pointing outside the data root fails at its first task.
-    outside = run_dag(env, "2024-02-02", {**TINY, "ds": DS, "data_root": "/etc"})
+    outside = run_dag(env, "2024-02-02", {**TINY_PARAMS, "ds": DAG_DS, "data_root": "/etc"})
     assert "outside the configured data root" in outside.stdout + outside.stderr
     assert task_states(env, "2024-02-02")["resolve_config"].endswith("failed")
     assert registry.versions() == [1] and registry.champion() == 1
 
     # 4. A trigger below the operator's bound on the teacher threshold fails at its first task too.
-    loose = run_dag(env, "2024-02-03", {**TINY, "ds": DS, "min_change_vs_teacher": -5.0})
+    loose = run_dag(env, "2024-02-03", {**TINY_PARAMS, "ds": DAG_DS, "min_change_vs_teacher": -5.0})
     assert "gate.min_change_vs_teacher=-5.0 is below the operator's bound min_change_vs_teacher=-1.0" in loose.stdout + loose.stderr
     assert task_states(env, "2024-02-03")["resolve_config"].endswith("failed")
     assert registry.versions() == [1] and registry.champion() == 1

@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline  # noqa: F401  (prepares the environment, as every entry point does)
 from pipeline.data import (
     EVENT_SCHEMA,
     EVENT_TYPES,

@@ -12,8 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import pipeline  # noqa: F401
 import tensorflow as tf
 
 from pipeline.catalog import Catalog
@@ -68,7 +66,7 @@ def read_soft_targets(path, num_users: int, num_items: int) -> dict[str, np.ndar
 @pytest.fixture(scope="module")
 def chain(spark, tmp_path_factory):
     """Features, teacher, soft targets and student for one tiny synthetic log."""
-    from pipeline.chain import run_chain
+    from pipeline.steps.chain import run_chain
 
     catalog = Catalog(tmp_path_factory.mktemp("chain") / "data")
     generate_synthetic_logs(catalog.raw, users=120, items=80, days=14, events=8_000, seed=5, end_date=DS)
@@ -86,7 +84,7 @@ def test_chain_runs_end_to_end(chain):
 
 
 def test_soft_target_schema_and_determinism(chain):
-    from pipeline.soft_targets import generate_soft_targets
+    from pipeline.steps.soft_targets import generate_soft_targets
 
     path = chain["soft_targets"]["path"]
     users = pq.read_table(f"{path}/users.parquet")
@@ -113,7 +111,7 @@ def test_soft_target_schema_and_determinism(chain):
 
 
 def test_numpy_and_spark_engines_write_the_same_targets(chain, spark):
-    from pipeline.soft_targets import generate_soft_targets
+    from pipeline.steps.soft_targets import generate_soft_targets
 
     def run(**settings):
         cfg = dataclasses.replace(TINY, soft_targets=dataclasses.replace(TINY.soft_targets, batch_size=16, **settings))
@@ -139,10 +137,10 @@ def test_numpy_and_spark_engines_write_the_same_targets(chain, spark):
 def _model_and_batch(chain, scratch, distill):
     """A distillation model on the chain's soft targets, and a batch of four pairs of users with
     targets (unsorted, one repeated) carrying their rows as the training stream does."""
-    from pipeline.distill import DistillationModel
-    from pipeline.features import load_item_table, load_user_table
-    from pipeline.models import build_student
-    from pipeline.soft_target_rows import UserSoftTargets, read_teacher_items
+    from pipeline.data.features import load_item_table, load_user_table
+    from pipeline.modeling.models import build_student
+    from pipeline.soft_targets.rows import UserSoftTargets, read_teacher_items
+    from pipeline.steps.distill import DistillationModel
 
     features, path = chain["catalog"].features(DS), chain["soft_targets"]["path"]
     users, items = load_user_table(features), load_item_table(features)
@@ -216,8 +214,8 @@ def test_loss_terms_from_streamed_rows_equal_the_dense_table_formula(chain, tmp_
 
 
 def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
-    from pipeline.features import load_item_table, load_user_table
-    from pipeline.models import build_student, build_teacher
+    from pipeline.data.features import load_item_table, load_user_table
+    from pipeline.modeling.models import build_student, build_teacher
 
     features = chain["catalog"].features(DS)
     users, items = load_user_table(features), load_item_table(features)
@@ -231,7 +229,7 @@ def test_default_student_is_at_most_a_tenth_of_the_default_teacher(chain):
 
 
 def test_teacher_metadata_and_reuse(chain):
-    from pipeline.train_teacher import train_teacher
+    from pipeline.steps.train_teacher import train_teacher
 
     catalog = chain["catalog"]
     meta = json.loads((catalog.teacher(DS, TINY) / "metadata.json").read_text())
@@ -258,12 +256,12 @@ def test_identities_follow_exactly_the_settings_each_artifact_depends_on(chain):
 
 
 def test_reuse_with_another_serving_k_trains_a_new_teacher(chain):
-    from pipeline.train_teacher import train_teacher
+    from pipeline.steps.train_teacher import train_teacher
 
     other = dataclasses.replace(TINY, serving=dataclasses.replace(TINY.serving, top_k=5))
     result = train_teacher(DS, chain["catalog"], other, reuse=True)
     assert not result["reused"] and result["version"] != chain["teacher"]["version"]
-    from pipeline.features import load_user_table
+    from pipeline.data.features import load_user_table
 
     user = load_user_table(chain["catalog"].features(DS)).user_ids[1:2].astype(str)
     scores, _ = tf.saved_model.load(f"{result['path']}/saved_model")(tf.constant(user))

@@ -11,6 +11,7 @@ as the files use them.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.util
 import json
 import re
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -46,10 +48,12 @@ CODE_FOLDERS = ("dags", "pipeline", "spark_jobs", "deploy", "plugins")
 SERVICES_TOOL_SETTING = "deploy/services.py's own setting (the services without Docker); compose sets its own ports and paths"
 # Environment variables the code reads that no Docker deployment sets, and why.
 PLATFORM_ENV = {
-    "GX_ANALYTICS_ENABLED": "pipeline/validation.py sets its own default (off)",
+    "GX_ANALYTICS_ENABLED": "spark_jobs/validation.py sets its own default (off)",
     "PYSPARK_GATEWAY_PORT": "set by spark-submit for the Python driver it starts",
     "RECSYS_KILL_AT": "the crash tests' hook (pipeline.io.crash_point); never set in a deployment",
-    **{name: "TensorFlow's own thread setting; only read to record it with a model (pipeline.training.numeric_runtime)"
+    **{name: "Airflow's own; deploy/demo_progress.py reads it to find make demo's SQLite DB"
+       for name in ("AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")},
+    **{name: "TensorFlow's own thread setting; only read to record it with a model (pipeline.modeling.training.numeric_runtime)"
        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")},
     **{name: SERVICES_TOOL_SETTING for name in (
         "RECSYS_SERVICES_HOME", "RECSYS_SERVICES_DB_URL", "RECSYS_SERVICES_DB_ADMIN_URL", "RECSYS_SERVICES_AIRFLOW_PORT",
@@ -664,26 +668,34 @@ def test_airflow_init_refuses_an_admin_named_like_the_dags_user(tmp_path):
 def test_dockerfile_sets_the_runtime_environment():
     env = dockerfile_env()
     assert env["TF_USE_LEGACY_KERAS"] == "1"
-    assert env["PYTHONPATH"] == "/opt/airflow/project"
+    assert "PYTHONPATH" not in env  # the project is an installed package (test below)
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/airflow/project/dags"
     assert env["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/airflow/project/plugins"
     assert env["JAVA_HOME"]
 
 
-def test_the_image_has_every_project_package_its_dags_and_plugins_import():
+def test_the_image_installs_every_project_package_its_dags_and_plugins_import():
     copied = {shlex.split(args)[-1].rstrip("/") for keyword, args in dockerfile_instructions() if keyword == "COPY"}
     env = dockerfile_env()
-    project = Path(env["PYTHONPATH"])
-    todo = [Path(env["AIRFLOW__CORE__DAGS_FOLDER"]).relative_to(project).as_posix(),
-            Path(env["AIRFLOW__CORE__PLUGINS_FOLDER"]).relative_to(project).as_posix()]
-    seen = set(todo)
+    dags, plugins = Path(env["AIRFLOW__CORE__DAGS_FOLDER"]), Path(env["AIRFLOW__CORE__PLUGINS_FOLDER"])
+    project = dags.parent
+    # The project is installed from its copy (pyproject.toml names the packages), before the DAGs need it.
+    assert f"{project}/pyproject.toml" in copied
+    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
+    assert any(re.search(rf"pip install [^&]*--no-deps {re.escape(str(project))}(\s|$)", run) for run in runs)
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = {dags.relative_to(project).as_posix(), plugins.relative_to(project).as_posix()}
+    # spark_jobs: the DAG submits the installed feature job's file (FEATURE_JOB), without importing it.
+    todo, seen = sorted(folders) + ["spark_jobs"], set(folders) | {"spark_jobs"}
     while todo:
         name = todo.pop()
         assert f"{project}/{name}" in copied, f"{name}/ is loaded or imported in the image but not copied into it"
+        if name not in folders:
+            assert any(fnmatch.fnmatch(name, pattern) for pattern in packages), f"{name} is imported but not installed"
         for imported in project_imports(REPO / name) - seen:
             seen.add(imported)
             todo.append(imported)
-    assert {"dags", "plugins", "pipeline", "deploy"} <= seen
+    assert {"dags", "plugins", "pipeline", "deploy", "spark_jobs"} <= seen
 
 
 def test_dockerfile_runs_as_a_non_root_user_with_no_secrets():

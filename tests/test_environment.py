@@ -1,9 +1,16 @@
 """The environment the pins promise: one pyspark, legacy Keras for TFRS."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-import pipeline  # noqa: F401
+
+def fresh_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` run by this interpreter in a new process, outside the repository, without TF_USE_LEGACY_KERAS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_USE_LEGACY_KERAS", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_pyspark_python_matches_the_jvm(spark):
@@ -13,13 +20,24 @@ def test_pyspark_python_matches_the_jvm(spark):
     assert pyspark.__version__ == spark.version
 
 
-def test_tensorflow_uses_legacy_keras_for_tfrs():
-    assert os.environ["TF_USE_LEGACY_KERAS"] == "1"
-    import tensorflow as tf
-    import tensorflow_recommenders as tfrs
+def test_the_model_code_runs_on_legacy_keras_for_tfrs(tmp_path):
+    # A fresh process (this one imported TensorFlow long ago), outside the repository: the
+    # installed package alone must switch TensorFlow to tf_keras before TFRS loads it.
+    code = ("from pipeline.modeling.models import build_teacher\n"
+            "import tensorflow as tf\n"
+            "import tensorflow_recommenders as tfrs\n"
+            "print(tf.keras.__name__, isinstance(tfrs.layers.factorized_top_k.BruteForce(), tf.keras.layers.Layer))\n")
+    result = fresh_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, is_layer = result.stdout.split()[-2:]
+    assert name.startswith("tf_keras"), name
+    assert is_layer == "True"
 
-    assert tf.keras.__name__.startswith("tf_keras"), tf.keras.__name__
-    assert isinstance(tfrs.layers.factorized_top_k.BruteForce(), tf.keras.layers.Layer)
+
+def test_importing_tensorflow_before_pipeline_is_refused(tmp_path):
+    result = fresh_python("import tensorflow\nimport pipeline\n", tmp_path)
+    assert result.returncode != 0
+    assert "ImportError: TensorFlow was imported before `pipeline`" in result.stderr, result.stderr[-3000:]
 
 
 def test_the_class_archive_is_mapped_after_the_given_java_options_when_it_exists(tmp_path):
@@ -39,9 +57,6 @@ def test_the_class_archive_is_mapped_after_the_given_java_options_when_it_exists
 
 
 def test_a_driver_jvm_loads_spark_from_the_installed_class_archive(tmp_path):
-    import subprocess
-    import sys
-
     from pipeline.spark import CLASS_ARCHIVE
 
     assert CLASS_ARCHIVE.exists(), f"no class archive at {CLASS_ARCHIVE}: `make install` builds it"

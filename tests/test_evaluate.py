@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EvalConfig
+from pipeline.data.features import load_item_table
 from pipeline.evaluation import (
     EmbeddingScorer,
     FoldInScorer,
@@ -28,7 +29,6 @@ from pipeline.evaluation import (
     train_als_model,
 )
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import load_item_table
 
 INF = float("inf")
 D2 = 1 / math.log2(3)  # discount of rank 2 = 0.63093

@@ -15,12 +15,13 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from pipeline.config import ConfigError, FeatureConfig, parse_ds
-from pipeline.validation import DataValidationError
 from pipeline.data.contract import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, RawWindowError, event_partition_dir, write_table
 from pipeline.data.raw_files import check_raw_window
+from spark_jobs import cleaning
 from spark_jobs import extract_features as job
 from spark_jobs import event_rules as rules
 from spark_jobs import feature_transforms as transforms
+from spark_jobs.validation import DataValidationError
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
 DS = dt.date(2024, 1, 3)
@@ -144,7 +145,7 @@ def test_only_rows_with_a_repeated_event_id_are_compared_by_content_and_every_pa
     assert rules.repeated_id_hashes(rules.with_id_hash(events)).count() == 3
 
     def distinct_rows(repeated_max=rules.BROADCAST_CONFLICTS_MAX):
-        flagged, count = job.flag_distinct_events(events, dt.date(2024, 1, 1), DS, repeated_max)
+        flagged, count = cleaning.flag_distinct_events(events, dt.date(2024, 1, 1), DS, repeated_max)
         collected = sorted(tuple(str(v) for v in r) for r in flagged.collect())
         assert len(collected) == count
         return collected
@@ -156,7 +157,7 @@ def test_only_rows_with_a_repeated_event_id_are_compared_by_content_and_every_pa
                        ("None", "i1", "1", "null_id"), ("None", "i2", "1", "null_id")}
     assert distinct_rows(repeated_max=0) == by_hash  # too many repeated hashes: every event compared by content
     # A hash shared by two ids (a collision) only sends more rows to the comparison by content.
-    monkeypatch.setattr(job, "repeated_id_hashes", lambda hashed: hashed.groupBy(rules.ID_HASH).agg(F.count(F.lit(1)).alias("_rows")))
+    monkeypatch.setattr(cleaning, "repeated_id_hashes", lambda hashed: hashed.groupBy(rules.ID_HASH).agg(F.count(F.lit(1)).alias("_rows")))
     assert distinct_rows() == by_hash
 
 
@@ -401,6 +402,39 @@ def test_bad_ds_is_rejected():
     assert job.main(["--raw", "r", "--out", "o", "--ds", "2024-02-30"]) == 2
 
 
+def test_the_job_writes_to_exactly_one_of_out_and_data_root(capsys):
+    for args, error in [(["--raw", "r"], "one of the arguments --out --data-root is required"),
+                        (["--raw", "r", "--out", "o", "--data-root", "d"], "not allowed with argument"),
+                        (["--out", "o"], "--raw is required with --out")]:
+        with pytest.raises(SystemExit) as exited:
+            job.main([*args, "--ds", "2024-01-03"])
+        assert exited.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_data_root_publishes_the_features_where_the_pipeline_looks_for_this_run(spark, tmp_path, capsys):
+    from pipeline.catalog import Catalog
+    from pipeline.config import load_config
+
+    root = tmp_path / "data"
+    write_raw(root / "raw", ALICE_BOB, ITEMS)
+    settings = {"features": {"history_length": 2, "shuffle_partitions": 2}}
+    compressed = spark.conf.get("spark.sql.inMemoryColumnarStorage.compressed")
+    try:
+        assert job.main(["--data-root", str(root), "--ds", str(DS), "--window-days", "3",
+                         "--config-json", json.dumps(settings), "--no-validation"]) == 0
+    finally:  # main() configured the shared session as its own: set it back
+        spark.conf.set("spark.sql.inMemoryColumnarStorage.compressed", compressed)
+        spark.sparkContext.setLogLevel("ERROR")
+    assert spark.range(3).count() == 3  # a session main() did not start is left running
+    settings["features"]["window_days"] = 3  # what --window-days set
+    published = Catalog(root).for_run(str(DS), load_config(settings)).features(str(DS))
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert published.parent.parent == root / "features"  # features/<features version>/ds=<ds>
+    assert manifest["counts"]["interactions_by_split"] == {"train": 5, "validation": 1, "test": 1}  # alice 3+1+1, bob 2 train-only
+    assert manifest["config"]["window_days"] == 3
+    assert json.loads(capsys.readouterr().out)["counts"] == manifest["counts"]
+
+
 def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
     # 8 good + 1 null user + 1 unknown type = 2 of 10 quarantined (20%) > 10%.
     rows = ALICE_BOB + [event("n1", None, "i1", "view", ts(2)), event("n2", "bob", "i1", "like", ts(2))]
@@ -415,7 +449,7 @@ def test_quarantine_past_limit_fails_the_run(spark, tmp_path):
 def test_gx_feature_suite_rejects_a_repeated_user_item_pair(tmp_path):
     import pandas as pd
 
-    from pipeline.validation import feature_suites, validate, with_pair_key
+    from spark_jobs.validation import feature_suites, validate, with_pair_key
 
     # alice/i1 twice (the rows the job writes per pair, as if a join had doubled one).
     rows = [("alice", "i1", 1, 1), ("alice", "i1", 1, 1), ("bob", "i2", 2, 2)]
@@ -431,7 +465,7 @@ def test_gx_feature_suite_rejects_a_repeated_user_item_pair(tmp_path):
 def test_pair_key_packs_user_and_item_the_same_on_spark_and_pandas(spark):
     import pandas as pd
 
-    from pipeline.validation import with_pair_key
+    from spark_jobs.validation import with_pair_key
 
     rows = [(1, 2), (2, 1), (3, 2**31 - 1)]
     on_spark = [r.pair_key for r in with_pair_key(spark.createDataFrame(rows, "user_idx int, item_idx int")).collect()]

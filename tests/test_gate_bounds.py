@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import (GATE_BOUNDS_ENV, SPARK_MASTERS_ENV, ConfigError, GateBounds, check_gate_bounds, load_config,
                              load_gate_bounds)
 from pipeline.registry import Registry
-from pipeline.run import champion_dir, decide, resolve_run, settings
+from pipeline.steps.run import champion_dir, decide, resolve_run, settings
 
 DUE = dt.datetime(2024, 2, 1, 2, 0, tzinfo=dt.timezone.utc)
 BOUNDS = "the run's gate settings are outside the operator's bounds"

@@ -2,11 +2,10 @@
 
 import math
 
-import pipeline  # noqa: F401
 import pytest
 import tensorflow as tf
 
-from pipeline.losses import SoftTargetLoss, hint_loss
+from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 
 
 def test_kl_of_identical_distributions_is_zero():

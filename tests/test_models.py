@@ -6,22 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from pipeline.config import ConfigError, ServingConfig, TowerConfig, load_config
-from pipeline.features import ItemTable, UserTable
-from pipeline.models import absent_token, build_model, build_student, count_tower_params, export_retrieval, size_student
+from pipeline.data.features import UserTable
+from pipeline.modeling.models import absent_token, build_model, build_student, count_tower_params, export_retrieval, size_student
+from tests.helpers import ITEMS, TINY_TOWER, USERS
 
-# 2 users + padding, 3 items + padding; side codes: age buckets up to 1, genders up to 1,
-# occupations up to 2; year buckets up to 1, categories up to 2.
-USERS = UserTable(user_ids=np.array(["", "a", "b"], dtype=object), history=np.array([[0, 0], [0, 1], [2, 3]], np.int32),
-                  age_bucket=np.array([0, 1, 1], np.int32), gender=np.array([0, 1, 0], np.int32),
-                  occupation=np.array([0, 1, 2], np.int32))
-ITEMS = ItemTable(item_ids=np.array(["", "x", "y", "z"], dtype=object), year_bucket=np.array([0, 1, 1, 0], np.int32),
-                  categories=np.array([[0, 0], [1, 0], [2, 1], [0, 0]], np.int32), popularity=np.array([0, 3, 2, 1], np.float32))
-TINY = TowerConfig(embedding_dim=2, side_dim=1, hidden_units=(3,), output_dim=2, dropout=0.0, l2=0.0)
 
 
 def built_params(tower: TowerConfig) -> int:
@@ -35,8 +26,8 @@ def test_tower_params_by_hand():
     #   MLP 7 inputs (2*2 + 3*1) -> 3 -> 2: 8*3 + 4*2 = 32.                        -> 53
     # Candidate: 4 items x 2 = 8; side rows (2 years + 3 categories) x 1 = 5;
     #   MLP 4 inputs (2 + 2*1) -> 3 -> 2: 5*3 + 4*2 = 23.                          -> 36
-    assert count_tower_params(USERS, ITEMS, TINY) == 53 + 36 == built_params(TINY)
-    wide = dataclasses.replace(TINY, embedding_dim=5, side_dim=2, hidden_units=(4, 3))
+    assert count_tower_params(USERS, ITEMS, TINY_TOWER) == 53 + 36 == built_params(TINY_TOWER)
+    wide = dataclasses.replace(TINY_TOWER, embedding_dim=5, side_dim=2, hidden_units=(4, 3))
     assert count_tower_params(USERS, ITEMS, wide) == built_params(wide)
 
 
@@ -66,7 +57,7 @@ def test_an_impossible_budget_is_a_configuration_error():
 
 def test_full_catalogue_hard_loss_is_the_mean_softmax_cross_entropy_over_every_real_item():
     training = load_config({"training": {"full_softmax_max_items": 10}}).training
-    model = build_model(USERS, ITEMS, TINY, training, "m")
+    model = build_model(USERS, ITEMS, TINY_TOWER, training, "m")
     assert model.catalogue is not None
     batch = {"user_idx": tf.constant([1, 2], tf.int32), "item_idx": tf.constant([3, 1], tf.int32)}
     users = model.query(batch["user_idx"]).numpy()
@@ -76,7 +67,7 @@ def test_full_catalogue_hard_loss_is_the_mean_softmax_cross_entropy_over_every_r
     expected = -(log_softmax[0, 2] + log_softmax[1, 0]) / 2  # item 3 -> column 2, item 1 -> column 0
     assert float(model.hard_loss(batch)) == pytest.approx(expected, rel=1e-5, abs=1e-5)  # float32 log-sum-exp
     # Above the threshold: the in-batch softmax of tfrs.tasks.Retrieval.
-    assert build_model(USERS, ITEMS, TINY, dataclasses.replace(training, full_softmax_max_items=2), "m").catalogue is None
+    assert build_model(USERS, ITEMS, TINY_TOWER, dataclasses.replace(training, full_softmax_max_items=2), "m").catalogue is None
 
 
 # Ids sorted as the feature job numbers them: "[UNK]" (StringLookup's default OOV token) sorts
@@ -92,7 +83,7 @@ OOV_ITEMS = dataclasses.replace(ITEMS, item_ids=np.array(["", "[UNK]", "x", "y"]
 def test_ids_equal_to_the_oov_token_keep_their_own_rows_in_the_export(tmp_path, index):
     assert absent_token(list(OOV_USERS.user_ids[1:])) == "[UNK]##"  # "[UNK]" and "[UNK]#" are real ids
     tf.keras.utils.set_random_seed(5)
-    model = build_model(OOV_USERS, OOV_ITEMS, TINY, load_config().training, "m")
+    model = build_model(OOV_USERS, OOV_ITEMS, TINY_TOWER, load_config().training, "m")
     serving = ServingConfig(top_k=3, index=index, num_partitions=1, probe_partitions=1)
     export_retrieval(model, OOV_USERS, OOV_ITEMS, tmp_path / "sm", serving)
     loaded = tf.saved_model.load(str(tmp_path / "sm"))

@@ -7,21 +7,14 @@ import multiprocessing
 import pytest
 
 from pipeline import registry as registry_module
-from pipeline import run as run_module
 from pipeline.config import load_config
 from pipeline.io import append_jsonl, read_jsonl
 from pipeline.registry import Promotion, Registry, RegistryError
-from pipeline.tf_serving import quote
+from pipeline.registry.tf_serving import quote
+from pipeline.steps import run as run_module
+from tests.helpers import saved_model
 
 JOIN_TIMEOUT_S = 120  # a deadlocked lock fails the test instead of hanging it
-
-
-def saved_model(tmp_path, name="sm", payload=b"graph"):
-    path = tmp_path / name
-    (path / "variables").mkdir(parents=True)
-    (path / "saved_model.pb").write_bytes(payload)
-    (path / "variables" / "variables.index").write_bytes(b"index")
-    return path
 
 
 def lineage(run_key, ndcg=0.2, run_id=None):

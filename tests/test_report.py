@@ -2,6 +2,9 @@
 
 import html
 import json
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +96,56 @@ def test_reasons_are_html_escaped(tmp_path):
     # Markdown: "<" that could open a tag is backslash-escaped; "change ... < allowed" stays readable.
     markdown = open(out["markdown"], encoding="utf-8").read()
     assert "recall@20: \\<script>alert(1)\\</script> & friends" in markdown and "% < allowed" in markdown
+
+
+def test_script_in_any_field_is_escaped(tmp_path):
+    script = "<script>alert(1)</script>"
+    run = {**RUN, "run_id": f"run {script}"}
+    check = {**REJECTED_GATE["checks"][0], "metric": f"ndcg {script}", "reason": f"reason {script}"}
+    gate = {**REJECTED_GATE, "checks": [check], "warnings": [f"warning {script}"]}
+    evaluation = {**EVALUATION, "models": {**MODELS, f"model {script}": {"ndcg@10": 0.1}}}
+    out = write_report(tmp_path / "report", run, evaluation, gate, HISTORIES, None,
+                       tensorboard={"teacher": f"/logs/{script}"})
+
+    page = open(out["html"], encoding="utf-8").read()
+    assert "<script" not in page.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    for text in ("run ", "ndcg ", "reason ", "warning ", "model ", "/logs/"):
+        assert f"{text}{escaped}" in page, text
+    markdown = open(out["markdown"], encoding="utf-8").read()
+    assert not re.search(r"(?<!\\)</?script", markdown)  # every "<" that opens a tag is backslash-escaped
+    assert "run \\<script>alert(1)\\</script>" in markdown and "| ndcg \\<script>alert(1)\\</script> |" in markdown
+
+
+def test_training_logs_list_each_models_tensorboard_directory_and_the_command(tmp_path):
+    logs = {"teacher": "/data/models/teacher/v7/logs", "student_kd": "/data/models/student/rk-1/logs"}
+    out = write_report(tmp_path / "report", RUN, EVALUATION, BLESSED_GATE, HISTORIES, None, tensorboard=logs)
+
+    page = open(out["html"], encoding="utf-8").read()
+    assert "<h2>Training logs</h2>" in page and "<code>make tensorboard</code>" in page
+    for name, logdir in logs.items():
+        assert f"<tr><td>{name}</td><td>{logdir}</td></tr>" in page
+    assert "href" not in page  # the directories are on the run's machine: text, not links
+    markdown = open(out["markdown"], encoding="utf-8").read()
+    assert "## Training logs" in markdown and "`make tensorboard`" in markdown
+    assert "| teacher | /data/models/teacher/v7/logs |" in markdown
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["tensorboard"] == logs
+
+
+def test_no_training_logs_section_without_tensorboard_directories(tmp_path):
+    out = write_report(tmp_path / "report", RUN, EVALUATION, BLESSED_GATE, HISTORIES, None)
+    for path in (out["html"], out["markdown"]):
+        text = open(path, encoding="utf-8").read()
+        assert "Training logs" not in text and "make tensorboard" not in text
+
+
+def test_the_templates_ship_in_the_package():
+    """A non-editable install (the Docker image) has only the files package-data names."""
+    repo = Path(report.__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline"]
+    templates = {p.relative_to(repo / "pipeline") for p in (repo / "pipeline" / "templates").iterdir() if p.is_file()}
+    assert {"report.html", "report.md"} <= {p.name for p in templates}
+    assert {p for p in templates if not any(p.match(g) for g in globs)} == set()
 
 
 def test_cost_table_shows_values_ratios_and_dashes_for_missing(tmp_path):

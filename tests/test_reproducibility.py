@@ -19,8 +19,8 @@ import pytest
 
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from pipeline.data.features import stream_interactions
 from pipeline.data.synthetic import generate_synthetic_logs
-from pipeline.features import stream_interactions
 from spark_jobs import extract_features as job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +43,12 @@ RUN = f"""
 import json, sys
 from pathlib import Path
 import numpy as np
-import pipeline
-import tensorflow as tf
 from pipeline.catalog import Catalog
-from pipeline.chain import run_chain
 from pipeline.config import load_config
-from pipeline.evaluate import evaluate_run, run_models
-from pipeline.features import load_user_ids
+from pipeline.data.features import load_user_ids
+from pipeline.steps.chain import run_chain
+from pipeline.steps.evaluate import evaluate_run, run_models
+import tensorflow as tf  # after pipeline, which switches TensorFlow to tf_keras
 
 root = Path(sys.argv[1])
 catalog, cfg = Catalog(root), load_config(json.loads(sys.argv[2]))
@@ -120,7 +119,7 @@ def test_a_second_process_trains_and_evaluates_the_same_models(features, tmp_pat
     started = time.perf_counter()
     # Side by side, each with its own string hashing, data root and share of the cores.
     runs = [subprocess.Popen([sys.executable, "-c", RUN, str(root), json.dumps(SETTINGS)], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": str(seed), "TF_CPP_MIN_LOG_LEVEL": "2"},
+                             env={**os.environ, "PYTHONHASHSEED": str(seed), "TF_CPP_MIN_LOG_LEVEL": "2"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for seed, root in enumerate(roots, start=1)]
     outputs = []

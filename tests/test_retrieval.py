@@ -7,14 +7,12 @@ import math
 
 import numpy as np
 import pytest
-
-import pipeline  # noqa: F401
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline.config import ConfigError, ServingConfig
 from pipeline.evaluation import SavedModelScorer
-from pipeline.retrieval import IVFTopK, block_top_k, build_index, partition_items, save_index
+from pipeline.modeling.retrieval import IVFTopK, block_top_k, build_index, partition_items, save_index
 
 # Six unit vectors in 2-D: A near (1, 0) and B = -A near (-1, 0).
 A = [[1.0, 0.0], [0.96, 0.28], [0.8, 0.6]]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run as run_module
 from pipeline.catalog import ArtifactNotFound, date_partition
 from pipeline.data.contract import RawWindowError
 from pipeline.data.synthetic import generate_synthetic_logs
+from pipeline.steps import run as run_module
 
 DS = "2024-01-31"
 DUE = dt.datetime(2024, 2, 1, 2, tzinfo=dt.timezone.utc)

@@ -16,7 +16,7 @@ from pipeline.catalog import Catalog
 from pipeline.config import ConfigError, load_config
 from pipeline.data.contract import EVENT_SCHEMA, RawWindowError, event_partition_dir
 from pipeline.data.raw_files import check_raw_window
-from pipeline.run import check_features
+from pipeline.steps.run import check_features
 from tests.rawlogs import ALICE_BOB_EVENTS, event, ts, write_raw
 
 START, END = dt.date(2024, 1, 1), dt.date(2024, 1, 3)

@@ -1,42 +1,20 @@
-"""Causal histories: each train pair sees only the items its user touched before it."""
+"""Causal histories: each train pair sees only the items its user touched before it.
+
+The interactions are ``tests.helpers.PAIRS``: user 1 touched item 2, then 7 and 9 on one day
+(tie: item order), then 5, and their validation item 8 comes last; user 2 item 4, then 3.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.config import load_config
-from pipeline.config import ServingConfig
-from pipeline.features import load_sequences, load_train_sequences, with_history_before_test
-from pipeline.models import build_model, export_retrieval
-from pipeline.training import interaction_dataset
-from tests.test_models import ITEMS, TINY, USERS
-
-DAY = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-# (user_idx, item_idx, day of first touch, split). User 1 touched item 2, then 7 and 9 on one
-# day (tie: item order), then 5; their validation item 8 comes last. User 2: item 4, then 3.
-PAIRS = [(1, 5, 3, "train"), (1, 2, 1, "train"), (1, 9, 2, "train"), (2, 3, 5, "train"), (1, 7, 2, "train"),
-         (2, 4, 1, "train"), (1, 8, 4, "validation")]
-
-
-def write_interactions(root) -> None:
-    for split in ("train", "validation"):
-        rows = [p for p in PAIRS if p[3] == split]
-        table = pa.table({
-            "user_idx": pa.array([r[0] for r in rows], pa.int32()),
-            "item_idx": pa.array([r[1] for r in rows], pa.int32()),
-            "weight": pa.array([1.0] * len(rows), pa.float64()),
-            "first_ts": pa.array([DAY + dt.timedelta(days=r[2]) for r in rows], pa.timestamp("us", tz="UTC")),
-        })
-        (root / "interactions" / f"split={split}").mkdir(parents=True)
-        pq.write_table(table, root / "interactions" / f"split={split}" / "part-0.parquet")
+from pipeline.config import ServingConfig, load_config
+from pipeline.data.features import load_sequences, load_train_sequences, with_history_before_test
+from pipeline.modeling.models import build_model, export_retrieval
+from pipeline.modeling.training import interaction_dataset
+from tests.helpers import ITEMS, TINY_TOWER, USERS, write_interactions
 
 
 def test_each_train_pair_sees_only_what_came_before_it(tmp_path):
@@ -83,7 +61,7 @@ def test_the_refit_stream_holds_train_and_validation_with_histories_across_them(
 def test_the_hard_loss_embeds_the_given_history_not_the_stored_one():
     tf.keras.utils.set_random_seed(3)
     training = load_config().training
-    model = build_model(USERS, ITEMS, TINY, training, "m")
+    model = build_model(USERS, ITEMS, TINY_TOWER, training, "m")
     user, given = tf.constant([2], tf.int32), tf.constant([[0, 1]], tf.int32)  # stored history: [2, 3]
     stored_vec = model.query.embed(user)[0].numpy()
     given_vec = model.query.embed(user, history=given)[0].numpy()
@@ -113,7 +91,7 @@ def test_the_latest_history_and_the_history_before_test(tmp_path):
 
 def test_the_export_serves_the_history_it_is_given(tmp_path):
     tf.keras.utils.set_random_seed(3)
-    model = build_model(USERS, ITEMS, TINY, load_config().training, "m")
+    model = build_model(USERS, ITEMS, TINY_TOWER, load_config().training, "m")
     served = np.array([[0, 0], [0, 0], [0, 1]], np.int32)  # user "b" now has history [0, 1] (stored: [2, 3])
     export_retrieval(model, dataclasses_replace_history(USERS, served), ITEMS, tmp_path / "sm", ServingConfig(top_k=2))
     loaded = tf.saved_model.load(str(tmp_path / "sm"))

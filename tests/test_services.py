@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
@@ -31,9 +32,8 @@ import pytest
 
 from deploy.airflow_api import AirflowAPI, report_url
 from deploy.services import Settings, _descendants, _port_open, _start_time, password, service_env, start, status, stop
-from pipeline.data.synthetic import generate_synthetic_logs
 from pipeline.registry import Registry
-from tests.test_dag import DS, TINY
+from tests.helpers import DAG_DS, TINY_PARAMS, generate_tiny_logs
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "recsys_distillation"
@@ -80,7 +80,6 @@ def _free_ports(count: int) -> list[int]:
 class Deployment:
     settings: Settings
     api: AirflowAPI
-    runs: dict = dataclasses.field(default_factory=dict)  # name -> run id
 
     @property
     def registry(self) -> Registry:
@@ -101,7 +100,7 @@ def deployment(tmp_path_factory):
     # The default: the services create their database and its own role, as the superuser of the admin URL.
     database = f"recsys_services_test_{uuid.uuid4().hex[:8]}"
     root = tmp_path_factory.mktemp("services")
-    generate_synthetic_logs(root / "data" / "raw", users=150, items=120, days=14, events=12_000, seed=3, end_date=DS)
+    generate_tiny_logs(root / "data" / "raw")
     airflow_port, master, master_ui, worker_1, worker_2 = _free_ports(5)
     settings = Settings(home=root / "home", data_root=root / "data", database_name=database,
                         airflow_port=airflow_port, spark_master_port=master, spark_ui_port=master_ui,
@@ -133,46 +132,74 @@ def _wait_for_dag(api: AirflowAPI, timeout: float = 180) -> None:
         time.sleep(2)
 
 
-def _run(deployment: Deployment, conf: dict) -> tuple[str, dict, dict]:
+def _ensure_running(deployment: Deployment) -> None:
+    """Start the services again if a test stopped them (the stop test may run before any other)."""
+    if not all(status(deployment.settings).values()):
+        start(deployment.settings)
+        _wait_for_dag(deployment.api)
+
+
+@pytest.fixture(autouse=True)
+def running(deployment) -> None:
+    """Every test finds every service running, whatever ran before it."""
+    _ensure_running(deployment)
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggeredRun:
+    run_id: str
+    record: dict  # the DAG run, as the REST API returns it once finished
+    states: dict  # task id -> state
+    master: dict  # the Spark master's /json/ status, read right after the run (a restart would clear it)
+
+
+def _run(deployment: Deployment, conf: dict) -> TriggeredRun:
+    _ensure_running(deployment)
     run_id = deployment.api.trigger(DAG_ID, conf)
     record = deployment.api.wait(DAG_ID, run_id, RUN_TIMEOUT)
-    return run_id, record, deployment.api.task_states(DAG_ID, run_id)
+    master = json.load(urllib.request.urlopen(f"{deployment.settings.spark_ui_url}/json/", timeout=10))
+    return TriggeredRun(run_id, record, deployment.api.task_states(DAG_ID, run_id), master)
 
 
-def test_a_triggered_run_is_blessed_with_its_features_computed_on_the_cluster(deployment):
-    run_id, record, states = _run(deployment, {**TINY, "ds": DS, "min_change_vs_teacher": -1.0})
+@pytest.fixture(scope="module")
+def blessed_run(deployment) -> TriggeredRun:
+    """The deployment's first run, with lenient thresholds: it should bless and promote version 1."""
+    return _run(deployment, {**TINY_PARAMS, "ds": DAG_DS, "min_change_vs_teacher": -1.0})
+
+
+@pytest.fixture(scope="module")
+def rejected_run(deployment, blessed_run) -> TriggeredRun:
+    """A second run after the blessed one, reusing its teacher, whose thresholds no student can meet."""
+    return _run(deployment, {**TINY_PARAMS, "ds": DAG_DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
+
+
+def test_a_triggered_run_is_blessed_with_its_features_computed_on_the_cluster(deployment, blessed_run):
+    record, states, master = blessed_run.record, blessed_run.states, blessed_run.master
     assert record["state"] == "success", states
     assert states["promote"] == "success" and states["record_rejection"] == "skipped", states
-    deployment.runs["blessed"] = run_id
     # The feature job was an application of the standalone master, with executors on its workers.
-    master = json.load(urllib.request.urlopen(f"{deployment.settings.spark_ui_url}/json/", timeout=10))
     assert len([w for w in master["workers"] if w["state"] == "ALIVE"]) == 2
     apps = [a for a in master["completedapps"] if a["name"] == "extract_features"]
     assert len(apps) == 1 and apps[0]["state"] == "FINISHED" and apps[0]["cores"] >= 1, master["completedapps"]
     assert deployment.registry.versions() == [1] and deployment.registry.champion() == 1
     # What the operator sees first: the decision, the headline metrics, a link to the report.
     assert "NDCG@10 student" in record["note"]
-    assert record["note"].startswith(f"**BLESSED** ([Run report]({report_url(DAG_ID, run_id)})): ")
+    assert record["note"].startswith(f"**BLESSED** ([Run report]({report_url(DAG_ID, blessed_run.run_id)})): ")
     # The Assets follow the run's data root.
     events = deployment.api.asset_events()
     assert {e["uri"] for e in events} == {f"file://{deployment.settings.data_root / d}"
                                           for d in ("features", "models/teacher", "soft_targets", "registry")}
 
 
-def test_impossible_thresholds_end_not_blessed_and_keep_the_champion(deployment):
-    if "blessed" not in deployment.runs:
-        pytest.skip("needs the blessed run of the previous test")
-    run_id, record, states = _run(deployment, {**TINY, "ds": DS, "reuse_teacher": True, "min_change_vs_teacher": 10.0})
+def test_impossible_thresholds_end_not_blessed_and_keep_the_champion(deployment, rejected_run):
+    record, states = rejected_run.record, rejected_run.states
     assert record["state"] == "success", states
     assert states["promote"] == "skipped" and states["record_rejection"] == "success", states
-    deployment.runs["rejected"] = run_id
     assert deployment.registry.versions() == [1] and deployment.registry.champion() == 1
     assert record["note"].startswith("**NOT_BLESSED**") and "< allowed +1000.00%" in record["note"]
 
 
-def test_the_ui_shows_the_run_its_gate_decision_and_report(deployment):
-    if "blessed" not in deployment.runs:
-        pytest.skip("needs the blessed run of the first test")
+def test_the_ui_shows_the_run_its_gate_decision_and_report(deployment, blessed_run, rejected_run):
     if not Path(CHROMIUM).exists():
         _skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium; .ci/run does)")
     try:
@@ -191,10 +218,8 @@ def test_the_ui_shows_the_run_its_gate_decision_and_report(deployment):
             page.locator("button[type=submit]").click()
             page.wait_for_url(lambda url: "/auth/login" not in url)
 
-            for name, decision in (("blessed", "BLESSED"), ("rejected", "NOT_BLESSED")):
-                if name not in deployment.runs:
-                    continue
-                run_page = f"{base}/dags/{DAG_ID}/runs/{urllib.parse.quote(deployment.runs[name], safe='')}"
+            for name, run, decision in (("blessed", blessed_run, "BLESSED"), ("rejected", rejected_run, "NOT_BLESSED")):
+                run_page = f"{base}/dags/{DAG_ID}/runs/{urllib.parse.quote(run.run_id, safe='')}"
                 # The run's grid: its state and, in its note, the gate's decision.
                 page.goto(run_page)
                 expect(page.get_by_text(decision, exact=True).first).to_be_visible(timeout=60_000)
@@ -207,7 +232,7 @@ def test_the_ui_shows_the_run_its_gate_decision_and_report(deployment):
                 # The report, one click from the run: the note's link (a new tab) ...
                 page.goto(run_page)
                 with page.context.expect_page() as opened:
-                    page.locator(f'a[href="{report_url(DAG_ID, deployment.runs[name])}"]').click()
+                    page.locator(f'a[href="{report_url(DAG_ID, run.run_id)}"]').click()
                 report = opened.value
                 expect(report.get_by_text(decision, exact=True).first).to_be_visible(timeout=60_000)
                 report.close()
@@ -238,10 +263,8 @@ def _get(url: str, token: str | None = None) -> tuple[int, Message, bytes]:
         return err.code, err.headers, err.read()
 
 
-def test_the_report_route_needs_a_login_and_read_access(deployment):
-    if "blessed" not in deployment.runs:
-        pytest.skip("needs the blessed run of the first test")
-    url = deployment.settings.airflow_url + report_url(DAG_ID, deployment.runs["blessed"])
+def test_the_report_route_needs_a_login_and_read_access(deployment, blessed_run):
+    url = deployment.settings.airflow_url + report_url(DAG_ID, blessed_run.run_id)
     assert _get(url)[0] == 401
     # A user the auth manager grants nothing (a valid token, no role) is refused too.
     minted = subprocess.run(
@@ -256,14 +279,20 @@ def test_the_report_route_needs_a_login_and_read_access(deployment):
     assert headers["X-Content-Type-Options"] == "nosniff" and "default-src 'none'" in headers["Content-Security-Policy"]
 
 
-def test_a_tampered_xcom_cannot_make_the_report_route_serve_another_file(deployment):
-    if "blessed" not in deployment.runs:
-        pytest.skip("needs the blessed run of the first test")
-    run_id = deployment.runs["blessed"]
+@pytest.fixture
+def bait(deployment) -> Iterator[Path]:
+    """A file of the data root holding a script, beside the raw items; removed afterwards, as a
+    stray file in raw/items would fail the feature job of any later run."""
+    path = deployment.settings.data_root / "raw" / "items" / "bait.html"
+    path.write_text("<script>document.title = 'pwned'</script>")
+    yield path
+    path.unlink()
+
+
+def test_a_tampered_xcom_cannot_make_the_report_route_serve_another_file(deployment, blessed_run, bait):
+    run_id = blessed_run.run_id
     # The DAG's own user (role "user", its password in every task's environment) rewrites the
     # report task's XCom to name a file of the data root holding a script.
-    bait = deployment.settings.data_root / "raw" / "items" / "bait.html"
-    bait.write_text("<script>document.title = 'pwned'</script>")
     tamperer = AirflowAPI(deployment.settings.airflow_url, "recsys", password(deployment.settings, "recsys"))
     tamperer.set_xcom(DAG_ID, run_id, "report", "return_value", {"html": str(bait), "markdown": str(bait), "dir": str(bait.parent)})
     base = deployment.settings.airflow_url + report_url(DAG_ID, run_id).rsplit("/", 1)[0]

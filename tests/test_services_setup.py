@@ -1,25 +1,30 @@
-"""What ``deploy/services.py`` prepares before any service starts: its secret files and its database.
+"""What ``deploy/services.py`` prepares before any service starts (its secret files and its
+database), and how it tells its processes from others (PID files, process trees).
 
-No service is started here. The secret files are checked in child processes that watch every file
-operation (a Python audit hook), so a secret readable by others even for an instant is caught, and
-that can be killed in the middle of writing one; the database tests need PostgreSQL at
-127.0.0.1:5432 and skip, saying so, without it.
+No service is started here (the process tests start ``sleep``). The secret files are checked in
+child processes that watch every file operation (a Python audit hook), so a secret readable by
+others even for an instant is caught, and that can be killed in the middle of writing one; the
+database tests need PostgreSQL at 127.0.0.1:5432 and skip, saying so, without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
-from deploy.services import (USERS, ServiceError, Settings, _ensure_database, airflow_database_url, password,
-                             passwords_file, service_env, services)
+from deploy.services import (USERS, ServiceError, Settings, _descendants, _ensure_database, _start_time,
+                             airflow_database_url, password, passwords_file, running_pid, service_env, services, stop)
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
@@ -328,3 +333,82 @@ def test_make_airflow_gives_the_dag_its_own_api_user_so_runs_get_their_note(tmp_
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW_HOME"] == str(home)  # standalone would listen on every interface
     assert stat.S_IMODE((home / "simple_auth_manager_passwords.json.generated").stat().st_mode) == 0o600
     assert standalone_env(home, port=8181) == env  # a restart keeps the passwords
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.fixture
+def sleeper():
+    """A child ``sleep`` with a ``sleep`` of its own: ``(child, grandchild pid)``; both killed at the end."""
+    child = subprocess.Popen(["sh", "-c", "sleep 60 & exec sleep 61"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(b"sleep\0") and _descendants(child.pid)):
+        assert time.monotonic() < deadline, "sh did not start its sleeps"
+        time.sleep(0.05)
+    (grandchild,) = _descendants(child.pid)
+    # psutil's kill checks that the PID still names this process: once reaped, it may name another.
+    grandchild_process = psutil.Process(grandchild)
+    try:
+        yield child, grandchild
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            grandchild_process.kill()
+        child.kill()
+        child.wait()
+
+
+def _kernel_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat: what a PID file of the /proc-reading version recorded."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _write_pid_file(home: Path, name: str, text: str) -> None:
+    (home / "pids").mkdir(parents=True, exist_ok=True)
+    (home / "pids" / f"{name}.pid").write_text(text)
+
+
+def test_a_process_tree_is_found_and_its_start_time_is_stable_until_it_is_gone(sleeper):
+    child, grandchild = sleeper
+    assert set(_descendants(os.getpid())) >= {child.pid, grandchild}
+    started = _start_time(child.pid)
+    assert started == _kernel_start_time(child.pid) and _start_time(child.pid) == started
+    os.kill(grandchild, signal.SIGKILL)  # its parent, a sleep, never reaps it: a zombie counts as gone
+    deadline = time.monotonic() + 10
+    while _start_time(grandchild) is not None:
+        assert time.monotonic() < deadline, "the killed grandchild still counts as running"
+        time.sleep(0.05)
+    assert _start_time(child.pid) == started
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert _start_time(child.pid) is None and _descendants(child.pid) == []
+
+
+def test_a_pid_file_names_its_process_only_while_the_start_time_matches(tmp_path, sleeper):
+    child, _ = sleeper
+    settings = Settings(home=tmp_path / "home", data_root=tmp_path / "data")
+    # As _launch writes it, and as the /proc-reading version did: "<pid> <start in clock ticks since boot>".
+    _write_pid_file(settings.home, "airflow-scheduler", f"{child.pid} {_kernel_start_time(child.pid)}\n")
+    assert running_pid(settings, "airflow-scheduler") == child.pid
+    # The same PID with another start time: the recorded process ended and its PID went to another one.
+    _write_pid_file(settings.home, "airflow-scheduler", f"{child.pid} {_kernel_start_time(child.pid) - 1}\n")
+    assert running_pid(settings, "airflow-scheduler") is None
+    for garbage in ("", f"{child.pid}", f"{child.pid} None", "not a pid file"):
+        _write_pid_file(settings.home, "airflow-scheduler", garbage)
+        assert running_pid(settings, "airflow-scheduler") is None, garbage
+    _write_pid_file(settings.home, "airflow-scheduler", f"{child.pid} {_kernel_start_time(child.pid)}\n")
+    child.kill()
+    child.wait()
+    assert running_pid(settings, "airflow-scheduler") is None
+
+
+def test_stop_ends_a_service_with_its_children_but_never_a_process_with_its_reused_pid(tmp_path, sleeper):
+    child, grandchild = sleeper
+    settings = Settings(home=tmp_path / "home", data_root=tmp_path / "data")
+    _write_pid_file(settings.home, "airflow-scheduler", f"{child.pid} {_kernel_start_time(child.pid) - 1}\n")
+    assert stop(settings, grace=5) == []
+    assert _start_time(child.pid) is not None and _start_time(grandchild) is not None
+    _write_pid_file(settings.home, "airflow-scheduler", f"{child.pid} {_kernel_start_time(child.pid)}\n")
+    assert stop(settings, grace=5) == ["airflow-scheduler"]
+    assert _start_time(child.pid) is None and _start_time(grandchild) is None
+    assert child.wait(timeout=5) == -signal.SIGTERM

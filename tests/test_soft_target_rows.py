@@ -8,13 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.soft_target_rows import MissingSoftTargets, UserSoftTargets, read_teacher_items
-from pipeline.training import interaction_dataset
-from tests.test_sequences import write_interactions
+from pipeline.modeling.training import interaction_dataset
+from pipeline.soft_targets.rows import MissingSoftTargets, UserSoftTargets, read_teacher_items
+from tests.helpers import write_interactions
 
 K, D = 3, 2
 

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline  # noqa: F401
 from pipeline.config import ConfigError, SoftTargetConfig, load_config
-from pipeline.features import count_users_with_interactions, stream_user_items
-from pipeline.teacher_scoring import top_k_excluding, user_batches
+from pipeline.data.features import count_users_with_interactions, stream_user_items
+from pipeline.soft_targets.teacher_scoring import top_k_excluding, user_batches
 
 
 def full_sort_top_k(scores, exclude, k):

@@ -28,7 +28,7 @@ class EvalConfig:
         ks: Cut-offs of Recall and NDCG.
         batch_size: Users scored per batch.
         pairs_per_chunk: About how many interactions the harness holds at once (one
-            ``user_idx`` range; see :func:`pipeline.features.stream_user_ranges`).
+            ``user_idx`` range; see :func:`pipeline.data.features.stream_user_ranges`).
         als_rank: Spark MLlib ALS factors.
         als_reg: ALS regularisation.
         als_alpha: ALS implicit-feedback confidence scale.

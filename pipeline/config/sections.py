@@ -259,7 +259,7 @@ class SoftTargetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
-    """The exported retrieval SavedModels and their top-K index (:mod:`pipeline.retrieval`).
+    """The exported retrieval SavedModels and their top-K index (:mod:`pipeline.modeling.retrieval`).
 
     Attributes:
         top_k: Items an exported model returns per user.
@@ -271,7 +271,7 @@ class ServingConfig:
         kmeans_iterations: Lloyd iterations of the IVF k-means.
         seed: Seed of the IVF k-means.
         block_size: Brute force selects the top K by blocks of this many items (exact; see
-            :func:`pipeline.retrieval.block_top_k`); 0: about sqrt(items / top_k) from
+            :func:`pipeline.modeling.retrieval.block_top_k`); 0: about sqrt(items / top_k) from
             100 items per result up (faster from about 10k items at top_k 100), else 1;
             1: one ``top_k`` over every item.
     """

@@ -1,4 +1,6 @@
-"""Raw event-log contract; the MovieLens converter and the synthetic generator live in their modules."""
+"""Data in and out of the pipeline: the raw event-log contract (re-exported here), the raw
+window's pre-flight (:mod:`~pipeline.data.raw_files`), the MovieLens converter and the synthetic
+generator, and the reader of the feature job's output (:mod:`~pipeline.data.features`)."""
 
 from pipeline.data.contract import (
     EVENT_SCHEMA,

@@ -6,7 +6,7 @@
 * :mod:`~pipeline.evaluation.baselines`: the Spark MLlib ALS baseline, folded in user by user;
 * :mod:`~pipeline.evaluation.serving_cost`: parameters, bytes and latency of exported models.
 
-The pipeline step that evaluates a run's models is :mod:`pipeline.evaluate`.
+The pipeline step that evaluates a run's models is :mod:`pipeline.steps.evaluate`.
 """
 
 from pipeline.evaluation.baselines import FoldInScorer, fit_als, train_als_model

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EvalConfig
+from pipeline.data.features import load_item_table
 from pipeline.evaluation.scorers import History
-from pipeline.features import load_item_table
 from pipeline.spark import spark_session
 
 log = logging.getLogger(__name__)

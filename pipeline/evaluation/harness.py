@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import EvalConfig
+from pipeline.data.features import SPLITS, stream_user_ranges, user_index_bound
 from pipeline.evaluation.metrics import COVERAGE_K, HITRATE_K, ranking_metrics, top_k_items
 from pipeline.evaluation.scorers import History, Scorer
-from pipeline.features import SPLITS, stream_user_ranges, user_index_bound
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def evaluate_scorer(
 
     Memory is bounded however many users there are: the interactions are streamed one
     ``user_idx`` range at a time (about ``cfg.pairs_per_chunk`` pairs, spilled to a
-    temporary directory, see :func:`pipeline.features.stream_user_ranges`) and users are
+    temporary directory, see :func:`pipeline.data.features.stream_user_ranges`) and users are
     scored ``cfg.batch_size`` at a time (``batch_size x num_items`` scores).
 
     Args:

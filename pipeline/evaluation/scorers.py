@@ -138,12 +138,11 @@ class SavedModelScorer:
     """
 
     def __init__(self, saved_model_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
-        import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
         import tensorflow as tf
 
         self._tf = tf
         self.model = tf.saved_model.load(str(saved_model_dir))
-        # Every exported index (pipeline.retrieval) names its exact item table item_vectors and
+        # Every exported index (pipeline.modeling.retrieval) names its exact item table item_vectors and
         # item_ids; a champion exported before that is a bare tfrs BruteForce (_candidates, _identifiers).
         legacy = not hasattr(self.model, "item_vectors")
         vectors = (self.model._candidates if legacy else self.model.item_vectors).numpy()

@@ -23,7 +23,6 @@ def limit_tf_threads(threads: int = 2) -> None:
 
     Only possible before TensorFlow runs its first op; later calls change nothing.
     """
-    import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
     import tensorflow as tf
 
     try:
@@ -93,7 +92,6 @@ def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: Eval
         ValueError: On empty ids, non-positive batch size or repeats, a SavedModel without a
             call function, or outputs that are not two ``[B, K]`` tensors.
     """
-    import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
     import tensorflow as tf
 
     ids = np.asarray(user_ids).astype(str)

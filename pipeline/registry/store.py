@@ -15,7 +15,7 @@ from typing import Mapping
 
 from pipeline.io import (append_jsonl, crash_point, file_lock, fsync_dir, fsync_tree, read_jsonl, temp_dir, write_json,
                          write_text)
-from pipeline.tf_serving import models_config
+from pipeline.registry.tf_serving import models_config
 
 DEFAULT_MODEL = "recsys_student"
 CHAMPION_FILE = "champion.json"

@@ -1,7 +1,8 @@
-"""Train the teacher and export it: ``python -m pipeline.train_teacher --ds ... [--config ...]``.
+"""Train the teacher and export it: ``python -m pipeline.steps.train_teacher --ds ... [--config ...]``.
 
 Writes the catalogue's teacher directory atomically: ``saved_model/`` (top-K for a batch
-of user ids), ``checkpoint/`` (weights, for soft targets) and ``metadata.json``. The
+of user ids), ``checkpoint/`` (weights, for soft targets), ``tensorboard/`` (the training's
+per-epoch scalars) and ``metadata.json``. The
 version is the teacher's identity (features, ``training``, ``teacher`` and ``serving``
 settings), so re-running the same ``ds`` and settings rewrites the same version.
 """
@@ -12,16 +13,15 @@ import json
 import logging
 from pathlib import Path
 
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from pipeline import cli
-from pipeline.catalog import METADATA, Catalog
+from pipeline.catalog import METADATA, TENSORBOARD, Catalog
 from pipeline.config import PipelineConfig
-from pipeline.features import load_item_table, load_user_table, read_manifest, with_history_before_test
+from pipeline.data.features import load_item_table, load_user_table, read_manifest, with_history_before_test
 from pipeline.io import atomic_dir, write_json
-from pipeline.models import build_teacher, export_retrieval
-from pipeline.training import numeric_runtime, seed_everything, train_two_tower
+from pipeline.modeling.models import build_teacher, export_retrieval
+from pipeline.modeling.training import numeric_runtime, seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,18 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
 
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    trained = train_two_tower(lambda u: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size, cfg,
-                              cfg.teacher.epochs, "teacher")
-    model, fit = trained.model, trained.fit
-    meta = {
-        "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
-        "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
-        "config_hash": cfg.config_hash(), "trainable_params": trained.params,
-        "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history, "refit": trained.refit,
-        "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2), "tensorflow": tf.__version__,
-        "runtime": numeric_runtime(),
-    }
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
+        trained = train_two_tower(lambda u: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size, cfg,
+                                  cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
+        model, fit = trained.model, trained.fit
+        meta = {
+            "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
+            "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
+            "config_hash": cfg.config_hash(), "trainable_params": trained.params,
+            "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
+            "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
+            "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": TENSORBOARD,
+        }
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)

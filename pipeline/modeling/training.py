@@ -1,26 +1,34 @@
-"""Shared training machinery: the streaming ``tf.data`` input and the early-stopping loop."""
+"""Shared training machinery: the streaming ``tf.data`` input, the early-stopping loop and
+its per-epoch TensorBoard scalars."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
 
 from pipeline.config import EvalConfig, PipelineConfig, TrainingConfig
+from pipeline.data.features import Sequences, UserTable, load_sequences, stream_interactions, with_history_before_test
 from pipeline.evaluation import QueryScorer, evaluate_scorer
 from pipeline.evaluation.serving_cost import count_trainable_params
-from pipeline.features import Sequences, UserTable, load_sequences, stream_interactions, with_history_before_test
-from pipeline.models import embed_all
+from pipeline.modeling.models import embed_all
 
 log = logging.getLogger(__name__)
+
+# What tensorboard.summary.scalar writes, built from TensorFlow's own protos: TensorFlow alone
+# writes the logs (tf.summary.scalar needs the tensorboard package), TensorBoard shows them as scalars.
+_SCALAR = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+                                      data_class=summary_pb2.DATA_CLASS_SCALAR)
+# The TensorBoard runs of one training, below its log directory.
+SELECTION_RUN, REFIT_RUN = "selection", "refit"
 
 
 class UserColumns(Protocol):
@@ -114,6 +122,31 @@ def numeric_runtime() -> dict:
     }
 
 
+@contextlib.contextmanager
+def epoch_scalars(log_dir: str | Path | None) -> Iterator[Callable[[int, Mapping[str, float]], None]]:
+    """A function ``(epoch, {tag: value})`` that writes one epoch's scalars as TensorBoard
+    event files in ``log_dir``, flushed at once so a running training can be watched.
+
+    Args:
+        log_dir: The run's log directory (created if missing); None writes nothing.
+    """
+    if log_dir is None:
+        yield lambda epoch, scalars: None
+        return
+    writer = tf.summary.create_file_writer(str(log_dir))
+
+    def write(epoch: int, scalars: Mapping[str, float]) -> None:
+        with writer.as_default():
+            for tag, value in scalars.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), step=epoch, metadata=_SCALAR)
+        writer.flush()
+
+    try:
+        yield write
+    finally:
+        writer.close()
+
+
 @dataclasses.dataclass
 class FitResult:
     """What a training run learned and how."""
@@ -129,8 +162,10 @@ def fit_with_early_stopping(
     dataset: tf.data.Dataset,
     epochs: int,
     patience: int,
-    validate: Callable[[tf.keras.Model], float],
+    validate: Callable[[tf.keras.Model], Mapping[str, float]],
+    watch: str,
     label: str,
+    log_dir: str | Path | None = None,
 ) -> FitResult:
     """Train epoch by epoch, keep the weights of the best validation score, stop on a plateau.
 
@@ -139,26 +174,33 @@ def fit_with_early_stopping(
         dataset: One epoch of training batches.
         epochs: Most epochs.
         patience: Epochs without improvement before stopping.
-        validate: Model -> validation score (higher is better).
+        validate: Model -> validation metrics by name.
+        watch: The metric of ``validate`` that selects the epoch (higher is better).
         label: Name used in the log lines.
+        log_dir: Where each epoch's history row and validation metrics (``validation/<name>``)
+            go as TensorBoard scalars; None: nowhere.
 
     Returns:
-        The best epoch and score and one history row per epoch (loss terms, score, seconds).
+        The best epoch and score and one history row per epoch (loss terms, ``val_score``: the
+        watched metric, seconds).
     """
     started = time.perf_counter()
     best_score, best_epoch, best_weights, history = -np.inf, 0, None, []
-    for epoch in range(1, epochs + 1):
-        tick = time.perf_counter()
-        losses = {k: float(v[-1]) for k, v in model.fit(dataset, epochs=1, verbose=0).history.items()}
-        score = float(validate(model))
-        history.append({"epoch": epoch, **losses, "val_score": score, "seconds": round(time.perf_counter() - tick, 2)})
-        terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
-        log.info("%s epoch %d/%d: %s val=%.4f (%.1fs)", label, epoch, epochs, terms, score, history[-1]["seconds"])
-        if score > best_score:
-            best_score, best_epoch, best_weights = score, epoch, model.get_weights()
-        elif epoch - best_epoch >= patience:
-            log.info("%s: no validation gain for %d epochs, stopping at epoch %d", label, patience, epoch)
-            break
+    with epoch_scalars(log_dir) as write_scalars:
+        for epoch in range(1, epochs + 1):
+            tick = time.perf_counter()
+            losses = {k: float(v[-1]) for k, v in model.fit(dataset, epochs=1, verbose=0).history.items()}
+            metrics = validate(model)
+            score = float(metrics[watch])
+            history.append({"epoch": epoch, **losses, "val_score": score, "seconds": round(time.perf_counter() - tick, 2)})
+            write_scalars(epoch, {**_scalars(history[-1]), **{f"validation/{k}": v for k, v in metrics.items()}})
+            terms = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+            log.info("%s epoch %d/%d: %s val=%.4f (%.1fs)", label, epoch, epochs, terms, score, history[-1]["seconds"])
+            if score > best_score:
+                best_score, best_epoch, best_weights = score, epoch, model.get_weights()
+            elif epoch - best_epoch >= patience:
+                log.info("%s: no validation gain for %d epochs, stopping at epoch %d", label, patience, epoch)
+                break
     if best_weights is not None:
         model.set_weights(best_weights)
     return FitResult(best_epoch, float(best_score), history, round(time.perf_counter() - started, 2))
@@ -185,7 +227,7 @@ class Trained:
 
 def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
                     features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,
-                    label: str, user_columns: UserColumns | None = None) -> Trained:
+                    label: str, user_columns: UserColumns | None = None, log_dir: str | Path | None = None) -> Trained:
     """Select the epochs on validation, then (``training.refit``) retrain on all that is known.
 
     The selection run fits on the train split and keeps the weights of the best validation
@@ -195,6 +237,9 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     the held-out test days (and before tomorrow's requests, in production), and a model
     that never trained on them serves a stale picture of every user. Only the test split
     stays held out, so the gate and the benchmark still judge unseen interactions.
+
+    Each epoch's history row goes to TensorBoard as it ends: the selection run's (with every
+    validation metric) under ``log_dir/selection``, the refit's under ``log_dir/refit``.
 
     Args:
         build: Builds the model to train from a user table (a two-tower model, or a
@@ -207,6 +252,7 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
         epochs: Most epochs of the selection run.
         label: Name in the log lines.
         user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`).
+        log_dir: The training's TensorBoard log directory; None: no logs.
     """
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
@@ -220,7 +266,8 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     watch = f"recall@{training.early_stopping_k}"
     model = _compiled(build(users), training)
     dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training, user_columns)
-    fit = fit_with_early_stopping(model, dataset, epochs, training.patience, lambda m: validation(m)[watch], label)
+    fit = fit_with_early_stopping(model, dataset, epochs, training.patience, validation, watch, label,
+                                  None if log_dir is None else Path(log_dir) / SELECTION_RUN)
     trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None)
     if not training.refit:
         return trained
@@ -230,15 +277,22 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     model = _compiled(build(with_history_before_test(features_dir, users, num_items)), training)
     dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training, user_columns)
     history = []
-    for epoch in range(1, fit.best_epoch + 1):
-        tick = time.perf_counter()
-        losses = {k: float(v[-1]) for k, v in model.fit(dataset, epochs=1, verbose=0).history.items()}
-        history.append({"epoch": epoch, **losses, "seconds": round(time.perf_counter() - tick, 2)})
-        log.info("%s refit epoch %d/%d on train + validation: %s (%.1fs)", label, epoch, fit.best_epoch,
-                 " ".join(f"{k}={v:.4f}" for k, v in losses.items()), history[-1]["seconds"])
+    with epoch_scalars(None if log_dir is None else Path(log_dir) / REFIT_RUN) as write_scalars:
+        for epoch in range(1, fit.best_epoch + 1):
+            tick = time.perf_counter()
+            losses = {k: float(v[-1]) for k, v in model.fit(dataset, epochs=1, verbose=0).history.items()}
+            history.append({"epoch": epoch, **losses, "seconds": round(time.perf_counter() - tick, 2)})
+            write_scalars(epoch, _scalars(history[-1]))
+            log.info("%s refit epoch %d/%d on train + validation: %s (%.1fs)", label, epoch, fit.best_epoch,
+                     " ".join(f"{k}={v:.4f}" for k, v in losses.items()), history[-1]["seconds"])
     refit = {"epochs": fit.best_epoch, "splits": list(splits), "history": history,
              "seconds": round(time.perf_counter() - started, 2)}
     return dataclasses.replace(trained, model=model, refit=refit)
+
+
+def _scalars(row: Mapping[str, float]) -> dict[str, float]:
+    """A history row as TensorBoard scalars: every value but the epoch (the step), tagged by its key."""
+    return {key: value for key, value in row.items() if key != "epoch"}
 
 
 def _compiled(model: tf.keras.Model, training: TrainingConfig) -> tf.keras.Model:

@@ -1,7 +1,7 @@
 """The distillation chain: teacher -> soft targets -> student (and the plain baseline).
 
 Each stage is its own step module, so the DAG runs them as separate tasks; every other
-caller (the benchmark, the tests, ``python -m pipeline.chain``) runs them through
+caller (the benchmark, the tests, ``python -m pipeline.steps.chain``) runs them through
 :func:`run_chain`. Each stage finds its input through the catalogue from the same
 settings, so the stages need not pass paths to each other.
 """
@@ -14,9 +14,9 @@ import time
 from pipeline import cli
 from pipeline.catalog import Catalog
 from pipeline.config import PipelineConfig
-from pipeline.distill import distill_student
-from pipeline.soft_targets import generate_soft_targets
-from pipeline.train_teacher import train_teacher
+from pipeline.steps.distill import distill_student
+from pipeline.steps.soft_targets import generate_soft_targets
+from pipeline.steps.train_teacher import train_teacher
 
 log = logging.getLogger(__name__)
 

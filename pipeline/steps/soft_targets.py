@@ -1,6 +1,6 @@
 """Batch soft targets: the teacher's top-K per training user, with scores and embeddings.
 
-``python -m pipeline.soft_targets --ds ... [--config ...]`` writes, atomically, the
+``python -m pipeline.steps.soft_targets --ds ... [--config ...]`` writes, atomically, the
 catalogue's soft-target directory of the teacher that the settings identify:
 
 ``users.parquet``, one row per user with train interactions, in ``user_idx`` order (the
@@ -23,11 +23,11 @@ any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row co
 ``logit_scale`` = 1 / the teacher's ``retrieval_temperature`` (its logits are scores times it).
 
 Users are scored in batches of ``batch_size`` consecutive users, and only each row's top
-K is sorted (:func:`pipeline.teacher_scoring.top_k_excluding`). Two engines write the same
-rows, chosen by ``soft_targets.spark_master`` / ``spark_min_users``: ``numpy`` streams the
+K is sorted (:func:`pipeline.soft_targets.teacher_scoring.top_k_excluding`). Two engines
+write the same rows, chosen by ``soft_targets.spark_master`` / ``spark_min_users``: ``numpy`` streams the
 users with their known items out of the interactions (spilled by ``user_idx`` range,
-:func:`pipeline.features.stream_user_items`) and scores them here; ``spark`` scores them
-in Spark's Python workers (:mod:`pipeline.soft_targets_spark`). The manifest and the
+:func:`pipeline.data.features.stream_user_items`) and scores them here; ``spark`` scores them
+in Spark's Python workers (:mod:`pipeline.soft_targets.spark_engine`). The manifest and the
 result name the engine. Scores repeat exactly for the same teacher and batches, so
 re-running writes the same rows.
 """
@@ -45,11 +45,11 @@ import pyarrow.parquet as pq
 from pipeline import cli
 from pipeline.catalog import MANIFEST, Catalog
 from pipeline.config import PipelineConfig, SoftTargetConfig
-from pipeline.features import count_users_with_interactions, stream_user_items
+from pipeline.data.features import count_users_with_interactions, stream_user_items
 from pipeline.io import atomic_dir, write_json
-from pipeline.soft_targets_spark import write_users_spark
+from pipeline.soft_targets.spark_engine import write_users_spark
+from pipeline.soft_targets.teacher_scoring import TeacherScorer, load_scorer, user_batches, user_schema
 from pipeline.spark import spark_session
-from pipeline.teacher_scoring import TeacherScorer, load_scorer, user_batches, user_schema
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def write_users_numpy(scorer: TeacherScorer, features_dir: Path, cfg: SoftTarget
 
 def _write_users_on_spark(spark: Any, scorer: TeacherScorer, teacher_dir: Path, features_dir: Path,
                           cfg: SoftTargetConfig, out_file: Path) -> int:
-    """:func:`pipeline.soft_targets_spark.write_users_spark` on ``spark``, or on a session of its own."""
+    """:func:`pipeline.soft_targets.spark_engine.write_users_spark` on ``spark``, or on a session of its own."""
     if spark is not None:
         return write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_file)
     spark = spark_session("soft_targets", cfg.spark_master)

@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline.config import ServingConfig
-from pipeline.partitions import Partitions, auto_partitions, partition_items  # noqa: F401  (re-exported)
+from pipeline.modeling.partitions import Partitions, auto_partitions, partition_items  # noqa: F401  (re-exported)
 
 
 class IVFTopK(tfrs.layers.factorized_top_k.TopK):

@@ -1,4 +1,4 @@
-"""Balanced spherical k-means partitions of item vectors, for the IVF index (:mod:`pipeline.retrieval`)."""
+"""Balanced spherical k-means partitions of item vectors, for the IVF index (:mod:`pipeline.modeling.retrieval`)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.config import FeatureConfig
 from pipeline.data.contract import BLANK_ID_FLAGS, EVENT_ID_COPIES, EVENT_SCHEMA, EVENT_TYPES, ID_COLUMNS, MIN_VALUE, window_bounds
-from pipeline.features import SPLITS
+from pipeline.data.features import SPLITS
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 

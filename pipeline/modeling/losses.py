@@ -6,7 +6,6 @@ Shapes: ``[batch, num_candidates]`` logits, where each row is one user's candida
 
 from __future__ import annotations
 
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 

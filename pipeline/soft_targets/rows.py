@@ -1,5 +1,5 @@
 """The teacher's signal for distillation, read from a soft-target directory (format:
-:mod:`pipeline.soft_targets`) without holding every user's targets in memory.
+:mod:`pipeline.steps.soft_targets`) without holding every user's targets in memory.
 
 The per-user columns (``topk_item_idx [K]``, ``teacher_user_embedding [D]``) are copied
 once, record batch by record batch, into uncompressed ``.npy`` files in the step's scratch
@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from pipeline.catalog import MANIFEST, require
@@ -43,7 +41,7 @@ def _read_manifest(soft_targets_dir: str | Path) -> tuple[Path, dict]:
 class UserSoftTargets:
     """``user_idx [n]`` -> ``{"teacher_topk": [n, K] int32, "teacher_user": [n, D] float32}``.
 
-    Pass it as ``user_columns`` to :func:`pipeline.training.interaction_dataset`, so each
+    Pass it as ``user_columns`` to :func:`pipeline.modeling.training.interaction_dataset`, so each
     training pair carries its user's teacher top-K and embedding.
 
     Args:

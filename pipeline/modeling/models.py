@@ -12,15 +12,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline.catalog import METADATA, require
 from pipeline.config import ConfigError, PipelineConfig, ServingConfig, TowerConfig, TrainingConfig, load_config
-from pipeline.features import ItemTable, UserTable, load_item_table, load_user_table, with_history_before_test
-from pipeline.retrieval import build_index, save_index
+from pipeline.data.features import ItemTable, UserTable, load_item_table, load_user_table, with_history_before_test
+from pipeline.modeling.retrieval import build_index, save_index
 
 
 def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
@@ -243,13 +241,13 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids.
 
     The exported model is the query tower behind a ``StringLookup`` of user ids and the
-    top-K index ``serving.index`` names (:func:`pipeline.retrieval.build_index`) over every
+    top-K index ``serving.index`` names (:func:`pipeline.modeling.retrieval.build_index`) over every
     real item; called with a 1-D string tensor of user ids it returns
     ``(scores [batch, k], item_ids [batch, k])``, ``k = min(top_k, items)``. It also holds
     ``query_model``, ``item_vectors [items, d]`` and ``item_ids [items]`` for exact offline
     evaluation. Only the towers are exported: any training-only layer of a distillation
     model stays behind. The exported query tower serves ``users.history`` (callers pass
-    :func:`pipeline.features.with_history_before_test`), whatever history it trained with.
+    :func:`pipeline.data.features.with_history_before_test`), whatever history it trained with.
     """
     vocabulary = [str(user_id) for user_id in users.user_ids[1:]]
     # Lookup index i is model row i: real ids 1.., unknown ids 0 (padding).

@@ -11,8 +11,8 @@ bits depend on the batch it is computed in; so each batch is one group of a grou
 map (``applyInArrow``) rather than whatever rows a partition of ``mapInArrow`` holds.
 
 The workers import this package and read the teacher and the features by path: on a
-cluster, the project must be on the workers' ``PYTHONPATH`` (``make services`` puts it
-there) and the data root on a file system they share.
+cluster, the project must be installed in the workers' Python (``make services`` runs them
+on the project's virtualenv) and the data root on a file system they share.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.teacher_scoring import TeacherScorer, load_scorer, user_schema
+from pipeline.soft_targets.teacher_scoring import TeacherScorer, load_scorer, user_schema
 
 log = logging.getLogger(__name__)
 

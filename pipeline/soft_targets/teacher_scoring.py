@@ -1,7 +1,7 @@
 """Scoring users with a restored teacher: its top-K items per user, known items excluded.
 
-Both soft-target engines (:mod:`pipeline.soft_targets` in this process,
-:mod:`pipeline.soft_targets_spark` in Spark's Python workers) score through
+Both soft-target engines (:mod:`pipeline.steps.soft_targets` in this process,
+:mod:`pipeline.soft_targets.spark_engine` in Spark's Python workers) score through
 :class:`TeacherScorer`, in the same batches (:func:`user_batches`), so they write the same
 rows: a matrix product's last bits depend on the shape of the batch it is computed in.
 """
@@ -14,11 +14,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from pipeline.models import TwoTowerModel, embed_all, restore_teacher
+from pipeline.modeling.models import TwoTowerModel, embed_all, restore_teacher
 
 
 def user_schema(k: int, dim: int) -> pa.Schema:
@@ -80,7 +78,7 @@ def user_batches(chunks: Iterable[tuple[np.ndarray, list[np.ndarray]]],
     to ``(b + 1) * batch_size - 1`` in order, the last one possibly fewer.
 
     Args:
-        chunks: ``(users [m], items)`` pairs, e.g. :func:`pipeline.features.stream_user_items`.
+        chunks: ``(users [m], items)`` pairs, e.g. :func:`pipeline.data.features.stream_user_items`.
         batch_size: Users per batch.
 
     Yields:

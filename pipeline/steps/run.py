@@ -1,7 +1,7 @@
 """Run-level steps the DAG wires together: parameters -> settings, raw-window and feature
 checks, the gate decision, promotion or rejection, the report. No Airflow in here: each
 function takes the resolved run and returns a small JSON-able dict, so the CLI and tests
-call them too. ``python -m pipeline.run --ds ... [--set ...]`` prints a run's summary.
+call them too. ``python -m pipeline.steps.run --ds ... [--set ...]`` prints a run's summary.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pipeline.config import (
 )
 from pipeline.data.contract import RawWindowError
 from pipeline.data.raw_files import check_raw_window
-from pipeline.evaluate import format_table
 from pipeline.gate import evaluate_gate
 from pipeline.registry import Registry, RegistryError
 from pipeline.report import write_report
+from pipeline.steps.evaluate import format_table
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +284,17 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                      gate: Mapping, promotion: Mapping | None) -> dict:
     """The run's HTML and Markdown report in the catalogue's report directory."""
     ds, catalog, _ = settings(run)
-    histories = {name: json.loads(catalog.confine(Path(model["path"]) / METADATA).read_text())["history"]
-                 for name, model in (("teacher", teacher), ("student_kd", student))}
+    paths = {name: catalog.confine(model["path"]) for name, model in (("teacher", teacher), ("student_kd", student))}
+    metadata = {name: json.loads(catalog.confine(path / METADATA).read_text()) for name, path in paths.items()}
+    histories = {name: meta["history"] for name, meta in metadata.items()}
+    # Each model's TensorBoard logs, recorded relative to its directory (none in models exported before them).
+    tensorboard = {name: str(catalog.confine(paths[name] / meta["tensorboard"]))
+                   for name, meta in metadata.items() if meta.get("tensorboard")}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
             "teacher_version": teacher["version"], "student": student["path"],
             "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none"}
     out = write_report(catalog.report(ds, run["run_key"], run["run_id"]), info, dict(evaluation), dict(gate), histories,
-                       dict(promotion) if promotion else None)
+                       dict(promotion) if promotion else None, tensorboard=tensorboard)
     log.info("report: %s", out["html"])
     return out
 

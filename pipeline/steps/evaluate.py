@@ -1,4 +1,4 @@
-"""Evaluate a run's models side by side: ``python -m pipeline.evaluate --ds ... [--config ...]``.
+"""Evaluate a run's models side by side: ``python -m pipeline.steps.evaluate --ds ... [--config ...]``.
 
 Teacher, distilled student (and, when asked, the plain student and the serving champion)
 are evaluated **as exported** (their SavedModels) on the same test split, with the
@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 from pipeline import cli
 from pipeline.catalog import METADATA, Catalog, require
 from pipeline.config import PipelineConfig
+from pipeline.data.features import load_item_table, load_user_ids
 from pipeline.evaluation import (
     MostPopularScorer,
     SavedModelScorer,
@@ -25,7 +26,6 @@ from pipeline.evaluation import (
     measure_latency,
     saved_model_bytes,
 )
-from pipeline.features import load_item_table, load_user_ids
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Distil the teacher's soft targets into a small student:
-``python -m pipeline.distill --ds ... [--set distill.alpha=0.7 ...]``.
+``python -m pipeline.steps.distill --ds ... [--set distill.alpha=0.7 ...]``.
 
 Loss per batch of interactions ``(user, item)``::
 
@@ -12,7 +12,7 @@ All three terms are batch means, so alpha and beta weigh terms of comparable sca
 
 The teacher is never trained or even loaded here: its signal comes from the soft-target
 Parquet. Each user's top-K and embedding travel with the training pairs through ``tf.data``
-(:class:`~pipeline.soft_target_rows.UserSoftTargets`, memory-mapped), so no table of every
+(:class:`~pipeline.soft_targets.rows.UserSoftTargets`, memory-mapped), so no table of every
 user's targets is held in memory; the item embeddings, far fewer, are one non-trainable
 table. ``P`` (the hint projections)
 belongs to :class:`DistillationModel` only, so the exported student does not carry it.
@@ -26,19 +26,18 @@ import dataclasses
 import json
 import logging
 
-import pipeline  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline import cli
-from pipeline.catalog import MANIFEST, METADATA, Catalog
+from pipeline.catalog import MANIFEST, METADATA, TENSORBOARD, Catalog
 from pipeline.config import DistillConfig, PipelineConfig
-from pipeline.features import load_item_table, load_user_table, with_history_before_test
+from pipeline.data.features import load_item_table, load_user_table, with_history_before_test
 from pipeline.io import atomic_dir, temp_dir, write_json
-from pipeline.losses import SoftTargetLoss, hint_loss
-from pipeline.models import TwoTowerModel, build_student, export_retrieval, size_student
-from pipeline.soft_target_rows import TeacherItems, UserSoftTargets, read_teacher_items
-from pipeline.training import numeric_runtime, seed_everything, train_two_tower
+from pipeline.modeling.losses import SoftTargetLoss, hint_loss
+from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
+from pipeline.modeling.training import numeric_runtime, seed_everything, train_two_tower
+from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +143,23 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     teacher_items = read_teacher_items(soft_targets_dir, items.size)
     final = catalog.student(ds, cfg, role)
-    with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
-        trained = train_two_tower(
-            lambda u: DistillationModel(build_student(u, items, cfg), teacher_items, cfg.distill, cfg.training.retrieval_temperature),
-            lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
-            user_columns=UserSoftTargets(soft_targets_dir, scratch))
-    student, fit, params = trained.model.student, trained.fit, trained.params
-    soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
-    meta = {
-        "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
-        "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-        "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
-        "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
-        "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
-        "tensorflow": tf.__version__, "runtime": numeric_runtime(),
-    }
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
+        with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
+            trained = train_two_tower(
+                lambda u: DistillationModel(build_student(u, items, cfg), teacher_items, cfg.distill,
+                                            cfg.training.retrieval_temperature),
+                lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
+                user_columns=UserSoftTargets(soft_targets_dir, scratch), log_dir=tmp / TENSORBOARD)
+        student, fit, params = trained.model.student, trained.fit, trained.params
+        soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
+        meta = {
+            "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
+            "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
+            "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
+            "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
+            "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
+            "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": TENSORBOARD,
+        }
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
         write_json(tmp / METADATA, meta)
