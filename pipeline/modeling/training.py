@@ -224,6 +224,13 @@ class Trained:
     params: int
     refit: dict | None
 
+    def record(self, tensorboard: str) -> dict:
+        """What a model's ``metadata.json`` says of its training (``tensorboard``: its log folder, relative)."""
+        return {"trainable_params": self.params, "metrics": {"validation": self.validation}, "best_epoch": self.fit.best_epoch,
+                "history": self.fit.history, "refit": self.refit,
+                "seconds": round(self.fit.seconds + (self.refit or {}).get("seconds", 0.0), 2),
+                "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": tensorboard}
+
 
 def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
                     features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,

@@ -36,7 +36,7 @@ from pipeline.data.features import load_item_table, load_user_table, with_histor
 from pipeline.io import atomic_dir, temp_dir, write_json
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
-from pipeline.modeling.training import numeric_runtime, seed_everything, train_two_tower
+from pipeline.modeling.training import seed_everything, train_two_tower
 from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
         meta = {
             "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
             "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
-            "trainable_params": params, "architecture": dataclasses.asdict(size_student(users, items, cfg)),
-            "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
-            "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
-            "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": TENSORBOARD,
+            "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
         }
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         student.save_weights(str(tmp / "checkpoint" / "weights"))

@@ -13,15 +13,13 @@ import json
 import logging
 from pathlib import Path
 
-import tensorflow as tf
-
 from pipeline import cli
 from pipeline.catalog import METADATA, TENSORBOARD, Catalog
 from pipeline.config import PipelineConfig
 from pipeline.data.features import load_item_table, load_user_table, read_manifest, with_history_before_test
 from pipeline.io import atomic_dir, write_json
 from pipeline.modeling.models import build_teacher, export_retrieval
-from pipeline.modeling.training import numeric_runtime, seed_everything, train_two_tower
+from pipeline.modeling.training import seed_everything, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +53,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         meta = {
             "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
             "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
-            "config_hash": cfg.config_hash(), "trainable_params": trained.params,
-            "metrics": {"validation": trained.validation}, "best_epoch": fit.best_epoch, "history": fit.history,
-            "refit": trained.refit, "seconds": round(fit.seconds + (trained.refit or {}).get("seconds", 0.0), 2),
-            "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": TENSORBOARD,
+            "config_hash": cfg.config_hash(), **trained.record(TENSORBOARD),
         }
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
