@@ -34,7 +34,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +42,7 @@ from typing import Iterator
 
 import psutil
 
-from pipeline.io import fsync_dir
+from pipeline.io import write_text
 
 log = logging.getLogger("deploy.services")
 
@@ -229,25 +228,11 @@ def _lock_in(folder: Path) -> Iterator[None]:
 def _write_private(path: Path, text: str) -> None:
     """Put ``text`` at ``path`` atomically, readable by this user only from the file's creation on.
 
-    A temporary file beside it is created with mode 600, written, flushed and renamed over
-    ``path``. A writer killed midway leaves only that temporary file, which the next write
-    removes. Callers hold :func:`_secrets_lock`.
+    :func:`pipeline.io.write_text` with mode 600: a writer killed midway leaves only its
+    temporary file, which the next write sweeps. Callers hold :func:`_secrets_lock`.
     """
-    folder = _private_dir(path.parent)
-    for debris in folder.glob(f".{path.name}.*.tmp"):
-        debris.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)  # O_EXCL, mode 600
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(folder)
+    _private_dir(path.parent)
+    write_text(path, text, mode=0o600)
 
 
 def _read_text(path: Path) -> str | None:
@@ -474,9 +459,7 @@ def _launch(settings: Settings, service: Service, env: dict[str, str]) -> int:
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     pid_file = _pid_file(settings, service.name)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pid_file.with_suffix(".tmp")
-    tmp.write_text(f"{process.pid} {_start_time(process.pid)}\n")
-    os.replace(tmp, pid_file)
+    write_text(pid_file, f"{process.pid} {_start_time(process.pid)}\n")
     log.info("started %s (pid %d, log %s)", service.name, process.pid, logs / f"{service.name}.log")
     return process.pid
 

@@ -42,25 +42,20 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, stable_hash
 from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days, window_partitions
+from pipeline.records import (METADATA, MANIFEST, ArtifactNotFound, FeatureManifest, ModelMetadata,  # noqa: F401 (re-exported)
+                              SoftTargetManifest)
 
 DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_ROLES = ("student", "student_plain")
-MANIFEST = "manifest.json"
-METADATA = "metadata.json"
 # A model directory's TensorBoard logs, one run per training phase below it (recorded in its metadata).
 TENSORBOARD = "tensorboard"
-
-
-class ArtifactNotFound(FileNotFoundError):
-    """An artifact a step needs has not been published (its upstream step has not run)."""
 
 
 class OutsideDataRoot(ValueError):
@@ -165,9 +160,9 @@ def features_version(raw_root: str | Path, ds: str, cfg: PipelineConfig) -> str:
     return stable_hash({"ds": ds, "features": dataclasses.asdict(cfg.features), "raw": raw_window_identity(raw_root, *window)})[:12]
 
 
-def features_identity(manifest: dict) -> str:
+def features_identity(manifest: FeatureManifest) -> str:
     """The identity of a published feature set: a hash of its manifest."""
-    return stable_hash(manifest)
+    return stable_hash(manifest.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +246,9 @@ class Catalog:
             raise ArtifactNotFound(f"no published features at {path} ({MANIFEST} missing): run extract_features for ds={ds} first")
         return path
 
-    def feature_manifest(self, ds: str) -> dict:
+    def feature_manifest(self, ds: str) -> FeatureManifest:
         """The manifest of the published feature set of ``ds``."""
-        return json.loads((self.features(ds) / MANIFEST).read_text())
+        return FeatureManifest.load(self.features(ds))
 
     def validation_docs(self, ds: str) -> Path:
         """The GX Data Docs of the feature job of ``ds``."""
@@ -284,6 +279,18 @@ class Catalog:
         inputs = {"soft_targets": self.soft_targets_version(ds, cfg)}
         identity = cfg.section_hash("training", "student", "distill", "serving", inputs=inputs)[:10]
         return self.confine(self.models_root / role / f"{ds}-{identity}")
+
+    def model_metadata(self, model_dir: str | Path) -> ModelMetadata:
+        """The metadata of the model exported at ``model_dir`` (inside the data root).
+
+        Raises:
+            ArtifactNotFound: When nothing has been exported there.
+        """
+        return ModelMetadata.load(self.confine(model_dir))
+
+    def soft_target_manifest(self, soft_targets_dir: str | Path) -> SoftTargetManifest:
+        """The manifest of the soft targets at ``soft_targets_dir`` (inside the data root)."""
+        return SoftTargetManifest.load(self.confine(soft_targets_dir))
 
     # ------------------------------------------------------------------ runs
     def report(self, ds: str, run_key: str, run_id: str) -> Path:

@@ -188,13 +188,23 @@ def write_json(path: str | Path, payload: Any) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """Yield a locked temporary file beside ``path``; if the block succeeds, flush it and
-    rename it to ``path``. Readers see the old file or the new one, never a part."""
+    rename it to ``path``. Readers see the old file or the new one, never a part.
+
+    The temporary file has ``mode`` from its creation on, whatever the umask (``0o600`` for
+    a secret: no other user can ever read a byte of it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_debris(path.parent)
-    create = lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # noqa: E731
+
+    def create(p: Path) -> None:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
     with _claimed(create, lambda: path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")) as tmp:
         try:
             yield tmp
@@ -206,9 +216,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
+def write_text(path: str | Path, text: str, mode: int = 0o644) -> Path:
+    """Write a text file atomically (:func:`atomic_file`), with ``mode``."""
+    with atomic_file(path, mode) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.io import atomic_file
 from pipeline.spark import CLASS_ARCHIVE, JAVA_OPTIONS
 
 log = logging.getLogger("class_archive")
@@ -67,15 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.record:
         record(args.record)
         return 0
-    partial = CLASS_ARCHIVE.with_name(f".{CLASS_ARCHIVE.name}.partial")
-    partial.unlink(missing_ok=True)
-    # In a child process: a JVM started by this one would map the archive being replaced.
-    subprocess.run([sys.executable, "-m", "spark_jobs.class_archive", "--record", str(partial)], check=True,
-                   cwd=Path(__file__).resolve().parents[1])
-    if not partial.exists():
-        log.error("the JVM wrote no class archive to %s", partial)
+    try:
+        with atomic_file(CLASS_ARCHIVE) as partial:
+            # In a child process: a JVM started by this one would map the archive being replaced.
+            subprocess.run([sys.executable, "-m", "spark_jobs.class_archive", "--record", str(partial)], check=True,
+                           cwd=Path(__file__).resolve().parents[1])
+            if not partial.stat().st_size:
+                raise FileNotFoundError(partial)
+    except FileNotFoundError:
+        log.error("the JVM wrote no class archive to %s", CLASS_ARCHIVE)
         return 1
-    os.replace(partial, CLASS_ARCHIVE)
     log.info("wrote %s (%.0f MB)", CLASS_ARCHIVE, CLASS_ARCHIVE.stat().st_size / 2**20)
     return 0
 

@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, FeatureConfig, PipelineConfig, load_con
 from pipeline.data.contract import RawWindowError
 from pipeline.data.features import SPLITS
 from pipeline.io import atomic_dir
+from pipeline.records import FeatureManifest
 from pipeline.spark import spark_session
 from spark_jobs.cleaning import CleanEvents, clean
 from spark_jobs.feature_transforms import FeatureTables, transform
@@ -148,7 +149,7 @@ def load(spark: SparkSession, tables: FeatureTables, inputs: RawInputs, events: 
                         over_cap["users"], cfg.max_user_interactions, over_cap["interactions"])
         table_info = {name: {"rows": written[name].count(), **schema} for name, schema in schemas.items()}
         manifest = build_manifest(ds, cfg, inputs, events, split_counts, over_cap, table_info, checks, spark.version)
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        FeatureManifest.from_dict(manifest).save(tmp_dir)
     return manifest
 
 

@@ -18,6 +18,7 @@ import pytest
 from pipeline import cli
 from pipeline.catalog import Catalog, OutsideDataRoot, date_partition, validation_docs
 from pipeline.config import load_config
+from pipeline.records import ModelMetadata
 from pipeline.data.contract import event_partition_dir
 from pipeline.steps import run as run_module
 from spark_jobs import extract_features as job
@@ -56,7 +57,7 @@ def features_of(run: dict) -> Path:
 def publish_features(directory: Path) -> Path:
     """A published, validated feature set (its manifest only) at ``directory``."""
     directory.mkdir(parents=True)
-    manifest = {"validation": {"features": {"interactions": {"success": True}}}, "tables": {},
+    manifest = {"ds": DS, "config": {}, "validation": {"features": {"interactions": {"success": True}}}, "tables": {},
                 "counts": {"interactions_by_split": {"train": 5, "validation": 1, "test": 1}}}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
@@ -65,7 +66,8 @@ def publish_features(directory: Path) -> Path:
 def model_dir(directory: Path) -> Path:
     """An exported model directory: ``metadata.json`` and a ``saved_model/``."""
     saved_model(directory, "saved_model")
-    (directory / "metadata.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 1.0}]}))
+    ModelMetadata(version=directory.name, ds=DS, role="student", config={}, config_hash="h", trainable_params=10,
+                  metrics={}, best_epoch=1, history=[{"epoch": 1, "loss": 1.0}], seconds=1.0).save(directory)
     return directory
 
 

@@ -34,7 +34,7 @@ def publish(run: dict, window_days: int) -> None:
     final = date_partition(Path(args[args.index("--out") + 1]), DS)
     final.mkdir(parents=True)
     (final / "manifest.json").write_text(json.dumps({
-        "window_days": window_days, "validation": {"features": {"interactions": {"success": True}}},
+        "ds": DS, "config": {}, "window_days": window_days, "validation": {"features": {"interactions": {"success": True}}},
         "counts": {"interactions_by_split": {"train": 5, "val": 1, "test": 1}}, "tables": {"interactions": {"rows": 7}}}))
 
 

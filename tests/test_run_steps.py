@@ -157,7 +157,7 @@ def test_feature_check_requires_a_validated_manifest_with_every_split(tmp_path):
         check_features(catalog, "2024-01-03")
     part = tmp_path / "features" / "ds=2024-01-03"
     part.mkdir(parents=True)
-    manifest = {"validation": {"features": {"interactions": {"success": True}}},
+    manifest = {"ds": "2024-01-03", "config": {}, "validation": {"features": {"interactions": {"success": True}}},
                 "counts": {"interactions_by_split": {"train": 5, "validation": 1, "test": 0}}, "tables": {}}
     (part / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"no interactions in split\(s\) \['test'\]"):

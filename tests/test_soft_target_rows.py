@@ -38,7 +38,7 @@ def write_soft_targets(root, users=(1, 2, 4, 6)):
         "item_idx": pa.array(item_idx), "item_id": pa.array(["a", "b", "c"]),
         "teacher_item_embedding": _fixed_list(np.stack([item_idx, 2 * item_idx], axis=1).astype(np.float32), pa.float32()),
     }), root / "items.parquet")
-    (root / "manifest.json").write_text(json.dumps({"teacher_version": "t1", "k": K, "dim": D, "logit_scale": 2.0,
+    (root / "manifest.json").write_text(json.dumps({"ds": "2024-01-31", "teacher_version": "t1", "k": K, "dim": D, "logit_scale": 2.0,
                                                     "users": int(users.size), "items": 3}))
     return root
 

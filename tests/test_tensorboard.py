@@ -54,7 +54,7 @@ def write_tiny_features(features_dir: Path) -> None:
     }), "item_features")):
         (features_dir / name).mkdir()
         pq.write_table(table, features_dir / name / "part-0.parquet")
-    write_json(features_dir / "manifest.json", {"ds": DS, "config": {"history_length": HISTORY_LENGTH},
+    write_json(features_dir / "manifest.json", {"ds": DS, "config": {"history_length": HISTORY_LENGTH}, "tables": {},
                                                 "counts": {"users": USERS, "items": ITEMS, "interactions": len(pairs)}})
 
 
@@ -117,10 +117,12 @@ def test_run_report_gets_each_models_absolute_log_directory(tmp_path, monkeypatc
 
     monkeypatch.setenv("RECSYS_DATA_ROOT", str(tmp_path))
     models = {}
+    required = {"version": "v1", "ds": DS, "config": {}, "config_hash": "h", "trainable_params": 1, "metrics": {},
+                "best_epoch": 1, "seconds": 1.0}
     for name, meta in (("teacher", {"history": [], "tensorboard": "tensorboard"}),
                        ("student", {"history": []})):  # exported before TensorBoard logs: nothing to link
         models[name] = {"path": str(tmp_path / "models" / name / "v1"), "version": "v1"}
-        write_json(tmp_path / "models" / name / "v1" / "metadata.json", meta)
+        write_json(tmp_path / "models" / name / "v1" / "metadata.json", {**required, "role": name, **meta})
     captured = {}
     monkeypatch.setattr(run_steps, "write_report", lambda *args, **kwargs: captured.update(kwargs) or {"html": "report.html"})
     run = {"data_root": str(tmp_path), "ds": DS, "config": {}, "run_id": "manual-1", "run_key": "k", "config_hash": "h"}

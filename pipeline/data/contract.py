@@ -19,12 +19,12 @@ Every writer in this project goes through :func:`write_event_partition` and
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.io import atomic_file
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rate")
 
@@ -133,7 +133,7 @@ def window_bounds(window_start: dt.date, window_end: dt.date) -> tuple[dt.dateti
 
 
 def write_table(table: pa.Table, path: str | Path) -> Path:
-    """Write ``table`` to ``path`` atomically: a temporary file beside it, then a rename.
+    """Write ``table`` to ``path`` atomically (:func:`pipeline.io.atomic_file`).
 
     Args:
         table: The rows to write.
@@ -142,15 +142,9 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_event_partition(table: pa.Table, raw_root: str | Path, ds: dt.date, part: int = 0) -> Path:

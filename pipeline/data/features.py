@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import operator
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,14 +18,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.records import FeatureManifest
+
 SPLITS = ("train", "validation", "test")  # in time order: each is held out after the one before
 AGE_BUCKETS = (18, 25, 35, 45, 55, 65)  # bucket 0: unknown; 1..7: <18, 18-24, ..., >=65
 YEAR_BUCKETS = tuple(range(1930, 2030, 10))  # bucket 0: unknown
 
 
-def read_manifest(features_dir: str | Path) -> dict:
+def read_manifest(features_dir: str | Path) -> FeatureManifest:
     """The ``manifest.json`` the feature job wrote beside its tables."""
-    return json.loads((Path(features_dir) / "manifest.json").read_text())
+    return FeatureManifest.load(features_dir)
 
 
 def _interactions(features_dir: str | Path) -> pads.Dataset:
@@ -282,7 +283,7 @@ def load_user_table(features_dir: str | Path, history_length: int | None = None)
         features_dir: A published feature set.
         history_length: Items kept per history; the feature job's own setting by default.
     """
-    history_length = history_length or read_manifest(features_dir)["config"]["history_length"]
+    history_length = history_length or read_manifest(features_dir).config["history_length"]
     table = pads.dataset(Path(features_dir) / "user_features", format="parquet").to_table(
         columns=["user_idx", "user_id", "history_item_idx", "age", "gender", "occupation"]
     )

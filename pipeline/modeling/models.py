@@ -8,17 +8,16 @@ non-trainable tables inside the towers, so the exported model needs nothing but 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from pipeline.catalog import METADATA, require
 from pipeline.config import ConfigError, PipelineConfig, ServingConfig, TowerConfig, TrainingConfig, load_config
 from pipeline.data.features import ItemTable, UserTable, load_item_table, load_user_table, with_history_before_test
 from pipeline.modeling.retrieval import build_index, save_index
+from pipeline.records import ModelMetadata
 
 
 def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
@@ -263,7 +262,7 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
         model.query.history = trained_history
 
 
-def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, dict]:
+def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, ModelMetadata]:
     """Rebuild the teacher of ``teacher_dir`` from its recorded settings and load its weights.
 
     Args:
@@ -278,10 +277,10 @@ def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[
     Raises:
         ArtifactNotFound: When ``teacher_dir`` holds no exported teacher.
     """
-    teacher_dir = require(Path(teacher_dir), METADATA, "teacher", "run train_teacher first")
-    meta = json.loads((teacher_dir / METADATA).read_text())
+    meta = ModelMetadata.load(teacher_dir)
+    teacher_dir = Path(teacher_dir)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    cfg = load_config(meta["config"])
+    cfg = load_config(meta.config)
     if cfg.training.refit:  # it last trained knowing train + validation: query with that history
         users = with_history_before_test(features_dir, users, items.size)
     model = build_teacher(users, items, cfg)

@@ -16,14 +16,13 @@ than users, and any batch may need any item (sampled negatives, the whole catalo
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from pipeline.catalog import MANIFEST, require
+from pipeline.records import SoftTargetManifest
 
 # Training-batch feature name -> its column in ``users.parquet``.
 USER_COLUMNS = {"teacher_topk": "topk_item_idx", "teacher_user": "teacher_user_embedding"}
@@ -33,9 +32,8 @@ class MissingSoftTargets(LookupError):
     """Training interactions of users the soft targets do not cover."""
 
 
-def _read_manifest(soft_targets_dir: str | Path) -> tuple[Path, dict]:
-    path = require(Path(soft_targets_dir), MANIFEST, "soft targets", "run soft_targets first")
-    return path, json.loads((path / MANIFEST).read_text())
+def _read_manifest(soft_targets_dir: str | Path) -> tuple[Path, SoftTargetManifest]:
+    return Path(soft_targets_dir), SoftTargetManifest.load(soft_targets_dir)
 
 
 class UserSoftTargets:
@@ -59,7 +57,7 @@ class UserSoftTargets:
 
     def __init__(self, soft_targets_dir: str | Path, scratch_dir: str | Path, batch_rows: int = 65_536):
         path, manifest = _read_manifest(soft_targets_dir)
-        widths = {"teacher_topk": (manifest["k"], np.int32), "teacher_user": (manifest["dim"], np.float32)}
+        widths = {"teacher_topk": (manifest.k, np.int32), "teacher_user": (manifest.dim, np.float32)}
         self.path = path / "users.parquet"
         with pq.ParquetFile(self.path) as source:
             num_rows = source.metadata.num_rows
@@ -123,9 +121,9 @@ def read_teacher_items(soft_targets_dir: str | Path, num_items: int) -> TeacherI
         ArtifactNotFound: When the soft targets have not been published.
     """
     path, manifest = _read_manifest(soft_targets_dir)
-    dim = manifest["dim"]
+    dim = manifest.dim
     items = pq.read_table(path / "items.parquet", columns=["item_idx", "teacher_item_embedding"])
     embedding = np.zeros((num_items, dim), np.float32)
     embedding[items.column("item_idx").to_numpy()] = (
         items.column("teacher_item_embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim))
-    return TeacherItems(embedding, float(manifest["logit_scale"]), int(manifest["k"]))
+    return TeacherItems(embedding, float(manifest.logit_scale), int(manifest.k))

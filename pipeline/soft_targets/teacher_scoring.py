@@ -17,6 +17,7 @@ import pyarrow as pa
 import tensorflow as tf
 
 from pipeline.modeling.models import TwoTowerModel, embed_all, restore_teacher
+from pipeline.records import ModelMetadata
 
 
 def user_schema(k: int, dim: int) -> pa.Schema:
@@ -113,7 +114,7 @@ class TeacherScorer:
     item_ids: np.ndarray
     item_vectors: np.ndarray
     k: int
-    meta: dict
+    meta: ModelMetadata
 
     @property
     def dim(self) -> int:
@@ -122,7 +123,7 @@ class TeacherScorer:
     @property
     def known_splits(self) -> tuple[str, ...]:
         """The splits whose items a user is known to have had when the teacher last trained."""
-        return ("train", "validation") if self.meta["config"]["training"].get("refit") else ("train",)
+        return ("train", "validation") if self.meta.refitted else ("train",)
 
     def score(self, users: np.ndarray, known: Sequence[np.ndarray]) -> pa.Table:
         """The soft-target rows of one batch of users.

@@ -23,20 +23,20 @@ plain student, the no-distillation baseline.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from pipeline import cli
-from pipeline.catalog import MANIFEST, METADATA, TENSORBOARD, Catalog
+from pipeline.catalog import TENSORBOARD, Catalog
 from pipeline.config import DistillConfig, PipelineConfig
 from pipeline.data.features import load_item_table, load_user_table, with_history_before_test
-from pipeline.io import atomic_dir, temp_dir, write_json
+from pipeline.io import atomic_dir, temp_dir
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
 from pipeline.modeling.training import seed_everything, train_two_tower
+from pipeline.records import ModelMetadata, SoftTargetManifest
 from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,20 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
                 lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
                 user_columns=UserSoftTargets(soft_targets_dir, scratch), log_dir=tmp / TENSORBOARD)
         student, fit, params = trained.model.student, trained.fit, trained.params
-        soft_manifest = json.loads((soft_targets_dir / MANIFEST).read_text())
-        meta = {
+        soft_manifest = SoftTargetManifest.load(soft_targets_dir)
+        meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
-            "teacher_version": soft_manifest["teacher_version"], "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
+            "teacher_version": soft_manifest.teacher_version, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
-        }
+        })
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         student.save_weights(str(tmp / "checkpoint" / "weights"))
-        write_json(tmp / METADATA, meta)
+        meta.save(tmp)
     log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,
              cfg.training.early_stopping_k, fit.best_score)
-    return {"path": str(final), "version": final.name, "metrics": meta["metrics"], "best_epoch": fit.best_epoch,
-            "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta["teacher_version"],
-            "soft_targets": str(soft_targets_dir), "seconds": meta["seconds"]}
+    return {"path": str(final), "version": final.name, "metrics": meta.metrics, "best_epoch": fit.best_epoch,
+            "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta.teacher_version,
+            "soft_targets": str(soft_targets_dir), "seconds": meta.seconds}
 
 
 def main(argv=None) -> int:

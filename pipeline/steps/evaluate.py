@@ -8,13 +8,13 @@ cost is measured side by side. The pieces live in :mod:`pipeline.evaluation`.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline import cli
 from pipeline.catalog import METADATA, Catalog, require
+from pipeline.records import ModelMetadata
 from pipeline.config import PipelineConfig
 from pipeline.data.features import load_item_table, load_user_ids
 from pipeline.evaluation import (
@@ -77,9 +77,9 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
     models: dict[str, dict] = {}
     for name, directory in exported.items():
         saved_model = directory / "saved_model"
-        meta = json.loads((directory / METADATA).read_text())
+        meta = ModelMetadata.load(directory)
         models[name] = {**test(SavedModelScorer(saved_model, user_ids, items.item_ids)),
-                        "trainable_params": meta["trainable_params"], "saved_model_bytes": saved_model_bytes(saved_model)}
+                        "trainable_params": meta.trainable_params, "saved_model_bytes": saved_model_bytes(saved_model)}
     if champion_dir:
         models["champion"] = {**test(SavedModelScorer(champion_dir, user_ids, items.item_ids)),
                               "version": int(champion_dir.name) if champion_dir.name.isdigit() else str(champion_dir)}
@@ -114,7 +114,7 @@ def format_table(models: dict[str, dict], columns: Sequence[str] = ("ndcg@10", "
 
 
 def _evaluate_step(ds: str, catalog: Catalog, cfg: PipelineConfig) -> dict:
-    plain = (catalog.student(ds, cfg.plain_student(), "student_plain") / METADATA).is_file()
+    plain = ModelMetadata.exists(catalog.student(ds, cfg.plain_student(), "student_plain"))
     return evaluate_run(ds, catalog, cfg, run_models(ds, catalog, cfg, plain=plain))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import cli
-from pipeline.catalog import (MANIFEST, METADATA, Catalog, configured_data_root, confine_raw_window, features_version,
+from pipeline.catalog import (Catalog, configured_data_root, confine_raw_window, features_version,
                               run_data_root)
 from pipeline.config import (
     ConfigError,
@@ -31,6 +31,7 @@ from pipeline.config import (
 from pipeline.data.contract import RawWindowError
 from pipeline.data.raw_files import check_raw_window
 from pipeline.gate import evaluate_gate
+from pipeline.records import FeatureManifest
 from pipeline.registry import Registry, RegistryError
 from pipeline.report import write_report
 from pipeline.steps.evaluate import format_table
@@ -147,14 +148,14 @@ def check_features(catalog: Catalog, ds: str) -> dict:
         ArtifactNotFound, ValueError: When the features are missing, unvalidated or empty.
     """
     path, manifest = catalog.features(ds), catalog.feature_manifest(ds)
-    checks = manifest.get("validation", {}).get("features")
+    checks = (manifest.validation or {}).get("features")
     if not checks or not all(c.get("success") for c in checks.values()):
         raise ValueError(f"features at {path} were not validated by the GX feature suite (manifest: {checks})")
-    splits = manifest["counts"]["interactions_by_split"]
+    splits = manifest.interactions_by_split
     empty = [s for s, n in splits.items() if n == 0]
     if empty:
         raise ValueError(f"features at {path} have no interactions in split(s) {empty}: too little history for a held-out evaluation")
-    return {"path": str(path), "interactions_by_split": splits, "tables": {n: t["rows"] for n, t in manifest["tables"].items()}}
+    return {"path": str(path), "interactions_by_split": splits, "tables": manifest.table_rows}
 
 
 def spark_arguments(run: Mapping[str, Any]) -> list[str]:
@@ -285,11 +286,11 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
     """The run's HTML and Markdown report in the catalogue's report directory."""
     ds, catalog, _ = settings(run)
     paths = {name: catalog.confine(model["path"]) for name, model in (("teacher", teacher), ("student_kd", student))}
-    metadata = {name: json.loads(catalog.confine(path / METADATA).read_text()) for name, path in paths.items()}
-    histories = {name: meta["history"] for name, meta in metadata.items()}
+    metadata = {name: catalog.model_metadata(path) for name, path in paths.items()}
+    histories = {name: meta.history for name, meta in metadata.items()}
     # Each model's TensorBoard logs, recorded relative to its directory (none in models exported before them).
-    tensorboard = {name: str(catalog.confine(paths[name] / meta["tensorboard"]))
-                   for name, meta in metadata.items() if meta.get("tensorboard")}
+    tensorboard = {name: str(catalog.confine(paths[name] / meta.tensorboard))
+                   for name, meta in metadata.items() if meta.tensorboard}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
             "teacher_version": teacher["version"], "student": student["path"],
             "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none"}
@@ -320,13 +321,12 @@ def main(argv=None) -> int:
         return 1
     summary = json.loads((report_dir / "summary.json").read_text())
     recorded = attempts[-1].get("features")  # the feature set the run used, by its lineage
-    manifest = (json.loads((catalog.confine(recorded) / MANIFEST).read_text()) if recorded
-                else catalog.feature_manifest(ds))
+    manifest = FeatureManifest.load(catalog.confine(recorded)) if recorded else catalog.feature_manifest(ds)
     gate = summary["gate"]
     print(f"\nrun {summary['run']['run_key']}  (ds {ds}), attempt {attempts[-1]['run_id']} of {len(attempts)}\n")
-    print("features: " + ", ".join(f"{name} {table['rows']:,}" for name, table in manifest["tables"].items()))
-    print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"].items() if isinstance(v, int)))
-    print("splits:   " + ", ".join(f"{k} {v:,}" for k, v in manifest["counts"]["interactions_by_split"].items()) + "\n")
+    print("features: " + ", ".join(f"{name} {rows:,}" for name, rows in manifest.table_rows.items()))
+    print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest.counts.items() if isinstance(v, int)))
+    print("splits:   " + ", ".join(f"{k} {v:,}" for k, v in manifest.interactions_by_split.items()) + "\n")
     print(format_table(summary["evaluation"]["models"]))
     print(f"\ngate: {gate['decision']}")
     for line in gate["reasons"] + [f"warning: {w}" for w in gate["warnings"]]:

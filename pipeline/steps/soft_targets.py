@@ -43,12 +43,13 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import cli
-from pipeline.catalog import MANIFEST, Catalog
+from pipeline.catalog import Catalog
 from pipeline.config import PipelineConfig, SoftTargetConfig
 from pipeline.data.features import count_users_with_interactions, stream_user_items
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir
 from pipeline.soft_targets.spark_engine import write_users_spark
 from pipeline.soft_targets.teacher_scoring import TeacherScorer, load_scorer, user_batches, user_schema
+from pipeline.records import SoftTargetManifest
 from pipeline.spark import spark_session
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,13 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark:
         else:
             users = write_users_numpy(scorer, features_dir, cfg.soft_targets, tmp / "users.parquet")
         pq.write_table(scorer.items_table(), tmp / "items.parquet")
-        logit_scale = 1.0 / float(scorer.meta["config"]["training"]["retrieval_temperature"])
-        manifest = {"ds": ds, "teacher_version": scorer.meta["version"], "teacher_dir": str(teacher_dir), "k": scorer.k,
-                    "dim": scorer.dim, "logit_scale": logit_scale, "users": users, "items": len(scorer.item_ids),
-                    "features": str(features_dir), "engine": engine}
-        write_json(tmp / MANIFEST, manifest)
+        logit_scale = 1.0 / float(scorer.meta.config["training"]["retrieval_temperature"])
+        SoftTargetManifest(ds=ds, teacher_version=scorer.meta.version, teacher_dir=str(teacher_dir), k=scorer.k,
+                           dim=scorer.dim, logit_scale=logit_scale, users=users, items=len(scorer.item_ids),
+                           features=str(features_dir), engine=engine).save(tmp)
     seconds = round(time.perf_counter() - started, 2)
     log.info("wrote soft targets for %d users (K=%d, %s) to %s in %.1fs", users, scorer.k, engine, out, seconds)
-    return {"path": str(out), "teacher_version": scorer.meta["version"], "users": users, "k": scorer.k, "dim": scorer.dim,
+    return {"path": str(out), "teacher_version": scorer.meta.version, "users": users, "k": scorer.k, "dim": scorer.dim,
             "engine": engine, "seconds": seconds}
 
 

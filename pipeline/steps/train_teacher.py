@@ -9,17 +9,17 @@ settings), so re-running the same ``ds`` and settings rewrites the same version.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.catalog import METADATA, TENSORBOARD, Catalog
+from pipeline.catalog import TENSORBOARD, Catalog
 from pipeline.config import PipelineConfig
 from pipeline.data.features import load_item_table, load_user_table, read_manifest, with_history_before_test
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir
 from pipeline.modeling.models import build_teacher, export_retrieval
 from pipeline.modeling.training import seed_everything, train_two_tower
+from pipeline.records import ModelMetadata
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
     """
     features_dir = catalog.features(ds)
     final = catalog.teacher(ds, cfg)
-    if reuse and (final / METADATA).is_file():
-        meta = json.loads((final / METADATA).read_text())
-        log.info("reusing teacher %s (validation %s)", final.name, meta["metrics"])
+    if reuse and ModelMetadata.exists(final):
+        meta = ModelMetadata.load(final)
+        log.info("reusing teacher %s (validation %s)", final.name, meta.metrics)
         return {**_summary(meta, final), "reused": True}
 
     seed_everything(cfg.training.seed)
@@ -50,23 +50,23 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         trained = train_two_tower(lambda u: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size, cfg,
                                   cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
         model, fit = trained.model, trained.fit
-        meta = {
+        meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
-            "features_manifest": read_manifest(features_dir)["counts"], "config": cfg.to_dict(),
+            "features_manifest": read_manifest(features_dir).counts, "config": cfg.to_dict(),
             "config_hash": cfg.config_hash(), **trained.record(TENSORBOARD),
-        }
+        })
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
         model.save_weights(str(tmp / "checkpoint" / "weights"))
-        write_json(tmp / METADATA, meta)
+        meta.save(tmp)
     log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs%s", final.name, trained.params,
-             fit.best_epoch, cfg.training.early_stopping_k, fit.best_score, meta["seconds"],
+             fit.best_epoch, cfg.training.early_stopping_k, fit.best_score, meta.seconds,
              " (refitted on train + validation)" if trained.refit else "")
     return {**_summary(meta, final), "reused": False}
 
 
-def _summary(meta: dict, path: Path) -> dict:
-    return {"version": meta["version"], "path": str(path), "metrics": meta["metrics"], "best_epoch": meta["best_epoch"],
-            "epochs": len(meta["history"]), "seconds": meta["seconds"], "trainable_params": meta["trainable_params"]}
+def _summary(meta: ModelMetadata, path: Path) -> dict:
+    return {"version": meta.version, "path": str(path), "metrics": meta.metrics, "best_epoch": meta.best_epoch,
+            "epochs": len(meta.history), "seconds": meta.seconds, "trainable_params": meta.trainable_params}
 
 
 def main(argv=None) -> int:
