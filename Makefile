@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(AIRFLOW_ENV) airflow db migrate > /dev/null
 	# No run deadline under `airflow dags test`: Airflow 3.3.2 fails such a run at its end (see the DAG file).
 	$(AIRFLOW_ENV) RECSYS_RUN_DEADLINE_MINUTES=0 bash bench/time_demo.sh $(DEMO_DS) '{"ds": "$(DEMO_DS)", "window_days": $(DEMO_WINDOW_DAYS)}' '$(DEMO_TIMING)'
-	$(PY) -m pipeline.steps.run --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
+	$(PY) -m pipeline.steps.summary --data-root $(DATA) --ds $(DEMO_DS) --set features.window_days=$(DEMO_WINDOW_DAYS)
 
 # The Airflow UI with this DAG on 127.0.0.1:8080 (user admin; password in airflow_home/), run notes included.
 airflow: $(STAMP)

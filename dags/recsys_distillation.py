@@ -162,6 +162,9 @@ PARAMS = {
                    description="Weight of the hard loss (1 - alpha: soft loss)."),
     "beta": Param(DEFAULT["beta"], type="number", minimum=0, title="Hint-loss weight beta", section="Distillation",
                   description="Weight of the hint loss."),
+    "student_ladder": Param(DEFAULT["student_ladder"], type="array", items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                            minItems=1, title="Student ladder (parameter shares)", section="Distillation",
+                            description="One distilled student per share of the teacher's parameters; the cheapest to serve that passes the gate is promoted."),
     "min_change_vs_teacher": Param(DEFAULT["min_change_vs_teacher"], type="number", title="Minimum change vs teacher", section="Gate",
                                    description="Gate: signed minimum change of the student against the teacher (-0.1 = at most 10% below); no lower than the operator's bound (Variable recsys_gate_bounds)."),
     "min_change_vs_champion": Param(DEFAULT["min_change_vs_champion"], type="number", title="Minimum change vs champion", section="Gate",
@@ -256,21 +259,34 @@ def recsys_distillation():
         return targets
 
     @task
-    def distill_student(run: dict, targets: dict) -> dict:
-        """Distil the soft targets into the small student and export it."""
+    def student_ladder(run: dict) -> list[float | None]:
+        """The parameter budgets of the students to distil, one mapped task each."""
+        from pipeline.steps.run import settings
+
+        return list(settings(run)[2].ladder_rungs())
+
+    # A mapped task takes its doc from here (the docstring reaches only unmapped ones).
+    @task(map_index_template="{{ rung_name }}", doc_md="Distil the soft targets into one rung of the student ladder and export it.")
+    def distill_student(run: dict, targets: dict, share: float | None) -> dict:
+        """Distil the soft targets into one rung of the student ladder and export it."""
+        from airflow.sdk import get_current_context
+
         from pipeline.steps.distill import distill_student as distill
         from pipeline.steps.run import settings
 
-        return distill(*settings(run))
+        ds, catalog, cfg = settings(run)
+        name = cfg.rung_name(share)
+        get_current_context()["rung_name"] = name  # the mapped task's name in the grid
+        return {**distill(ds, catalog, cfg.rung(share)), "rung": share, "name": name}
 
     @task
-    def evaluate(run: dict, teacher: dict, student: dict) -> dict:
-        """Evaluate teacher, student, champion and baselines on the same test split."""
+    def evaluate(run: dict, teacher: dict, students: list[dict]) -> dict:
+        """Evaluate teacher, every student rung, champion and baselines on the same test split."""
         from pipeline.steps.evaluate import evaluate_run
         from pipeline.steps.run import champion_dir, settings
 
         ds, catalog, cfg = settings(run)
-        exported = {"teacher": teacher["path"], "student_kd": student["path"]}
+        exported = {"teacher": teacher["path"], **{student["name"]: student["path"] for student in students}}
         return evaluate_run(ds, catalog, cfg, exported, champion_dir=champion_dir(catalog))
 
     @task
@@ -279,6 +295,11 @@ def recsys_distillation():
         from pipeline.steps.run import decide
 
         return decide(run, evaluation)
+
+    @task
+    def chosen_student(students: list[dict], gate_result: dict) -> dict:
+        """The rung the gate chose: the cheapest that passes (or the largest, standing for a rejection)."""
+        return next(student for student in students if student["name"] == gate_result["student_model"])
 
     @task.branch
     def route(gate_result: dict) -> str:
@@ -337,9 +358,10 @@ def recsys_distillation():
     extract >> features
     teacher = train_teacher(run)
     features >> teacher
-    student = distill_student(run, soft_targets(run, teacher))
-    evaluation = evaluate(run, teacher, student)
+    students = distill_student.partial(run=run, targets=soft_targets(run, teacher)).expand(share=student_ladder(run))
+    evaluation = evaluate(run, teacher, students)
     gate_result = gate(run, evaluation)
+    student = chosen_student(students, gate_result)
     promoted = promote(run, teacher, student, evaluation, gate_result)
     rejected = record_rejection(run, teacher, student, evaluation, gate_result)
     route(gate_result) >> [promoted, rejected]

@@ -276,6 +276,7 @@ class Catalog:
         """The student directory for ``ds`` and ``cfg`` (``role``: distilled or plain)."""
         if role not in STUDENT_ROLES:
             raise ValueError(f"role must be one of {STUDENT_ROLES}, got {role!r}")
+        cfg = cfg.rung(cfg.student.max_param_share)  # a rung's identity: its own budget, not the whole ladder
         inputs = {"soft_targets": self.soft_targets_version(ds, cfg)}
         identity = cfg.section_hash("training", "student", "distill", "serving", inputs=inputs)[:10]
         return self.confine(self.models_root / role / f"{ds}-{identity}")

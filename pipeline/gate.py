@@ -158,3 +158,47 @@ def evaluate_gate(student: Mapping[str, float], teacher: Mapping[str, float], ch
             checks.append(_floor(metric, value, thresholds.floors[metric]))
     return GateResult(bool(checks) and all(c.passed for c in checks), tuple(checks), tuple(warnings),
                       champion_version if champion is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RungResult:
+    """One rung of the student ladder: its model name, budget, gate result and serving cost."""
+
+    name: str
+    share: float | None
+    gate: GateResult
+    users_per_s: float | None
+    trainable_params: int | None
+
+
+def serving_rank(rung: RungResult) -> tuple:
+    """Cheapest to serve first: most users/s measured at this catalogue's size (unmeasured
+    last), then fewest parameters."""
+    speed = rung.users_per_s if _finite(rung.users_per_s) and rung.users_per_s > 0 else 0.0
+    params = rung.trainable_params if rung.trainable_params is not None else math.inf
+    return (-speed, params)
+
+
+def choose_rung(rungs: list[RungResult]) -> tuple[RungResult, str]:
+    """The rung to promote, and one sentence saying why.
+
+    The cheapest rung that passes the gate (:func:`serving_rank`). When none passes, the
+    largest rung (the one closest to the teacher) stands for the run's rejection.
+
+    Raises:
+        ValueError: For an empty ladder.
+    """
+    if not rungs:
+        raise ValueError("the student ladder is empty")
+    passing = sorted((r for r in rungs if r.gate.blessed), key=serving_rank)
+    if passing:
+        chosen = passing[0]
+        cheaper = [r.name for r in sorted(rungs, key=serving_rank) if serving_rank(r) < serving_rank(chosen)]
+        speed = (f"{chosen.users_per_s:,.0f} users/s" if chosen.users_per_s
+                 else f"{chosen.trainable_params:,} parameters" if chosen.trainable_params is not None else "cost not measured")
+        why = (f"{chosen.name} is the cheapest rung to serve that passes the gate ({speed})"
+               + (f"; cheaper {', '.join(cheaper)} failed it" if cheaper else "")
+               + f"; {len(passing)} of {len(rungs)} rung(s) passed")
+        return chosen, why
+    largest = max(rungs, key=lambda r: (r.share or 0.0, r.trainable_params or 0))
+    return largest, f"no rung passes the gate; {largest.name}, the largest, stands for the rejection"

@@ -33,8 +33,10 @@ QUALITY_COLUMNS = (("ndcg@10", "NDCG@10", ".4f"), ("recall@10", "Recall@10", ".4
                    ("coverage@10", "Coverage@10", ".4f"), ("users", "users", ",.0f"))
 COST_COLUMNS = (("trainable_params", "params", ",.0f"), ("saved_model_mb", "SavedModel MB", ".2f"),
                 ("latency_ms_p50", "p50 ms", ".2f"), ("latency_ms_p99", "p99 ms", ".2f"),
-                ("throughput_users_per_s", "users/s", ",.0f"), ("batch_size", "batch", ",.0f"))
+                ("throughput_users_per_s", "users/s", ",.0f"), ("index_mb", "index MB", ".2f"),
+                ("recall_at_100", "recall@100 vs exact", ".3f"), ("batch_size", "batch", ",.0f"))
 COST_KEYS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
+LADDER_COLUMNS = ("rung", "budget", "NDCG@10", "Recall@20", "params", "users/s", "gate", "why not")
 _NUMERIC_CELL = re.compile(r"^([+-]?[\d,.]+[×%]?|–|nan|inf|-inf)$")  # right-aligned in HTML tables
 TENSORBOARD_COMMAND = "make tensorboard"
 
@@ -58,17 +60,18 @@ def _fmt(value, spec: str) -> str:
 
 def _costs(metrics: dict) -> dict:
     """The cost keys of one model, with the SavedModel size in MB (10^6 bytes)."""
-    size = metrics.get("saved_model_bytes")
-    return {**metrics, "saved_model_mb": size / 1e6 if _is_number(size) else None}
+    size, index = metrics.get("saved_model_bytes"), metrics.get("index_bytes")
+    return {**metrics, "saved_model_mb": size / 1e6 if _is_number(size) else None,
+            "index_mb": index / 1e6 if _is_number(index) else None}
 
 
 def _ratio_row(name: str, student: dict, teacher: dict) -> list[str]:
     """``student / teacher`` for every cost column but the batch size (whose ratio means nothing)."""
     cells = []
-    for key, _, _ in COST_COLUMNS[:-1]:
+    for key, _, _ in COST_COLUMNS[:-2]:  # not recall@100 nor the batch size
         ratio = student[key] / teacher[key] if _finite(student.get(key)) and _finite(teacher.get(key)) and teacher[key] else None
         cells.append(MISSING if ratio is None else f"{ratio:.3g}×")
-    return [f"{name} ÷ teacher"] + cells + [MISSING]
+    return [f"{name} ÷ teacher"] + cells + [MISSING, MISSING]
 
 
 def _tables(evaluation: dict, gate: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -83,8 +86,14 @@ def _tables(evaluation: dict, gate: dict) -> list[tuple[str, list[str], list[lis
                _fmt(c.get("change"), "+.4f"), _fmt(c.get("threshold"), "+.4f"), "pass" if c.get("passed") else "FAIL",
                c.get("reason", "")] for c in gate.get("checks", [])]
     split = f"{evaluation.get('split', '?')} split, {_fmt(evaluation.get('users'), ',.0f')} users"
+    ladder = [[rung["name"] + (" (promoted)" if rung["name"] == gate.get("student_model") and gate.get("blessed") else ""),
+               _fmt(rung.get("share"), ".0%"), _fmt(models.get(rung["name"], {}).get("ndcg@10"), ".4f"),
+               _fmt(models.get(rung["name"], {}).get("recall@20"), ".4f"), _fmt(rung.get("trainable_params"), ",.0f"),
+               _fmt(rung.get("users_per_s"), ",.0f"), str(rung.get("decision")), "; ".join(rung.get("reasons") or [])]
+              for rung in gate.get("ladder") or []]
     return [(f"Ranking quality ({split})", ["model"] + [h for _, h, _ in QUALITY_COLUMNS], quality),
             ("Serving cost", ["model"] + [h for _, h, _ in COST_COLUMNS], cost),
+            *([("Student ladder (cheapest passing rung promoted)", list(LADDER_COLUMNS), ladder)] if len(ladder) > 1 else []),
             ("Gate checks", ["check", "metric", "value", "reference", "change", "threshold", "result", "reason"], checks)]
 
 
@@ -109,7 +118,8 @@ def _headline(gate: dict, promotion: dict | None) -> str:
     elif promotion and promotion.get("rerun"):
         promoted = (f"; a re-run: version {promotion.get('version')} was published before, "
                     f"the champion stays version {promotion.get('champion')}")
-    return f"the student passed all {len(checks)} gate checks{promoted}"
+    why = f" ({gate['why']})" if gate.get("why") and len(gate.get("ladder") or []) > 1 else ""
+    return f"the student passed all {len(checks)} gate checks{promoted}{why}"
 
 
 def run_note(gate: dict, evaluation: dict, promotion: dict | None, report_link: str | None = None) -> str:
@@ -122,7 +132,7 @@ def run_note(gate: dict, evaluation: dict, promotion: dict | None, report_link: 
     promoted as version 2. NDCG@10 student 0.1547, teacher 0.1588 (-2.6%), champion 0.1502 (+3.0%).``
     """
     models = evaluation.get("models", {})
-    student = models.get("student_kd", {}).get("ndcg@10")
+    student = models.get(gate.get("student_model", "student_kd"), {}).get("ndcg@10")
 
     def against(name: str) -> str | None:
         value = models.get(name, {}).get("ndcg@10")
@@ -201,19 +211,24 @@ def _short_number(x: float, _position=None) -> str:
     return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e4 else f"{x:g}"
 
 
-def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str, str]) -> None:
-    """NDCG@10 against p50 latency and against trainable parameters (log x); baselines as horizontal lines."""
+def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str, str], promoted: str | None = None) -> None:
+    """NDCG@10 against serving throughput and against trainable parameters (log x); baselines as
+    horizontal lines; the promoted rung ringed."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     scored = {name: m for name, m in models.items() if _finite(m.get("ndcg@10"))}
-    for ax, (key, label) in zip(axes, (("latency_ms_p50", "latency p50 (ms)"), ("trainable_params", "trainable parameters"))):
+    for ax, (key, label) in zip(axes, (("throughput_users_per_s", "users/s served (higher: cheaper)"),
+                                       ("trainable_params", "trainable parameters"))):
         points = {name: m for name, m in scored.items() if _finite(m.get(key)) and m[key] > 0}
         for name, m in scored.items():
             if name in points:  # a legend, not text labels: models often share a cost (student and champion)
                 ax.scatter(m[key], m["ndcg@10"], s=70, color=colors[name], edgecolor="white", zorder=3, label=name)
+                if name == promoted:
+                    ax.scatter(m[key], m["ndcg@10"], s=260, facecolor="none", edgecolor="black", linewidth=1.5, zorder=4,
+                               label="promoted")
             else:
                 ax.axhline(m["ndcg@10"], color=colors[name], linestyle="--", linewidth=1.2, label=f"{name} (no cost)")
         if points:
@@ -269,7 +284,7 @@ def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
         (tmp / "report.html").write_text(_render("report.html", context), encoding="utf-8")
         (tmp / "report.md").write_text(_render("report.md", context), encoding="utf-8")
         _plot_training_curves(tmp / CURVES_PNG, histories, colors)
-        _plot_quality_vs_cost(tmp / COST_PNG, models, colors)
+        _plot_quality_vs_cost(tmp / COST_PNG, models, colors, gate.get("student_model") if gate.get("blessed") else None)
         write_json(tmp / "summary.json", {"run": run, "evaluation": evaluation, "gate": gate,
                                           "histories": histories, "promotion": promotion,
                                           "tensorboard": dict(tensorboard) if tensorboard else None})

@@ -64,6 +64,7 @@ DAG_DS = "2024-01-31"  # the day the tiny DAG runs process
 # Params of a tiny DAG run: small models and few epochs check wiring and safety, not quality.
 TINY_PARAMS = {
     "window_days": 14, "teacher_epochs": 2, "student_epochs": 2,
+    "student_ladder": [0.1, 0.3],  # two rungs: the ladder's mapped tasks, gate and choice run end to end
     "config_overrides": {
         "training": {"batch_size": 256, "patience": 1}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
         "distill": {"sampled_negatives": 20},

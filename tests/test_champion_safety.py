@@ -90,7 +90,7 @@ def test_a_student_gated_against_an_old_champion_is_not_promoted(tmp_path, model
 def test_the_gate_names_its_champion_and_the_run_records_a_refused_promotion(tmp_path, model_dir, monkeypatch):
     data = tmp_path / "data"
     monkeypatch.setenv("RECSYS_DATA_ROOT", str(data))
-    cfg = load_config({})
+    cfg = load_config({"distill": {"ladder": []}})  # one student, named student_kd
     student_dir = data / "models" / "student" / "s1"
     (student_dir / "saved_model").mkdir(parents=True)
     (student_dir / "saved_model" / "saved_model.pb").write_bytes(b"graph")
@@ -107,7 +107,7 @@ def test_the_gate_names_its_champion_and_the_run_records_a_refused_promotion(tmp
     for ds in ("2024-01-02", "2024-01-03"):
         features = date_partition(Catalog(data, features_version="f1").features_home, ds)
         features.mkdir(parents=True)
-        (features / "manifest.json").write_text("{}")
+        (features / "manifest.json").write_text(json.dumps({"ds": ds, "config": {}, "counts": {}, "tables": {}}))
     teacher, student = {"version": "t1", "path": "t"}, {"path": str(student_dir)}
     gates = {ds: run_module.decide(run_of(ds), evaluation(ndcg)) for ds, ndcg in (("2024-01-02", 0.200), ("2024-01-03", 0.199))}
     assert [(g["blessed"], g["champion_version"]) for g in gates.values()] == [(True, 1), (True, 1)]

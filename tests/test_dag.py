@@ -29,13 +29,15 @@ UTC = dt.timezone.utc
 DUE = dt.datetime(2024, 2, 1, 2, 0, tzinfo=UTC)  # the nightly run that processes DAG_DS
 EXPECTED_EDGES = {
     ("resolve_config", t) for t in ("validate_raw", "feature_job_args", "validate_features", "train_teacher", "soft_targets",
-                                    "distill_student", "evaluate", "gate", "promote", "record_rejection", "report")
+                                    "student_ladder", "distill_student", "evaluate", "gate", "promote", "record_rejection",
+                                    "report")
 } | {
     ("validate_raw", "extract_features"), ("feature_job_args", "extract_features"), ("extract_features", "validate_features"),
     ("validate_features", "train_teacher"), ("train_teacher", "soft_targets"), ("soft_targets", "distill_student"),
+    ("student_ladder", "distill_student"), ("distill_student", "chosen_student"), ("gate", "chosen_student"),
     ("train_teacher", "evaluate"), ("distill_student", "evaluate"), ("evaluate", "gate"), ("gate", "route"),
     ("route", "promote"), ("route", "record_rejection"), ("promote", "report"), ("record_rejection", "report"),
-} | {(up, down) for up in ("train_teacher", "distill_student", "evaluate", "gate") for down in ("promote", "record_rejection", "report")}
+} | {(up, down) for up in ("train_teacher", "chosen_student", "evaluate", "gate") for down in ("promote", "record_rejection", "report")}
 
 
 def load_dag():
@@ -163,7 +165,7 @@ def test_every_task_fails_a_deterministic_error_at_once_and_retries_a_transient_
 PARAM_SECTIONS = {
     "Data": ["ds", "window_days", "data_root"],
     "Training": ["teacher_epochs", "student_epochs", "reuse_teacher"],
-    "Distillation": ["distill_temperature", "alpha", "beta"],
+    "Distillation": ["distill_temperature", "alpha", "beta", "student_ladder"],
     "Gate": ["min_change_vs_teacher", "min_change_vs_champion"],
     "Advanced": ["config_overrides"],
 }

@@ -25,7 +25,7 @@ TINY = load_config({
     "training": {"batch_size": 256, "patience": 1},
     "teacher": {"embedding_dim": 32, "hidden_units": [32], "output_dim": 32, "epochs": 2},
     "student": {"embedding_dim": 8, "hidden_units": [8], "output_dim": 8, "epochs": 2},
-    "distill": {"sampled_negatives": 10}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
+    "distill": {"sampled_negatives": 10, "ladder": []}, "soft_targets": {"top_k": 20}, "serving": {"top_k": 20},
     "evaluate": {"latency_repeats": 3, "latency_batch_size": 16},
 })
 

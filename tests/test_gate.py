@@ -134,3 +134,44 @@ def test_relative_change_is_against_a_positive_reference():
     result = evaluate_gate({"mrr": 0.045, "hitrate@10": 0.41}, {"mrr": 0.050, "hitrate@10": 0.40}, None, gate, champion_expected=False)
     assert [c.change for c in result.checks] == [pytest.approx(-0.10), pytest.approx(0.025)]
     assert [c.passed for c in result.checks] == [False, True]
+
+
+# ----------------------------------------------------------------------------- the student ladder
+
+TEACHER = {"ndcg@10": 0.20, "recall@20": 0.30}
+
+
+def rung(name: str, share: float, ndcg: float, users_per_s: float | None, params: int):
+    """A rung gated against TEACHER alone (first run): passes when within 3% of it on both metrics."""
+    from pipeline.gate import RungResult
+
+    metrics = {"ndcg@10": ndcg, "recall@20": 0.30}
+    return RungResult(name, share, evaluate_gate(metrics, TEACHER, None, GATE, champion_expected=False), users_per_s, params)
+
+
+def test_the_cheapest_rung_to_serve_that_passes_is_chosen():
+    from pipeline.gate import choose_rung
+
+    # 2%: fastest but 0.19 is -5% of 0.20 (fails -3%); 5%: -1.5%, passes, 30k users/s; 10%: passes, 20k users/s.
+    rungs = [rung("s2", 0.02, 0.190, 50_000.0, 10), rung("s5", 0.05, 0.197, 30_000.0, 50), rung("s10", 0.10, 0.199, 20_000.0, 100)]
+    chosen, why = choose_rung(rungs)
+    assert chosen.name == "s5"
+    assert why == "s5 is the cheapest rung to serve that passes the gate (30,000 users/s); cheaper s2 failed it; 2 of 3 rung(s) passed"
+
+
+def test_without_a_throughput_the_fewest_parameters_win_and_a_measured_rung_comes_first():
+    from pipeline.gate import choose_rung
+
+    assert choose_rung([rung("a", 0.1, 0.2, None, 100), rung("b", 0.05, 0.2, None, 50)])[0].name == "b"
+    assert choose_rung([rung("a", 0.1, 0.2, 1_000.0, 100), rung("b", 0.05, 0.2, None, 50)])[0].name == "a"
+    assert choose_rung([rung("a", 0.1, 0.2, 1_000.0, 100), rung("b", 0.05, 0.2, 1_000.0, 50)])[0].name == "b"  # tie
+
+
+def test_when_no_rung_passes_the_largest_stands_for_the_rejection():
+    from pipeline.gate import choose_rung
+
+    chosen, why = choose_rung([rung("s5", 0.05, 0.10, 30_000.0, 50), rung("s10", 0.10, 0.15, 20_000.0, 100)])
+    assert chosen.name == "s10" and not chosen.gate.blessed
+    assert why == "no rung passes the gate; s10, the largest, stands for the rejection"
+    with pytest.raises(ValueError, match="empty"):
+        choose_rung([])

@@ -137,7 +137,9 @@ def test_check_gate_bounds_is_usable_without_a_run():
 
 
 # ---------------------------------------------------------------- first run or missing champion
-EVALUATION = {"models": {"teacher": {"ndcg@10": 0.2, "recall@20": 0.3}, "student_kd": {"ndcg@10": 0.2, "recall@20": 0.3}}}
+# The default ladder's two rungs, both as good as the teacher.
+EVALUATION = {"models": {"teacher": {"ndcg@10": 0.2, "recall@20": 0.3}, "student_kd@5%": {"ndcg@10": 0.2, "recall@20": 0.3},
+                         "student_kd@10%": {"ndcg@10": 0.2, "recall@20": 0.3}}}
 
 
 def test_an_empty_registry_is_a_first_run():

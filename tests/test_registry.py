@@ -9,9 +9,11 @@ import pytest
 from pipeline import registry as registry_module
 from pipeline.config import load_config
 from pipeline.io import append_jsonl, read_jsonl
+from pipeline.records import ModelMetadata
 from pipeline.registry import Promotion, Registry, RegistryError
 from pipeline.registry.tf_serving import quote
 from pipeline.steps import run as run_module
+from pipeline.steps.summary import main as summary_main
 from tests.helpers import saved_model
 
 JOIN_TIMEOUT_S = 120  # a deadlocked lock fails the test instead of hanging it
@@ -228,7 +230,7 @@ def test_run_steps_record_every_attempt(tmp_path, monkeypatch):
     saved_model(student_dir, "saved_model")
     features = tmp_path / "data" / "features" / f"ds={ds}"
     features.mkdir(parents=True)
-    (features / "manifest.json").write_text("{}")
+    (features / "manifest.json").write_text(json.dumps({"ds": ds, "config": {}, "counts": {}, "tables": {}}))
     evaluation = {"models": {"student_kd": {"ndcg@10": 0.3}, "teacher": {"ndcg@10": 0.31}}}
     blessed = {"blessed": True, "decision": "BLESSED", "reasons": [], "champion_version": None}
     rejected = {"blessed": False, "decision": "NOT_BLESSED", "reasons": ["ndcg@10 -3.23% < allowed -2.00%"]}
@@ -256,12 +258,13 @@ def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp
            "config_hash": cfg.config_hash(), "run_key": run_module.run_key(ds, cfg)}
     for name in ("teacher", "student"):
         (data_root / "models" / name / "v1").mkdir(parents=True)
-        (data_root / "models" / name / "v1" / "metadata.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 1.0}]}))
+        ModelMetadata(version="v1", ds=ds, role=name, config={}, config_hash="h", trainable_params=1, metrics={},
+                      best_epoch=1, history=[{"epoch": 1, "loss": 1.0}], seconds=1.0).save(data_root / "models" / name / "v1")
     teacher = {"version": "t1", "path": str(data_root / "models" / "teacher" / "v1")}
     student = {"path": str(data_root / "models" / "student" / "v1")}
     features = data_root / "features" / f"ds={ds}"
     features.mkdir(parents=True)
-    (features / "manifest.json").write_text(json.dumps({"tables": {}, "counts": {"interactions_by_split": {}}}))
+    (features / "manifest.json").write_text(json.dumps({"ds": ds, "config": {}, "tables": {}, "counts": {"interactions_by_split": {}}}))
     evaluation = {"models": {"student_kd": {"ndcg@10": 0.3}, "teacher": {"ndcg@10": 0.31}}}
     outcomes = {"scheduled__2024-01-02T02:00:00+00:00": {"blessed": True, "decision": "BLESSED", "reasons": [], "warnings": []},
                 "manual__2024-01-02T09:00:00+00:00": {"blessed": False, "decision": "NOT_BLESSED", "warnings": [],
@@ -273,6 +276,6 @@ def test_every_attempt_keeps_its_own_report_and_the_summary_shows_the_latest(tmp
 
     reports = sorted((data_root / "reports" / f"ds={ds}" / run["run_key"]).glob("*/summary.json"))
     assert sorted(json.loads(p.read_text())["gate"]["decision"] for p in reports) == ["BLESSED", "NOT_BLESSED"]
-    assert run_module.main(["--ds", ds, "--data-root", str(data_root)]) == 0
+    assert summary_main(["--ds", ds, "--data-root", str(data_root)]) == 0
     out = capsys.readouterr().out
     assert "attempt manual__2024-01-02T09:00:00+00:00 of 2" in out and "NOT_BLESSED" in out

@@ -13,6 +13,7 @@ from pipeline.config.evaluation import COVERAGE_K, HITRATE_K, QUALITY_METRIC_FAM
 from pipeline.config.gate_bounds import GATE_BOUNDS_ENV, GATE_BOUNDS_VARIABLE, GateBounds, check_gate_bounds, load_gate_bounds
 from pipeline.config.spark_masters import SPARK_MASTERS_ENV, allowed_spark_masters, check_spark_masters
 from pipeline.config.loading import PARAM_SETTINGS, load_config, overrides_from_params, param_defaults, parse_ds, setting_sources
+from pipeline.config.serving import ServingConfig
 from pipeline.config.sections import (
     ConfigError,
     DistillConfig,
@@ -20,7 +21,6 @@ from pipeline.config.sections import (
     FeatureConfig,
     GateConfig,
     PipelineConfig,
-    ServingConfig,
     SoftTargetConfig,
     TowerConfig,
     TrainingConfig,

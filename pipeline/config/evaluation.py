@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Mapping
 
@@ -11,6 +12,8 @@ from pipeline.config.checks import _check, is_number, shown
 # Fixed cut-offs of the single-number summaries (the Recall/NDCG cut-offs are EvalConfig.ks).
 HITRATE_K = 10
 COVERAGE_K = 10
+# EASE's l2 is the EvalConfig.ease_l2_grid value with the best validation NDCG at this cut-off.
+EASE_SELECTION_K = 10
 
 # The metric families the gate may compare: ranking quality in [0, 1], higher is better.
 # Coverage is left out on purpose (a random ranker covers the whole catalogue), and so are
@@ -33,6 +36,11 @@ class EvalConfig:
         als_reg: ALS regularisation.
         als_alpha: ALS implicit-feedback confidence scale.
         als_iterations: ALS sweeps.
+        ease_max_items: Most items (padding excluded) EASE is fitted on; above it EASE is
+            skipped. It holds dense items x items float32 matrices, three at once while
+            solving: 1.6 GB each at 20,000 items, and the solve grows as the cube.
+        ease_l2_grid: EASE's l2 candidates, each > 0; the one with the best validation
+            NDCG@10 of a train-only fit is kept (ties: the earlier value).
         latency_batch_size: Users per batched top-K query when timing a SavedModel.
         latency_repeats: Timed batches (after warm-up) per model.
     """
@@ -44,6 +52,8 @@ class EvalConfig:
     als_reg: float = 0.1
     als_alpha: float = 0.5
     als_iterations: int = 15
+    ease_max_items: int = 20_000
+    ease_l2_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0)
     latency_batch_size: int = 256
     latency_repeats: int = 30
 
@@ -51,6 +61,12 @@ class EvalConfig:
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         _check(all(k >= 1 for k in self.ks), f"evaluate.ks must be >= 1, got {list(self.ks)}")
         _check(self.pairs_per_chunk >= 1, f"evaluate.pairs_per_chunk must be >= 1, got {self.pairs_per_chunk!r}")
+        _check(self.ease_max_items >= 1, f"evaluate.ease_max_items must be >= 1, got {self.ease_max_items!r}")
+        grid = tuple(self.ease_l2_grid)
+        _check(len(grid) >= 1, "evaluate.ease_l2_grid must hold at least one value, got []")
+        _check(all(is_number(l2) and math.isfinite(l2) and l2 > 0 for l2 in grid),
+               f"evaluate.ease_l2_grid values must be finite numbers > 0, got {list(grid)}")
+        object.__setattr__(self, "ease_l2_grid", tuple(float(l2) for l2 in grid))
 
 
 def is_quality_metric(name: object) -> bool:

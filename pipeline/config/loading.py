@@ -21,15 +21,17 @@ PARAM_SETTINGS = {
     "distill_temperature": ("distill", "distill_temperature"),
     "alpha": ("distill", "alpha"),
     "beta": ("distill", "beta"),
+    "student_ladder": ("distill", "ladder"),
     "min_change_vs_teacher": ("gate", "min_change_vs_teacher"),
     "min_change_vs_champion": ("gate", "min_change_vs_champion"),
 }
 
 
 def param_defaults() -> dict[str, Any]:
-    """The default value of every :data:`PARAM_SETTINGS` parameter."""
+    """The default value of every :data:`PARAM_SETTINGS` parameter, as JSON gives it (a list for a tuple)."""
     cfg = PipelineConfig()
-    return {param: getattr(getattr(cfg, section), key) for param, (section, key) in PARAM_SETTINGS.items()}
+    values = {param: getattr(getattr(cfg, section), key) for param, (section, key) in PARAM_SETTINGS.items()}
+    return {param: list(value) if isinstance(value, tuple) else value for param, value in values.items()}
 
 
 def overrides_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,6 +107,8 @@ def _sourced_overrides(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 
 def _same(a: Any, b: Any) -> bool:
     """Equal values of one kind: 7 is 7.0, but ``true`` is not 1."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a JSON list is the setting's tuple
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 

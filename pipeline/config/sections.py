@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from pipeline.config.checks import ConfigError, _check  # noqa: F401  (ConfigError is re-exported)
 from pipeline.config.evaluation import EvalConfig, GateConfig
+from pipeline.config.serving import ServingConfig  # noqa: F401  (re-exported)
 from pipeline.data.contract import EVENT_TYPES
 
 
@@ -197,6 +198,9 @@ class DistillConfig:
         full_catalogue_max_items: With the ``"kl"`` loss, the soft targets are the teacher's
             distribution over the whole catalogue when it has at most this many items;
             above, over each user's teacher top-K plus ``sampled_negatives``.
+        ladder: The student ladder: parameter budgets (shares of the teacher's parameters),
+            one distilled student each from the same soft targets; the gate promotes the
+            cheapest to serve that passes. Empty: one student at ``student.max_param_share``.
     """
 
     distill_temperature: float = 1.0
@@ -206,8 +210,12 @@ class DistillConfig:
     ranking_decay: float = 10.0
     sampled_negatives: int = 100
     full_catalogue_max_items: int = 5_000
+    ladder: tuple[float, ...] = (0.05, 0.10)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ladder", tuple(float(share) for share in self.ladder))
+        _check(all(0.0 < share <= 1.0 for share in self.ladder) and list(self.ladder) == sorted(set(self.ladder)),
+               f"distill.ladder must be increasing shares in (0, 1], got {list(self.ladder)}")
         _check(self.full_catalogue_max_items >= 0, f"distill.full_catalogue_max_items must be >= 0, got {self.full_catalogue_max_items!r}")
         _check(self.distill_temperature > 0, f"distill.distill_temperature must be > 0, got {self.distill_temperature!r}")
         _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha!r}")
@@ -258,44 +266,6 @@ class SoftTargetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    """The exported retrieval SavedModels and their top-K index (:mod:`pipeline.modeling.retrieval`).
-
-    Attributes:
-        top_k: Items an exported model returns per user.
-        index: ``"brute_force"`` (exact; the faster one up to tens of thousands of items) or ``"ivf"``
-            (k-means partitions, a query scores the probed ones; 2-3x faster at 100k items).
-        num_partitions: IVF partitions; 0: about sqrt(items).
-        probe_partitions: Partitions an IVF query scores (all: exact); 32: recall@100 >= 0.95 (bench/serving_cost.py).
-        partition_capacity: Largest IVF partition / mean; the overflow spills to the next-best centroid.
-        kmeans_iterations: Lloyd iterations of the IVF k-means.
-        seed: Seed of the IVF k-means.
-        block_size: Brute force selects the top K by blocks of this many items (exact; see
-            :func:`pipeline.modeling.retrieval.block_top_k`); 0: about sqrt(items / top_k) from
-            100 items per result up (faster from about 10k items at top_k 100), else 1;
-            1: one ``top_k`` over every item.
-    """
-
-    top_k: int = 100
-    index: str = "brute_force"
-    num_partitions: int = 0
-    probe_partitions: int = 32
-    partition_capacity: float = 1.5
-    kmeans_iterations: int = 10
-    seed: int = 0
-    block_size: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.top_k >= 1, f"serving.top_k must be >= 1, got {self.top_k!r}")
-        _check(self.block_size >= 0, f"serving.block_size must be >= 0, got {self.block_size!r}")
-        _check(self.index in ("ivf", "brute_force"), f"serving.index must be 'ivf' or 'brute_force', got {self.index!r}")
-        _check(min(self.num_partitions, self.kmeans_iterations) >= 0,
-               f"serving.num_partitions and kmeans_iterations must be >= 0, got {self.num_partitions!r} and {self.kmeans_iterations!r}")
-        _check(self.probe_partitions >= 1, f"serving.probe_partitions must be >= 1, got {self.probe_partitions!r}")
-        _check(self.partition_capacity >= 1.0, f"serving.partition_capacity must be >= 1, got {self.partition_capacity!r}")
-
-
-@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Every stage's settings, one section per concern.
 
@@ -327,6 +297,20 @@ class PipelineConfig:
         """Short, stable hash of the named sections and of upstream identities ``inputs``."""
         return stable_hash({"sections": {name: dataclasses.asdict(getattr(self, name)) for name in sections},
                             "inputs": dict(inputs or {})})
+
+    def ladder_rungs(self) -> tuple[float | None, ...]:
+        """The parameter budgets of the students to distil (``distill.ladder``, else the one student's)."""
+        return self.distill.ladder or (self.student.max_param_share,)
+
+    def rung(self, share: float | None) -> "PipelineConfig":
+        """The settings of one rung: the student at budget ``share``, alone. A rung's identity
+        depends on its own budget, not on the rest of the ladder."""
+        return dataclasses.replace(self, student=dataclasses.replace(self.student, max_param_share=share),
+                                   distill=dataclasses.replace(self.distill, ladder=()))
+
+    def rung_name(self, share: float | None) -> str:
+        """The model name of a rung in evaluations and reports: ``student_kd`` for a one-rung ladder."""
+        return "student_kd" if len(self.ladder_rungs()) == 1 else f"student_kd@{share:.0%}"
 
     def plain_student(self) -> "PipelineConfig":
         """The no-distillation baseline: the same student, epochs and seed, hard loss only."""

@@ -58,6 +58,12 @@ def count_users_with_interactions(features_dir: str | Path, splits: Sequence[str
     return pads.dataset(Path(features_dir) / "user_features", format="parquet").count_rows(filter=total > 0)
 
 
+def users_of_split(features_dir: str | Path, split: str) -> np.ndarray:
+    """The sorted distinct ``user_idx`` with interactions in ``split``."""
+    parts = [b.column("user_idx").to_numpy() for b in stream_interactions(features_dir, split, columns=("user_idx",))]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
+
+
 def user_index_bound(features_dir: str | Path, splits: Sequence[str]) -> int:
     """``1 +`` the largest ``user_idx`` among the interactions of ``splits`` (one column scan)."""
     batches = stream_interactions(features_dir, splits, columns=["user_idx"])

@@ -1,4 +1,5 @@
-"""Serving-cost measures: parameters, SavedModel bytes, batched top-K latency."""
+"""Serving-cost measures: parameters, SavedModel bytes, batched top-K latency (through the
+model's faiss serving index, :class:`pipeline.serving.ServingModel`, when it has one)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EvalConfig
+from pipeline.serving import WARMUP_CALLS, ServingModel, locate_model, serving_recall, time_top_k
 
 log = logging.getLogger(__name__)
 
-# Untimed calls before measuring latency: the first calls build kernels and caches.
-LATENCY_WARMUP_CALLS = 3
+# Untimed calls before measuring latency (the first calls build kernels and caches): as many
+# through a SavedModel as through a serving index.
+LATENCY_WARMUP_CALLS = WARMUP_CALLS
 
 
 def limit_tf_threads(threads: int = 2) -> None:
@@ -67,9 +70,12 @@ def saved_model_bytes(path: str | Path) -> int:
 
 
 def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: EvalConfig) -> dict[str, float | int]:
-    """Latency of batched top-K queries against a retrieval SavedModel.
+    """Latency of batched top-K queries, as the model is served.
 
-    The SavedModel's call function takes a ``[B]`` string tensor of user ids and returns
+    A model exported with a faiss serving index (``serving_index/`` beside or inside
+    ``saved_model_dir``) is timed through :class:`pipeline.serving.ServingModel` (query
+    tower, then the index, top 100); one exported before is timed through its SavedModel,
+    whose call function takes a ``[B]`` string tensor of user ids and returns
     ``(scores [B, K], item_ids [B, K])``, as a TFRS ``BruteForce`` index saved with
     ``tf.saved_model.save`` does. Batches of ``cfg.latency_batch_size`` ids cycle through
     ``user_ids``; after :data:`LATENCY_WARMUP_CALLS` untimed calls, ``cfg.latency_repeats``
@@ -77,29 +83,59 @@ def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: Eval
 
     This function does not touch TensorFlow's thread settings: the caller fixes them once,
     before TensorFlow starts (e.g. ``tf.config.threading.set_intra_op_parallelism_threads``),
-    so every model is measured under the same limits.
+    so every model is measured under the same limits; faiss searches with 2 threads.
 
     Args:
-        saved_model_dir: Directory written by ``tf.saved_model.save``.
+        saved_model_dir: Directory written by ``tf.saved_model.save`` (a model's
+            ``saved_model/`` or a registry version).
         user_ids: ``[n]`` user ids (strings), n >= 1.
         cfg: ``latency_batch_size`` and ``latency_repeats``.
 
     Returns:
         ``latency_ms_p50`` and ``latency_ms_p99`` (per batch call), ``throughput_users_per_s``
-        (batch size / median latency) and ``batch_size``.
+        (batch size / median latency) and ``batch_size``; through a serving index also
+        ``recall_at_100`` (against exact brute force
+        over the exported item vectors) and ``index_bytes``.
 
     Raises:
         ValueError: On empty ids, non-positive batch size or repeats, a SavedModel without a
             call function, or outputs that are not two ``[B, K]`` tensors.
     """
-    import tensorflow as tf
-
     ids = np.asarray(user_ids).astype(str)
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"user_ids must be a non-empty 1-D array, got shape {ids.shape}")
     batch_size, repeats = int(cfg.latency_batch_size), int(cfg.latency_repeats)
     if batch_size < 1 or repeats < 1:
         raise ValueError(f"latency_batch_size and latency_repeats must be >= 1, got {batch_size} and {repeats}")
+    if _has_serving_index(saved_model_dir):
+        result = _measure_served(saved_model_dir, ids, batch_size, repeats)
+    else:
+        result = _measure_saved_model(saved_model_dir, ids, batch_size, repeats)
+    log.info("latency %s (%s): batch %d, p50 %.2f ms, p99 %.2f ms, %.0f users/s (%d timed calls)", saved_model_dir,
+             "faiss index" if "index_bytes" in result else "SavedModel", batch_size, result["latency_ms_p50"],
+             result["latency_ms_p99"], result["throughput_users_per_s"], repeats)
+    return result
+
+
+def _has_serving_index(saved_model_dir: str | Path) -> bool:
+    try:
+        return locate_model(saved_model_dir).serving_index is not None
+    except FileNotFoundError:  # not a SavedModel at all: the SavedModel path says why
+        return False
+
+
+def _measure_served(saved_model_dir: str | Path, ids: np.ndarray, batch_size: int, repeats: int) -> dict[str, float | int]:
+    model = ServingModel.load(saved_model_dir)
+    timing = time_top_k(model, ids, batch_size, repeats)
+    return {"latency_ms_p50": timing["latency_ms_p50"], "latency_ms_p99": timing["latency_ms_p99"],
+            "throughput_users_per_s": timing["users_per_s"], "batch_size": batch_size,
+            "recall_at_100": serving_recall(model, ids), "index_bytes": int(model.record["index_bytes"])}
+
+
+def _measure_saved_model(saved_model_dir: str | Path, ids: np.ndarray, batch_size: int, repeats: int) -> dict[str, float | int]:
+    """The SavedModel's own call function, for models exported before serving indexes."""
+    import tensorflow as tf
+
     model = tf.saved_model.load(str(saved_model_dir))
     if not callable(model):
         raise ValueError(f"the SavedModel at {saved_model_dir} has no call function (save the index layer or model itself)")
@@ -108,7 +144,6 @@ def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: Eval
     calls = LATENCY_WARMUP_CALLS + repeats
     batches = [tf.constant(ids[(np.arange(batch_size) + i * batch_size) % len(ids)]) for i in range(calls)]
     timings_ms = []
-    outputs = None
     for i, batch in enumerate(batches):
         started = time.perf_counter()
         outputs = model(batch)
@@ -118,17 +153,9 @@ def measure_latency(saved_model_dir: str | Path, user_ids: np.ndarray, cfg: Eval
             _check_topk_outputs(arrays, batch_size, saved_model_dir)
         if i >= LATENCY_WARMUP_CALLS:
             timings_ms.append(elapsed_ms)
-
     p50, p99 = (float(v) for v in np.percentile(timings_ms, [50, 99]))
-    result = {
-        "latency_ms_p50": p50,
-        "latency_ms_p99": p99,
-        "throughput_users_per_s": batch_size / (p50 / 1000.0),
-        "batch_size": batch_size,
-    }
-    log.info("latency %s: batch %d, p50 %.2f ms, p99 %.2f ms, %.0f users/s (%d timed calls)",
-             saved_model_dir, batch_size, p50, p99, result["throughput_users_per_s"], repeats)
-    return result
+    return {"latency_ms_p50": p50, "latency_ms_p99": p99, "throughput_users_per_s": batch_size / (p50 / 1000.0),
+            "batch_size": batch_size}
 
 
 def _check_topk_outputs(arrays: list[np.ndarray] | None, batch_size: int, where: str | Path) -> None:

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, PipelineConfig, ServingConfig, TowerCon
 from pipeline.data.features import ItemTable, UserTable, load_item_table, load_user_table, with_history_before_test
 from pipeline.modeling.retrieval import build_index, save_index
 from pipeline.records import ModelMetadata
+from pipeline.serving import SERVING_INDEX_DIR, build_serving_index, save_serving_index
 
 
 def _embedding(rows: int, dim: int, l2: float, name: str) -> tf.keras.layers.Embedding:
@@ -182,7 +183,10 @@ def size_student(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> Tow
     """The student architecture that fits ``cfg.student.max_param_share`` of the teacher on this catalogue.
 
     The embedding dimension (which dominates: it multiplies the number of users and items)
-    is the largest one, up to ``cfg.student.embedding_dim``, within the budget.
+    is the largest one, up to ``cfg.student.embedding_dim``, within the budget. The output
+    width (what serving costs: the index holds ``items x output_dim`` floats and every query
+    scores that many) shrinks in proportion, to no less than 8 (or ``output_dim`` if smaller):
+    a smaller rung of the ladder is also cheaper to serve.
 
     Raises:
         ConfigError: When not even a 1-dimensional embedding fits the budget.
@@ -192,12 +196,14 @@ def size_student(users: UserTable, items: ItemTable, cfg: PipelineConfig) -> Tow
         return student
     budget = student.max_param_share * count_tower_params(users, items, cfg.teacher)
     for dim in range(student.embedding_dim, 0, -1):
-        sized = dataclasses.replace(student, embedding_dim=dim)
+        output_dim = max(min(8, student.output_dim), round(student.output_dim * dim / student.embedding_dim))
+        sized = dataclasses.replace(student, embedding_dim=dim, output_dim=output_dim)
         if count_tower_params(users, items, sized) <= budget:
             return sized
+    smallest = dataclasses.replace(student, embedding_dim=1, output_dim=min(8, student.output_dim))
     raise ConfigError(
         f"student.max_param_share={student.max_param_share} allows {budget:,.0f} parameters, but the smallest student "
-        f"(embedding_dim=1) has {count_tower_params(users, items, dataclasses.replace(student, embedding_dim=1)):,} "
+        f"(embedding_dim=1) has {count_tower_params(users, items, smallest):,} "
         f"on {users.size - 1:,} users and {items.size - 1:,} items: raise the share or shrink student side_dim/hidden_units"
     )
 
@@ -236,8 +242,9 @@ def absent_token(vocabulary: list[str], base: str = "[UNK]") -> str:
 
 
 def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, path: str | Path,
-                     serving: ServingConfig) -> Path:
-    """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids.
+                     serving: ServingConfig, probe_user_ids: np.ndarray | list[str] | None = None) -> Path:
+    """Save a SavedModel that serves the top-``serving.top_k`` items for a batch of user ids,
+    and the faiss serving index of the same item vectors beside it.
 
     The exported model is the query tower behind a ``StringLookup`` of user ids and the
     top-K index ``serving.index`` names (:func:`pipeline.modeling.retrieval.build_index`) over every
@@ -247,6 +254,24 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     evaluation. Only the towers are exported: any training-only layer of a distillation
     model stays behind. The exported query tower serves ``users.history`` (callers pass
     :func:`pipeline.data.features.with_history_before_test`), whatever history it trained with.
+
+    The serving index (:func:`pipeline.serving.build_serving_index`; what
+    :class:`pipeline.serving.ServingModel` serves) goes to ``serving_index/`` in ``path``'s
+    parent, the model's directory; its record is :func:`pipeline.serving.read_index_record`
+    of that directory.
+
+    Args:
+        model: The trained two-tower model.
+        users: The users served, with the history the query tower serves.
+        items: Every item (row 0 is padding).
+        path: Where the SavedModel goes (``<model dir>/saved_model``).
+        serving: The SavedModel's index and the serving index's settings.
+        probe_user_ids: The users whose queries tune and measure the serving index (the
+            validation users); sampled down to ``serving.ann_probe_users`` with
+            ``serving.seed``. None: such a sample of every user.
+
+    Returns:
+        ``path``.
     """
     vocabulary = [str(user_id) for user_id in users.user_ids[1:]]
     # Lookup index i is model row i: real ids 1.., unknown ids 0 (padding).
@@ -256,10 +281,30 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
     try:
         query = tf.keras.Sequential([lookup, model.query])
         item_vectors = embed_all(model.candidate, items.size)[1:]
-        index = build_index(query, item_vectors, np.asarray(items.item_ids[1:]), serving)
-        return save_index(index, users.user_ids[1:2], path)
+        item_ids = np.asarray(items.item_ids[1:])
+        probes = _probe_users(vocabulary if probe_user_ids is None else probe_user_ids, serving)
+        probe_queries = np.concatenate([query(tf.constant(probes[start:start + 4096])).numpy()
+                                        for start in range(0, len(probes), 4096)])
+        saved = save_index(build_index(query, item_vectors, item_ids, serving), users.user_ids[1:2], path)
+        index, record = build_serving_index(item_vectors, item_ids, probe_queries, serving)
+        save_serving_index(Path(path).parent / SERVING_INDEX_DIR, index, item_ids, record)
+        return saved
     finally:
         model.query.history = trained_history
+
+
+def _probe_users(user_ids: np.ndarray | list[str], serving: ServingConfig) -> np.ndarray:
+    """At most ``serving.ann_probe_users`` of ``user_ids`` (distinct, as strings), sampled with ``serving.seed``.
+
+    Raises:
+        ValueError: If there is no user id.
+    """
+    ids = np.unique(np.asarray(user_ids).astype(str))
+    if ids.size == 0:
+        raise ValueError("the serving index needs at least one probe user id")
+    if ids.size > serving.ann_probe_users:
+        ids = np.sort(np.random.default_rng(serving.seed).choice(ids, serving.ann_probe_users, replace=False))
+    return ids
 
 
 def restore_teacher(teacher_dir: str | Path, features_dir: str | Path) -> tuple[TwoTowerModel, UserTable, ItemTable, ModelMetadata]:

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     back = sub.add_parser("rollback", help="re-point the champion (default: the previous champion)")
     back.add_argument("version", type=int, nargs="?")
     back.add_argument("--reason", default="", help="why, for the champion log")
-    sub.add_parser("serving-config", help="rewrite <registry>/models.config from the champions")
+    sub.add_parser("serving-config", help="rewrite <registry>/models.config (and serving.json) from the champions")
     args = parser.parse_args(argv)
     registry = Registry(args.registry, args.model)
     try:

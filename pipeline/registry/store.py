@@ -15,7 +15,8 @@ from typing import Mapping
 
 from pipeline.io import (append_jsonl, crash_point, file_lock, fsync_dir, fsync_tree, read_jsonl, temp_dir, write_json,
                          write_text)
-from pipeline.registry.tf_serving import models_config
+from pipeline.registry.tf_serving import SERVING_MANIFEST, models_config, serving_manifest
+from pipeline.serving.index import SERVING_INDEX_DIR
 
 DEFAULT_MODEL = "recsys_student"
 CHAMPION_FILE = "champion.json"
@@ -152,6 +153,10 @@ class Registry:
           completed by the re-run only if no promotion or rollback was journaled after it
           was published: a crash and its re-run never undo a later decision.
 
+        The model's faiss serving index (``serving_index/`` beside ``saved_model_dir``, when
+        there is one) is published inside the version as ``<version>/serving_index/``, in
+        the same rename as the SavedModel (TF Serving ignores the folder).
+
         Args:
             saved_model_dir: The student's exported SavedModel.
             lineage: Must hold ``run_key``; ``run_id`` is journaled; stored with the version.
@@ -166,6 +171,9 @@ class Registry:
         with temp_dir(self.path / "version") as tmp:
             # Copied and flushed outside the lock, so a rollback never waits for a copy.
             shutil.copytree(saved_model_dir, tmp, dirs_exist_ok=True)
+            index_dir = Path(saved_model_dir).parent / SERVING_INDEX_DIR
+            if index_dir.is_dir():  # published with the SavedModel, in the same rename
+                shutil.copytree(index_dir, tmp / SERVING_INDEX_DIR)
             fsync_tree(tmp)
             with self._lock():
                 self._reconcile()
@@ -245,10 +253,14 @@ class Registry:
             return self.champion()
 
     def write_serving_config(self) -> Path:
-        """Rewrite ``<registry>/models.config`` from every model's ``champion.json`` (atomically).
+        """Rewrite ``<registry>/models.config`` and ``<registry>/serving.json`` from every
+        model's ``champion.json`` (atomically, each only when it changes).
 
+        ``serving.json`` (:func:`pipeline.registry.tf_serving.serving_manifest`) is written
+        once some champion has a faiss serving index, and kept from then on; a registry whose
+        champions were all exported before serving indexes has only ``models.config``.
         Called after every champion change; by hand (``serving-config``) for a registry
-        written before this file existed.
+        written before these files existed.
         """
         with file_lock(self.root / MODELS_CONFIG_LOCK):
             champions = {path.parent.name: (path.parent, json.loads(path.read_text())["version"])
@@ -256,7 +268,21 @@ class Registry:
             target, text = self.root / MODELS_CONFIG, models_config(champions)
             if not target.is_file() or target.read_text() != text:  # unchanged: TF Serving sees no new file
                 write_text(target, text)
+            manifest, served = self.root / SERVING_MANIFEST, serving_manifest(champions)
+            if manifest.is_file() or any(entry["serving_index"] for entry in served["models"].values()):
+                text = json.dumps(served, indent=2, sort_keys=True)
+                if not manifest.is_file() or manifest.read_text() != text:
+                    write_text(manifest, text)
             return target
+
+    def version_dir(self, version: int) -> Path:
+        """Where ``version`` is published (a TF Serving version: the SavedModel, ``serving_index/``, ``assets.extra/``).
+
+        Raises:
+            RegistryError: When there is no such version.
+        """
+        self._check_version(version)
+        return self.path / str(version)
 
     # ------------------------------------------------------------------ internals
     def _lock(self) -> contextlib.AbstractContextManager:

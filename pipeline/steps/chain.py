@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def run_chain(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse_teacher: bool = False,
               plain_baseline: bool = False) -> dict:
-    """Train the teacher, write its soft targets, distil the student.
+    """Train the teacher, write its soft targets, distil every rung of the student ladder.
 
     Args:
         ds: Logical date of the features.
@@ -33,12 +33,18 @@ def run_chain(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse_teacher: boo
         plain_baseline: Also train the same student without distillation.
 
     Returns:
-        ``{"teacher", "soft_targets", "student", ["student_plain"], "seconds"}``: each stage's result.
+        ``{"teacher", "soft_targets", "students", "student", ["student_plain"], "seconds"}``: each
+        stage's result; ``students`` by rung name, ``student`` the one at ``student.max_param_share``
+        (the largest rung when the ladder does not hold it), whose size the plain baseline has.
     """
     started = time.perf_counter()
     result = {"teacher": train_teacher(ds, catalog, cfg, reuse=reuse_teacher)}
     result["soft_targets"] = generate_soft_targets(ds, catalog, cfg)
-    result["student"] = distill_student(ds, catalog, cfg)
+    result["students"] = {cfg.rung_name(share): {**distill_student(ds, catalog, cfg.rung(share)), "rung": share}
+                          for share in cfg.ladder_rungs()}
+    main_share = cfg.student.max_param_share if cfg.student.max_param_share in cfg.ladder_rungs() else cfg.ladder_rungs()[-1]
+    result["student"] = result["students"][cfg.rung_name(main_share)]
+    cfg = cfg.rung(main_share)
     if plain_baseline:
         result["student_plain"] = distill_student(ds, catalog, cfg.plain_student(), role="student_plain")
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -31,12 +31,13 @@ import tensorflow_recommenders as tfrs
 from pipeline import cli
 from pipeline.catalog import TENSORBOARD, Catalog
 from pipeline.config import DistillConfig, PipelineConfig
-from pipeline.data.features import load_item_table, load_user_table, with_history_before_test
+from pipeline.data.features import load_item_table, load_user_table, users_of_split, with_history_before_test
 from pipeline.io import atomic_dir, temp_dir
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
 from pipeline.modeling.training import seed_everything, train_two_tower
 from pipeline.records import ModelMetadata, SoftTargetManifest
+from pipeline.serving import read_index_record
 from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,10 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
             "teacher_version": soft_manifest.teacher_version, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
         })
-        export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
+        export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
+                         probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
         student.save_weights(str(tmp / "checkpoint" / "weights"))
+        meta = dataclasses.replace(meta, extra={**meta.extra, "serving_index": read_index_record(tmp)})
         meta.save(tmp)
     log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,
              cfg.training.early_stopping_k, fit.best_score)

@@ -22,6 +22,7 @@ from pipeline.evaluation import (
     SavedModelScorer,
     evaluate_scorer,
     fit_als,
+    fit_ease,
     limit_tf_threads,
     measure_latency,
     saved_model_bytes,
@@ -29,7 +30,8 @@ from pipeline.evaluation import (
 
 log = logging.getLogger(__name__)
 
-MODEL_ORDER = ("teacher", "student_kd", "student_plain", "champion", "als", "als_refit", "most_popular")
+MODEL_ORDER = ("teacher", "student_kd", "student_plain", "champion", "ease", "ease_refit", "als", "als_refit", "most_popular")
+RUNG_PREFIX = "student_kd@"  # the rungs of a student ladder sort after the teacher, by budget
 
 
 def run_models(ds: str, catalog: Catalog, cfg: PipelineConfig, plain: bool = False) -> dict[str, Path]:
@@ -39,7 +41,8 @@ def run_models(ds: str, catalog: Catalog, cfg: PipelineConfig, plain: bool = Fal
         ArtifactNotFound: When one of them has not been trained.
     """
     hint = "run the chain (train_teacher, soft_targets, distill) first"
-    models = {"teacher": catalog.teacher(ds, cfg), "student_kd": catalog.student(ds, cfg)}
+    models = {"teacher": catalog.teacher(ds, cfg),
+              **{cfg.rung_name(share): catalog.student(ds, cfg.rung(share)) for share in cfg.ladder_rungs()}}
     if plain:
         models["student_plain"] = catalog.student(ds, cfg.plain_student(), "student_plain")
     return {name: require(path, METADATA, name, hint) for name, path in models.items()}
@@ -91,6 +94,12 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
         # interactions would buy.
         models["als"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark))
         models["als_refit"] = test(fit_als(features_dir, cfg.evaluate, cfg.training.seed, spark, splits=("train", "validation")))
+        # EASE: l2 chosen on validation from a train-only fit; ease_refit also learns from validation, same l2.
+        ease = fit_ease(features_dir, cfg.evaluate)  # None above evaluate.ease_max_items (logged why)
+        if ease is not None:
+            models["ease"] = {**test(ease), "l2": ease.l2}
+            refit = fit_ease(features_dir, cfg.evaluate, splits=("train", "validation"), l2=ease.l2)
+            models["ease_refit"] = {**test(refit), "l2": refit.l2}
     if latency:
         sample = user_ids[1:]
         for _ in range(2):  # two interleaved rounds, the second (warm) one is kept
@@ -104,7 +113,11 @@ def format_table(models: dict[str, dict], columns: Sequence[str] = ("ndcg@10", "
     """A fixed-width table of the models' metrics, for logs."""
     header = f"{'model':14}" + "".join(f"{c:>12}" for c in columns) + f"{'params':>10}{'p50 ms':>9}"
     lines = [header]
-    rank = lambda name: MODEL_ORDER.index(name) if name in MODEL_ORDER else len(MODEL_ORDER)  # noqa: E731
+    def rank(name: str) -> tuple:
+        if name.startswith(RUNG_PREFIX):
+            return (1, float(name[len(RUNG_PREFIX):].rstrip("%")))
+        return (MODEL_ORDER.index(name) if name in MODEL_ORDER else len(MODEL_ORDER), 0.0)
+
     for name, row in sorted(models.items(), key=lambda item: rank(item[0])):
         values = "".join(f"{row[c]:12.4f}" if isinstance(row.get(c), float) else f"{'-':>12}" for c in columns)
         params = f"{row['trainable_params']:>10,}" if row.get("trainable_params") else f"{'-':>10}"

@@ -1,7 +1,7 @@
 """Run-level steps the DAG wires together: parameters -> settings, raw-window and feature
 checks, the gate decision, promotion or rejection, the report. No Airflow in here: each
 function takes the resolved run and returns a small JSON-able dict, so the CLI and tests
-call them too. ``python -m pipeline.steps.run --ds ... [--set ...]`` prints a run's summary.
+call them too. ``python -m pipeline.steps.summary --ds ... [--set ...]`` (recsys-run) prints a run's summary.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline import cli
 from pipeline.catalog import (Catalog, configured_data_root, confine_raw_window, features_version,
                               run_data_root)
 from pipeline.config import (
@@ -30,11 +28,9 @@ from pipeline.config import (
 )
 from pipeline.data.contract import RawWindowError
 from pipeline.data.raw_files import check_raw_window
-from pipeline.gate import evaluate_gate
-from pipeline.records import FeatureManifest
+from pipeline.gate import RungResult, choose_rung, evaluate_gate
 from pipeline.registry import Registry, RegistryError
 from pipeline.report import write_report
-from pipeline.steps.evaluate import format_table
 
 log = logging.getLogger(__name__)
 
@@ -206,19 +202,36 @@ def champion_expected(catalog: Catalog) -> bool:
 
 
 def decide(run: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict:
-    """The gate's decision for the run's distilled student (see :func:`pipeline.gate.evaluate_gate`)."""
+    """The gate's decision for the run's student ladder: every rung is gated against the
+    teacher and the champion (see :func:`pipeline.gate.evaluate_gate`), and the cheapest rung
+    to serve that passes is the one to promote (:func:`pipeline.gate.choose_rung`).
+
+    Returns:
+        The chosen rung's gate result, with ``student_model`` (its name in the evaluation),
+        ``ladder`` (every rung: name, share, decision, reasons, users/s, parameters) and
+        ``why`` (one sentence).
+    """
     _, catalog, cfg = settings(run)
     models = evaluation["models"]
     champion = models.get("champion")
-    result = evaluate_gate(models.get("student_kd", {}), models.get("teacher", {}), champion, cfg.gate,
-                           champion_expected=champion_expected(catalog),
-                           champion_version=champion.get("version") if isinstance(champion, Mapping) else None)
-    for warning in result.warnings:
+    expected = champion_expected(catalog)
+    version = champion.get("version") if isinstance(champion, Mapping) else None
+    rungs = []
+    for share in cfg.ladder_rungs():
+        name = cfg.rung_name(share)
+        metrics = models.get(name, {})
+        result = evaluate_gate(metrics, models.get("teacher", {}), champion, cfg.gate, champion_expected=expected,
+                               champion_version=version)
+        rungs.append(RungResult(name, share, result, metrics.get("throughput_users_per_s"), metrics.get("trainable_params")))
+        for check in result.checks:
+            log.info("gate %-16s %-5s %s", name, "pass" if check.passed else "FAIL", check.reason)
+    chosen, why = choose_rung(rungs)
+    for warning in chosen.gate.warnings:
         log.warning("gate: %s", warning)
-    for check in result.checks:
-        log.info("gate %-8s %s", "pass" if check.passed else "FAIL", check.reason)
-    log.info("gate decision: %s", result.decision)
-    return result.to_dict()
+    log.info("gate decision: %s; %s", chosen.gate.decision, why)
+    ladder = [{"name": r.name, "share": r.share, "decision": r.gate.decision, "reasons": r.gate.reasons,
+               "users_per_s": r.users_per_s, "trainable_params": r.trainable_params} for r in rungs]
+    return {**chosen.gate.to_dict(), "student_model": chosen.name, "ladder": ladder, "why": why}
 
 
 def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
@@ -227,7 +240,8 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
         "run_key": run["run_key"], "ds": ds, "run_id": run["run_id"], "config_hash": run["config_hash"],
         "config_overrides": run["overrides"], "teacher_version": teacher["version"], "teacher_path": teacher["path"],
         "student_path": student["path"], "features": str(catalog.features(ds)),
-        "soft_targets": student.get("soft_targets"), "metrics": evaluation["models"].get("student_kd", {}),
+        "soft_targets": student.get("soft_targets"),
+        "metrics": evaluation["models"].get(gate.get("student_model", "student_kd"), {}), "ladder": gate.get("ladder"),
         "teacher_metrics": evaluation["models"].get("teacher", {}), "decision": gate["decision"], "reasons": gate["reasons"],
     }
 
@@ -285,7 +299,8 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                      gate: Mapping, promotion: Mapping | None) -> dict:
     """The run's HTML and Markdown report in the catalogue's report directory."""
     ds, catalog, _ = settings(run)
-    paths = {name: catalog.confine(model["path"]) for name, model in (("teacher", teacher), ("student_kd", student))}
+    student_name = student.get("name", "student_kd")  # the rung the gate chose
+    paths = {name: catalog.confine(model["path"]) for name, model in (("teacher", teacher), (student_name, student))}
     metadata = {name: catalog.model_metadata(path) for name, path in paths.items()}
     histories = {name: meta.history for name, meta in metadata.items()}
     # Each model's TensorBoard logs, recorded relative to its directory (none in models exported before them).
@@ -298,43 +313,3 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                        dict(promotion) if promotion else None, tensorboard=tensorboard)
     log.info("report: %s", out["html"])
     return out
-
-
-def main(argv=None) -> int:
-    """Print a run's summary: features, metrics table, gate decision, report and registry.
-
-    The run is the one of ``--ds`` with the settings given (``--config``, ``--set``), i.e.
-    the settings the DAG run was triggered with.
-    """
-    args = cli.parser(main.__doc__.splitlines()[0]).parse_args(argv)
-    ds, catalog, cfg = cli.settings(args)
-    key = run_key(ds, cfg)
-    registry = open_registry(catalog)
-    attempts = registry.runs(key)
-    if not attempts:
-        print(f"no run of ds={ds} with these settings has been recorded in {registry.path}", file=sys.stderr)
-        return 1
-    report_dir = catalog.report(ds, key, attempts[-1]["run_id"])
-    if not (report_dir / "summary.json").is_file():
-        print(f"the latest attempt {attempts[-1]['run_id']} has no report at {report_dir} (its report task failed?)",
-              file=sys.stderr)
-        return 1
-    summary = json.loads((report_dir / "summary.json").read_text())
-    recorded = attempts[-1].get("features")  # the feature set the run used, by its lineage
-    manifest = FeatureManifest.load(catalog.confine(recorded)) if recorded else catalog.feature_manifest(ds)
-    gate = summary["gate"]
-    print(f"\nrun {summary['run']['run_key']}  (ds {ds}), attempt {attempts[-1]['run_id']} of {len(attempts)}\n")
-    print("features: " + ", ".join(f"{name} {rows:,}" for name, rows in manifest.table_rows.items()))
-    print("events:   " + ", ".join(f"{k} {v:,}" for k, v in manifest.counts.items() if isinstance(v, int)))
-    print("splits:   " + ", ".join(f"{k} {v:,}" for k, v in manifest.interactions_by_split.items()) + "\n")
-    print(format_table(summary["evaluation"]["models"]))
-    print(f"\ngate: {gate['decision']}")
-    for line in gate["reasons"] + [f"warning: {w}" for w in gate["warnings"]]:
-        print(f"  - {line}")
-    print(f"report:   {report_dir / 'report.html'}")
-    print(f"registry: {registry.path} (versions {registry.versions()}, champion {registry.champion()})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,17 +9,19 @@ settings), so re-running the same ``ds`` and settings rewrites the same version.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.catalog import TENSORBOARD, Catalog
 from pipeline.config import PipelineConfig
-from pipeline.data.features import load_item_table, load_user_table, read_manifest, with_history_before_test
+from pipeline.data.features import load_item_table, load_user_table, read_manifest, users_of_split, with_history_before_test
 from pipeline.io import atomic_dir
 from pipeline.modeling.models import build_teacher, export_retrieval
 from pipeline.modeling.training import seed_everything, train_two_tower
 from pipeline.records import ModelMetadata
+from pipeline.serving import read_index_record
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,11 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
             "features_manifest": read_manifest(features_dir).counts, "config": cfg.to_dict(),
             "config_hash": cfg.config_hash(), **trained.record(TENSORBOARD),
         })
-        export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving)
+        # The faiss index's probe depth is set on the validation users' queries.
+        export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
+                         probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
         model.save_weights(str(tmp / "checkpoint" / "weights"))
+        meta = dataclasses.replace(meta, extra={**meta.extra, "serving_index": read_index_record(tmp)})
         meta.save(tmp)
     log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs%s", final.name, trained.params,
              fit.best_epoch, cfg.training.early_stopping_k, fit.best_score, meta.seconds,
