@@ -15,12 +15,13 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from pipeline.io import atomic_dir, write_json
+from pipeline.trend import TREND_HEADERS, TREND_PNG, plot_trend, trend_rows
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str,
 
 def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
                  histories: dict[str, list[dict]], promotion: dict | None,
-                 tensorboard: Mapping[str, str] | None = None) -> dict:
+                 tensorboard: Mapping[str, str] | None = None, trend: Sequence[Mapping] | None = None) -> dict:
     """Write the run's report directory atomically (replacing any earlier one).
 
     Args:
@@ -263,6 +264,7 @@ def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
         promotion: ``{"version", "registry", "champion"}``, or None when the student was not promoted.
         tensorboard: Each model's TensorBoard log directory by model name; when given, the report
             lists them with the command that serves them (as text: the reader's machine may differ).
+        trend: The registry's run records (this run's included), for the last nights' table and plot.
 
     Returns:
         ``{"html", "markdown", "dir"}``: paths in the published directory.
@@ -279,12 +281,15 @@ def write_report(out_dir: str | Path, run: dict, evaluation: dict, gate: dict,
                "warnings": [str(w) for w in gate.get("warnings", [])], "tables": _tables(evaluation, gate),
                "lineage": _lineage_table(run, promotion), "curves_png": CURVES_PNG, "cost_png": COST_PNG,
                "tensorboard": [[str(name), str(logdir)] for name, logdir in (tensorboard or {}).items()],
-               "tensorboard_command": TENSORBOARD_COMMAND}
+               "tensorboard_command": TENSORBOARD_COMMAND, "trend_headers": TREND_HEADERS, "trend_png": TREND_PNG,
+               "trend": trend_rows(trend or [])}
     with atomic_dir(out_dir) as tmp:
         (tmp / "report.html").write_text(_render("report.html", context), encoding="utf-8")
         (tmp / "report.md").write_text(_render("report.md", context), encoding="utf-8")
         _plot_training_curves(tmp / CURVES_PNG, histories, colors)
         _plot_quality_vs_cost(tmp / COST_PNG, models, colors, gate.get("student_model") if gate.get("blessed") else None)
+        if len(context["trend"]) > 1:
+            plot_trend(tmp / TREND_PNG, trend or [])
         write_json(tmp / "summary.json", {"run": run, "evaluation": evaluation, "gate": gate,
                                           "histories": histories, "promotion": promotion,
                                           "tensorboard": dict(tensorboard) if tensorboard else None})

@@ -142,6 +142,21 @@ EVALUATION = {"models": {"teacher": {"ndcg@10": 0.2, "recall@20": 0.3}, "student
                          "student_kd@10%": {"ndcg@10": 0.2, "recall@20": 0.3}}}
 
 
+def test_the_gate_promotes_the_cheapest_passing_rung_and_records_every_rung():
+    run = resolve_run({"student_ladder": [0.02, 0.05, 0.1]}, DUE, "scheduled")
+    rung = lambda ndcg, speed, params: {"ndcg@10": ndcg, "recall@20": 0.3, "throughput_users_per_s": speed,  # noqa: E731
+                                        "trainable_params": params}
+    # 2%: fastest but 0.15 is -25% of the teacher's 0.2 (allowed -5%); 5% passes at 30k users/s; 10% passes at 20k.
+    evaluation = {"models": {"teacher": {"ndcg@10": 0.2, "recall@20": 0.3}, "student_kd@2%": rung(0.15, 50_000.0, 10),
+                             "student_kd@5%": rung(0.199, 30_000.0, 50), "student_kd@10%": rung(0.2, 20_000.0, 100)}}
+    gate = decide(run, evaluation)
+    assert gate["blessed"] and gate["student_model"] == "student_kd@5%"
+    assert gate["why"].startswith("student_kd@5% is the cheapest rung to serve that passes the gate (30,000 users/s)")
+    assert [(r["name"], r["decision"], r["metrics"]["ndcg@10"]) for r in gate["ladder"]] == [
+        ("student_kd@2%", "NOT_BLESSED", 0.15), ("student_kd@5%", "BLESSED", 0.199), ("student_kd@10%", "BLESSED", 0.2)]
+    assert "ndcg@10: student 0.1500 vs teacher 0.2000" in gate["ladder"][0]["reasons"][0]
+
+
 def test_an_empty_registry_is_a_first_run():
     run = resolve_run({}, DUE, "scheduled")
     gate = decide(run, EVALUATION)

@@ -3,7 +3,9 @@
 Layout under ``<registry>/``::
 
     models.config                   TF Serving config pinning every model to its champion
+    serving.json                    per model: champion, its SavedModel (query tower) and faiss index
     <model>/1/ 2/ ...               TF Serving versions (saved_model.pb, variables/), integers that only grow
+    <model>/<N>/serving_index/      the version's faiss index of item vectors (pipeline.serving)
     <model>/<N>/assets.extra/lineage.json   ds, run id, teacher version, features, soft targets,
                                     config hash, metrics, blessing (TF Serving ignores assets.extra)
     <model>/champion.json           the current champion, and the champions before it (for rollback)

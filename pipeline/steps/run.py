@@ -230,6 +230,7 @@ def decide(run: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict:
         log.warning("gate: %s", warning)
     log.info("gate decision: %s; %s", chosen.gate.decision, why)
     ladder = [{"name": r.name, "share": r.share, "decision": r.gate.decision, "reasons": r.gate.reasons,
+               "metrics": {key: models.get(r.name, {}).get(key) for key in cfg.gate.metrics},
                "users_per_s": r.users_per_s, "trainable_params": r.trainable_params} for r in rungs]
     return {**chosen.gate.to_dict(), "student_model": chosen.name, "ladder": ladder, "why": why}
 
@@ -243,6 +244,9 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
         "soft_targets": student.get("soft_targets"),
         "metrics": evaluation["models"].get(gate.get("student_model", "student_kd"), {}), "ladder": gate.get("ladder"),
         "teacher_metrics": evaluation["models"].get("teacher", {}), "decision": gate["decision"], "reasons": gate["reasons"],
+        # For the report's trend across nights (pipeline.trend).
+        "champion_metrics": evaluation["models"].get("champion"), "student_model": gate.get("student_model", "student_kd"),
+        "seconds": {"teacher": teacher.get("seconds"), "student": student.get("seconds")},
     }
 
 
@@ -310,6 +314,6 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
             "teacher_version": teacher["version"], "student": student["path"],
             "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none"}
     out = write_report(catalog.report(ds, run["run_key"], run["run_id"]), info, dict(evaluation), dict(gate), histories,
-                       dict(promotion) if promotion else None, tensorboard=tensorboard)
+                       dict(promotion) if promotion else None, tensorboard=tensorboard, trend=open_registry(catalog).runs())
     log.info("report: %s", out["html"])
     return out
