@@ -7,7 +7,8 @@ Layout under one data root::
     features/<features version>/_validation/ds=<ds>/   GX Data Docs of that feature job
     models/teacher/<ds>-<identity>/             a teacher export (saved_model/, checkpoint/, metadata.json,
                                                 tensorboard/: its training's TensorBoard logs)
-    soft_targets/ds=<ds>/<identity>/            the teacher's batch soft targets
+    soft_targets/ds=<ds>/<identity>/            the teacher's batch soft targets (selection/: those of a
+                                                refitted teacher's selection run, for a student's own)
     models/student/<ds>-<identity>/             a distilled student
     models/student_plain/<ds>-<identity>/       the same student trained without distillation
     registry/<model>/                           promoted versions (pipeline.registry)
@@ -56,6 +57,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_ROLES = ("student", "student_plain")
 # A model directory's TensorBoard logs, one run per training phase below it (recorded in its metadata).
 TENSORBOARD = "tensorboard"
+# Below a refitted teacher's soft targets: those of its selection run, which never saw validation.
+SELECTION_SOFT_TARGETS = "selection"
 
 
 class OutsideDataRoot(ValueError):
@@ -271,6 +274,12 @@ class Catalog:
     def soft_targets(self, ds: str, cfg: PipelineConfig) -> Path:
         """The soft targets that ``cfg``'s teacher writes for ``ds`` (they may not exist yet)."""
         return self.confine(date_partition(self.soft_targets_root, ds) / self.soft_targets_version(ds, cfg))
+
+    def selection_soft_targets(self, ds: str, cfg: PipelineConfig) -> Path:
+        """The soft targets a student's selection run learns from: with ``training.refit``, those
+        of the teacher's selection run (below the main set), else the main set itself."""
+        main = self.soft_targets(ds, cfg)
+        return self.confine(main / SELECTION_SOFT_TARGETS) if cfg.training.refit else main
 
     def student(self, ds: str, cfg: PipelineConfig, role: str = "student") -> Path:
         """The student directory for ``ds`` and ``cfg`` (``role``: distilled or plain)."""

@@ -114,6 +114,10 @@ class ModelMetadata(Record):
     refit: dict | None = None
     teacher_version: str | None = None  # students: the teacher whose soft targets they learnt from
     soft_targets: str | None = None
+    # Refitted teachers: their selection run's weights (trained on train only), relative to the model's directory.
+    selection_checkpoint: str | None = None
+    # Students: ``{phase: {"path", "teacher_weights"}}``, the soft targets each training phase learnt from.
+    soft_targets_by_phase: dict | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -167,4 +171,7 @@ class SoftTargetManifest(Record):
     teacher_dir: str | None = None
     features: str | None = None
     engine: str | None = None
+    teacher_weights: str | None = None  # the teacher's checkpoint directory that scored them
+    known_splits: list | None = None  # the splits whose items were excluded (what that teacher trained on)
+    selection_set: str | None = None  # main set of a refitted teacher: the sub-directory of its selection run's set
     extra: dict = dataclasses.field(default_factory=dict)

@@ -89,8 +89,11 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 
 
 def tables(path: Path) -> dict[str, list]:
-    """Every Parquet table under ``path``, rows sorted, so equal outputs compare equal."""
-    names = sorted({p.relative_to(path).parts[0] for p in path.rglob("*.parquet")})
+    """Every Parquet table under ``path``, rows sorted, so equal outputs compare equal: a
+    top-level directory of Spark's ``part-*`` files is one table, any other Parquet file its own
+    (the soft targets' ``users.parquet`` and ``selection/users.parquet`` are two)."""
+    files = [p.relative_to(path) for p in path.rglob("*.parquet")]
+    names = sorted({f.parts[0] if f.name.startswith("part-") else str(f) for f in files})
     return {name: sorted(map(repr, pq.read_table(path / name).to_pylist())) for name in names}
 
 

@@ -216,6 +216,8 @@ class Trained:
         validation: Validation metrics of the selection run's best weights.
         params: Trainable parameters of the two towers.
         refit: ``{"epochs", "splits", "history", "seconds"}`` of the refit, or None.
+        selection_model: The selection run's model at its best epoch, trained on train only
+            (``model`` itself without a refit).
     """
 
     model: tf.keras.Model
@@ -223,6 +225,7 @@ class Trained:
     validation: dict
     params: int
     refit: dict | None
+    selection_model: tf.keras.Model
 
     def record(self, tensorboard: str) -> dict:
         """What a model's ``metadata.json`` says of its training (``tensorboard``: its log folder, relative)."""
@@ -232,9 +235,10 @@ class Trained:
                 "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": tensorboard}
 
 
-def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
+def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
                     features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,
-                    label: str, user_columns: UserColumns | None = None, log_dir: str | Path | None = None) -> Trained:
+                    label: str, user_columns: Mapping[str, UserColumns] | None = None,
+                    log_dir: str | Path | None = None) -> Trained:
     """Select the epochs on validation, then (``training.refit``) retrain on all that is known.
 
     The selection run fits on the train split and keeps the weights of the best validation
@@ -245,12 +249,17 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
     that never trained on them serves a stale picture of every user. Only the test split
     stays held out, so the gate and the benchmark still judge unseen interactions.
 
+    Each phase has its own model and per-user columns: what the selection run learns from
+    must not have seen validation, or its validation score, and so the epochs it selects,
+    are biased (a student's soft targets from a teacher refitted on validation point it at
+    the very items it is judged on).
+
     Each epoch's history row goes to TensorBoard as it ends: the selection run's (with every
     validation metric) under ``log_dir/selection``, the refit's under ``log_dir/refit``.
 
     Args:
-        build: Builds the model to train from a user table (a two-tower model, or a
-            distillation model around one); called again for the refit.
+        build: ``(users, phase)`` -> the model to train in ``phase`` (:data:`SELECTION_RUN`,
+            then :data:`REFIT_RUN`): a two-tower model, or a distillation model around one.
         towers: ``model`` -> the two-tower model whose query and candidate towers are judged.
         features_dir: The feature partition.
         users: The user table (latest train history).
@@ -258,8 +267,12 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
         cfg: Settings (``training`` and ``evaluate``).
         epochs: Most epochs of the selection run.
         label: Name in the log lines.
-        user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`).
+        user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`),
+            by phase; None: none in either phase.
         log_dir: The training's TensorBoard log directory; None: no logs.
+
+    Raises:
+        ValueError: When ``user_columns`` lacks a phase that runs.
     """
     def validation(m: tf.keras.Model) -> dict:
         two_tower = towers(m)
@@ -269,20 +282,25 @@ def train_two_tower(build: Callable[[UserTable], tf.keras.Model], towers: Callab
         return evaluate_scorer(scorer, features_dir, "validation", eval_cfg)
 
     training = cfg.training
+    phases = (SELECTION_RUN, REFIT_RUN) if training.refit else (SELECTION_RUN,)
+    missing = [phase for phase in phases if user_columns is not None and phase not in user_columns]
+    if missing:
+        raise ValueError(f"{label}: no user columns for the {' and '.join(missing)} phase (given: {sorted(user_columns)})")
+    columns = user_columns or {}
     eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
     watch = f"recall@{training.early_stopping_k}"
-    model = _compiled(build(users), training)
-    dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training, user_columns)
+    model = _compiled(build(users, SELECTION_RUN), training)
+    dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training, columns.get(SELECTION_RUN))
     fit = fit_with_early_stopping(model, dataset, epochs, training.patience, validation, watch, label,
                                   None if log_dir is None else Path(log_dir) / SELECTION_RUN)
-    trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None)
+    trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None, model)
     if not training.refit:
         return trained
     started = time.perf_counter()
     seed_everything(training.seed)
     splits = ("train", "validation")
-    model = _compiled(build(with_history_before_test(features_dir, users, num_items)), training)
-    dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training, user_columns)
+    model = _compiled(build(with_history_before_test(features_dir, users, num_items), REFIT_RUN), training)
+    dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training, columns.get(REFIT_RUN))
     history = []
     with epoch_scalars(None if log_dir is None else Path(log_dir) / REFIT_RUN) as write_scalars:
         for epoch in range(1, fit.best_epoch + 1):

@@ -36,7 +36,7 @@ SPARK_USER_SCHEMA = ("user_idx int, user_id string, topk_item_idx array<int>, to
                      "teacher_user_embedding array<float>")
 
 # Each Python worker restores a teacher once and keeps it for the following batches and tasks.
-_SCORERS: dict[tuple[str, str, int, int], TeacherScorer] = {}
+_SCORERS: dict[tuple[str, str, int, bool, int], TeacherScorer] = {}
 
 
 def user_batches_frame(interactions: Any, splits: Sequence[str], batch_size: int) -> Any:
@@ -73,12 +73,12 @@ def user_batches_frame(interactions: Any, splits: Sequence[str], batch_size: int
     )
 
 
-def _scorer(teacher_dir: str, features_dir: str, top_k: int) -> TeacherScorer:
+def _scorer(teacher_dir: str, features_dir: str, top_k: int, selection_run: bool) -> TeacherScorer:
     """The worker's scorer of ``teacher_dir``, restored on first use (a re-exported teacher is restored again)."""
-    key = (teacher_dir, features_dir, top_k, (Path(teacher_dir) / "metadata.json").stat().st_mtime_ns)
+    key = (teacher_dir, features_dir, top_k, selection_run, (Path(teacher_dir) / "metadata.json").stat().st_mtime_ns)
     if key not in _SCORERS:
         _SCORERS.clear()  # one teacher at a time: each holds its user and item tables
-        _SCORERS[key] = load_scorer(teacher_dir, features_dir, top_k)
+        _SCORERS[key] = load_scorer(teacher_dir, features_dir, top_k, selection_run)
     return _SCORERS[key]
 
 
@@ -88,7 +88,7 @@ def _list_arrays(column: pa.ChunkedArray) -> list[np.ndarray]:
     return np.split(pc.list_flatten(column).to_numpy(zero_copy_only=False), np.cumsum(lengths)[:-1])
 
 
-def score_batch(batch: pa.Table, teacher_dir: str, features_dir: str, top_k: int) -> pa.Table:
+def score_batch(batch: pa.Table, teacher_dir: str, features_dir: str, top_k: int, selection_run: bool = False) -> pa.Table:
     """The soft-target rows of one scoring batch, in a Spark Python worker.
 
     Args:
@@ -96,12 +96,13 @@ def score_batch(batch: pa.Table, teacher_dir: str, features_dir: str, top_k: int
         teacher_dir: The exported teacher.
         features_dir: The features it was trained on.
         top_k: Candidates wanted per user.
+        selection_run: Score with a refitted teacher's selection-run weights.
 
     Returns:
         The batch's rows as :data:`SPARK_USER_SCHEMA`, in ``user_idx`` order.
     """
     batch = batch.sort_by("user_idx")
-    scorer = _scorer(teacher_dir, features_dir, top_k)
+    scorer = _scorer(teacher_dir, features_dir, top_k, selection_run)
     rows = scorer.score(batch.column("user_idx").to_numpy(), _list_arrays(batch.column("known")))
     return pa.Table.from_arrays(
         [col if not pa.types.is_fixed_size_list(col.type) else col.cast(pa.list_(col.type.value_type)) for col in rows.columns],
@@ -155,7 +156,7 @@ def write_users_spark(spark: Any, scorer: TeacherScorer, teacher_dir: Path, feat
 
     Args:
         spark: The session.
-        scorer: The driver's scorer (its ``k``, ``dim`` and known splits).
+        scorer: The driver's scorer (its ``k``, ``dim``, known splits and weights, which the workers restore).
         teacher_dir: The exported teacher, read by every worker.
         features_dir: The features it was trained on, read by every worker.
         batch_size: Users per scoring batch.
@@ -166,10 +167,10 @@ def write_users_spark(spark: Any, scorer: TeacherScorer, teacher_dir: Path, feat
     """
     interactions = spark.read.parquet(str(features_dir / "interactions"))
     users = user_batches_frame(interactions, scorer.known_splits, batch_size)
-    teacher, features, k = str(teacher_dir), str(features_dir), scorer.k
+    teacher, features, k, selection_run = str(teacher_dir), str(features_dir), scorer.k, scorer.selection_run
 
     def score(batch):  # no type hints and no functools.partial: pyspark 4.2 fails to infer the UDF type from them
-        return score_batch(batch, teacher, features, k)
+        return score_batch(batch, teacher, features, k, selection_run)
 
     # Range partitions of the batch column satisfy the grouping without another shuffle, and
     # each partition hands its groups over in batch order: the parts come out in user_idx order.

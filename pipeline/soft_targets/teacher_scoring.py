@@ -16,8 +16,10 @@ import numpy as np
 import pyarrow as pa
 import tensorflow as tf
 
-from pipeline.modeling.models import TwoTowerModel, embed_all, restore_teacher
-from pipeline.records import ModelMetadata
+from pipeline.config import load_config
+from pipeline.data.features import load_item_table, load_user_table
+from pipeline.modeling.models import TwoTowerModel, build_teacher, embed_all, restore_teacher
+from pipeline.records import ArtifactNotFound, ModelMetadata
 
 
 def user_schema(k: int, dim: int) -> pa.Schema:
@@ -107,6 +109,9 @@ class TeacherScorer:
         item_vectors: ``[n_items, dim]`` the candidate tower's embeddings (row 0 is padding).
         k: Candidates per user (at most the real items).
         meta: The teacher's recorded metadata.
+        weights: The checkpoint directory its weights came from, relative to the teacher's.
+        known_splits: The splits whose items a user is known to have had when these weights
+            were trained (excluded from its candidates).
     """
 
     model: TwoTowerModel
@@ -115,15 +120,17 @@ class TeacherScorer:
     item_vectors: np.ndarray
     k: int
     meta: ModelMetadata
+    weights: str
+    known_splits: tuple[str, ...]
 
     @property
     def dim(self) -> int:
         return int(self.item_vectors.shape[1])
 
     @property
-    def known_splits(self) -> tuple[str, ...]:
-        """The splits whose items a user is known to have had when the teacher last trained."""
-        return ("train", "validation") if self.meta.refitted else ("train",)
+    def selection_run(self) -> bool:
+        """Whether these are a refitted teacher's selection-run weights (trained on train only)."""
+        return self.weights == self.meta.selection_checkpoint
 
     def score(self, users: np.ndarray, known: Sequence[np.ndarray]) -> pa.Table:
         """The soft-target rows of one batch of users.
@@ -152,17 +159,38 @@ class TeacherScorer:
         ], names=["item_idx", "item_id", "teacher_item_embedding"])
 
 
-def load_scorer(teacher_dir: str | Path, features_dir: str | Path, top_k: int) -> TeacherScorer:
+def load_scorer(teacher_dir: str | Path, features_dir: str | Path, top_k: int, selection_run: bool = False) -> TeacherScorer:
     """Restore the teacher of ``teacher_dir`` and embed every item.
 
     Args:
         teacher_dir: The exported teacher.
         features_dir: The features it was trained on.
         top_k: Candidates wanted per user (capped at the real items).
+        selection_run: Restore a refitted teacher's selection-run weights (trained on train
+            only, querying with the train history) instead of its refitted ones.
 
     Raises:
-        ArtifactNotFound: When ``teacher_dir`` holds no exported teacher.
+        ArtifactNotFound: When ``teacher_dir`` holds no exported teacher, or (``selection_run``)
+            no selection-run weights.
     """
-    model, users, items, meta = restore_teacher(teacher_dir, features_dir)
+    if selection_run:
+        model, users, items, meta, weights = _restore_selection_run(Path(teacher_dir), features_dir)
+        known: tuple[str, ...] = ("train",)
+    else:
+        model, users, items, meta = restore_teacher(teacher_dir, features_dir)
+        weights, known = "checkpoint", ("train", "validation") if meta.refitted else ("train",)
     return TeacherScorer(model, users.user_ids, items.item_ids, embed_all(model.candidate, items.size),
-                         min(top_k, items.size - 1), meta)
+                         min(top_k, items.size - 1), meta, weights, known)
+
+
+def _restore_selection_run(teacher_dir: Path, features_dir: str | Path):
+    """``(model, users, items, meta, weights)`` of a refitted teacher's selection run, as it was
+    validated: built on the train history (the refitted teacher's queries see validation too)."""
+    meta = ModelMetadata.load(teacher_dir)
+    if not meta.selection_checkpoint:
+        raise ArtifactNotFound(f"teacher {teacher_dir} has no selection-run weights (not refitted, or exported before "
+                               "they were kept): run train_teacher again")
+    users, items = load_user_table(features_dir), load_item_table(features_dir)
+    model = build_teacher(users, items, load_config(meta.config))
+    model.load_weights(str(teacher_dir / meta.selection_checkpoint / "weights")).expect_partial()
+    return model, users, items, meta, meta.selection_checkpoint

@@ -18,12 +18,18 @@ table. ``P`` (the hint projections)
 belongs to :class:`DistillationModel` only, so the exported student does not carry it.
 With ``alpha=1, beta=0`` (:meth:`PipelineConfig.plain_student`) the same code trains the
 plain student, the no-distillation baseline.
+
+With ``training.refit`` the teacher's main soft targets come from its refit on train +
+validation: the student's selection run, judged on validation, learns from the teacher's
+selection-run set instead (``selection/``, :meth:`Catalog.selection_soft_targets`), and only
+its refit from the main set; its metadata names both (``soft_targets_by_phase``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -35,7 +41,7 @@ from pipeline.data.features import load_item_table, load_user_table, users_of_sp
 from pipeline.io import atomic_dir, temp_dir
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
-from pipeline.modeling.training import seed_everything, train_two_tower
+from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN, seed_everything, train_two_tower
 from pipeline.records import ModelMetadata, SoftTargetManifest
 from pipeline.serving import read_index_record
 from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
@@ -140,23 +146,30 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     """
     features_dir = catalog.features(ds)
     soft_targets_dir = catalog.soft_targets(ds, cfg)
+    # The selection run is judged on validation: it learns from soft targets that never saw it.
+    phase_dirs = {SELECTION_RUN: catalog.selection_soft_targets(ds, cfg)}
+    if cfg.training.refit:
+        phase_dirs[REFIT_RUN] = soft_targets_dir
+    manifests = {phase: SoftTargetManifest.load(path) for phase, path in phase_dirs.items()}
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
-    teacher_items = read_teacher_items(soft_targets_dir, items.size)
+    teacher_items = {phase: read_teacher_items(path, items.size) for phase, path in phase_dirs.items()}
     final = catalog.student(ds, cfg, role)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
         with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
+            columns = {phase: UserSoftTargets(path, _made(scratch / phase)) for phase, path in phase_dirs.items()}
             trained = train_two_tower(
-                lambda u: DistillationModel(build_student(u, items, cfg), teacher_items, cfg.distill,
-                                            cfg.training.retrieval_temperature),
+                lambda u, phase: DistillationModel(build_student(u, items, cfg), teacher_items[phase], cfg.distill,
+                                                   cfg.training.retrieval_temperature),
                 lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
-                user_columns=UserSoftTargets(soft_targets_dir, scratch), log_dir=tmp / TENSORBOARD)
+                user_columns=columns, log_dir=tmp / TENSORBOARD)
         student, fit, params = trained.model.student, trained.fit, trained.params
-        soft_manifest = SoftTargetManifest.load(soft_targets_dir)
         meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),
-            "teacher_version": soft_manifest.teacher_version, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
+            "teacher_version": manifests[SELECTION_RUN].teacher_version, "config": cfg.to_dict(), "config_hash": cfg.config_hash(),
             "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
+            "soft_targets_by_phase": {phase: {"path": str(phase_dirs[phase]), "teacher_weights": manifest.teacher_weights}
+                                      for phase, manifest in manifests.items()},
         })
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
                          probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
@@ -168,6 +181,11 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     return {"path": str(final), "version": final.name, "metrics": meta.metrics, "best_epoch": fit.best_epoch,
             "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta.teacher_version,
             "soft_targets": str(soft_targets_dir), "seconds": meta.seconds}
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def main(argv=None) -> int:

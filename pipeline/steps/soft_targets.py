@@ -19,8 +19,16 @@ teacher_user_embedding     fixed_size_list<float32>[D]  teacher query-tower outp
 
 ``items.parquet``: ``item_idx`` int32, ``item_id`` string, ``teacher_item_embedding``
 fixed_size_list<float32>[D] for every item (the hint targets, and the teacher's score of
-any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts and
-``logit_scale`` = 1 / the teacher's ``retrieval_temperature`` (its logits are scores times it).
+any sampled negative as a dot product). ``manifest.json``: teacher, K, D, row counts,
+``logit_scale`` = 1 / the teacher's ``retrieval_temperature`` (its logits are scores times it),
+the teacher's checkpoint that scored them (``teacher_weights``) and the ``known_splits``.
+
+A teacher refitted on train + validation has seen the validation interactions a student's
+selection run is judged on; its soft targets would point that run at them and bias its
+epoch choice. So the same directory also holds, in ``selection/`` (the main manifest's
+``selection_set``), the same three files scored with the teacher's selection-run weights
+(trained on train only, train items excluded): a student selects its epochs on those and
+refits on the main set. Both sets publish together, in one atomic rename.
 
 Users are scored in batches of ``batch_size`` consecutive users, and only each row's top
 K is sorted (:func:`pipeline.soft_targets.teacher_scoring.top_k_excluding`). Two engines
@@ -34,16 +42,17 @@ re-running writes the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
 from pipeline import cli
-from pipeline.catalog import Catalog
+from pipeline.catalog import SELECTION_SOFT_TARGETS, Catalog
 from pipeline.config import PipelineConfig, SoftTargetConfig
 from pipeline.data.features import count_users_with_interactions, stream_user_items
 from pipeline.io import atomic_dir
@@ -76,20 +85,59 @@ def write_users_numpy(scorer: TeacherScorer, features_dir: Path, cfg: SoftTarget
     return written
 
 
-def _write_users_on_spark(spark: Any, scorer: TeacherScorer, teacher_dir: Path, features_dir: Path,
-                          cfg: SoftTargetConfig, out_file: Path) -> int:
-    """:func:`pipeline.soft_targets.spark_engine.write_users_spark` on ``spark``, or on a session of its own."""
-    if spark is not None:
-        return write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_file)
-    spark = spark_session("soft_targets", cfg.spark_master)
+@contextlib.contextmanager
+def _spark_for(engine: str, spark: Any, cfg: SoftTargetConfig) -> Iterator[Any]:
+    """``spark``, or (for the Spark engine without one) a session of its own, stopped after."""
+    if engine != "spark" or spark is not None:
+        yield spark
+        return
+    own = spark_session("soft_targets", cfg.spark_master)
     try:
-        return write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_file)
+        yield own
     finally:
-        spark.stop()
+        own.stop()
+
+
+def write_soft_target_set(ds: str, scorer: TeacherScorer, teacher_dir: Path, features_dir: Path, cfg: SoftTargetConfig,
+                          engine: str, spark: Any, out_dir: Path, selection_set: str | None = None) -> SoftTargetManifest:
+    """Write one set of soft targets (``users.parquet``, ``items.parquet``, ``manifest.json``) into ``out_dir``.
+
+    Args:
+        ds: Logical date.
+        scorer: The teacher's weights that score (its known splits are excluded).
+        teacher_dir: The exported teacher.
+        features_dir: The features it was trained on.
+        cfg: The ``soft_targets`` settings.
+        engine: ``"numpy"`` or ``"spark"``.
+        spark: The Spark engine's session.
+        out_dir: Where the set goes (created).
+        selection_set: The sub-directory of the selection run's set, named in the manifest.
+
+    Returns:
+        The set's manifest.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if engine == "spark":
+        users = write_users_spark(spark, scorer, teacher_dir, features_dir, cfg.batch_size, out_dir / "users.parquet")
+    else:
+        users = write_users_numpy(scorer, features_dir, cfg, out_dir / "users.parquet")
+    pq.write_table(scorer.items_table(), out_dir / "items.parquet")
+    manifest = SoftTargetManifest(
+        ds=ds, teacher_version=scorer.meta.version, teacher_dir=str(teacher_dir), k=scorer.k, dim=scorer.dim,
+        logit_scale=1.0 / float(scorer.meta.config["training"]["retrieval_temperature"]), users=users,
+        items=len(scorer.item_ids), features=str(features_dir), engine=engine, teacher_weights=scorer.weights,
+        known_splits=list(scorer.known_splits), selection_set=selection_set)
+    manifest.save(out_dir)
+    log.info("soft targets from the teacher's %s (%s items excluded): %d users", scorer.weights,
+             "+".join(scorer.known_splits), users)
+    return manifest
 
 
 def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark: Any = None) -> dict:
     """Score every training user with the run's teacher and write the soft targets.
+
+    A refitted teacher also scores, with its selection-run weights, the set in ``selection/``
+    that a student's selection run learns from (see the module docstring).
 
     Args:
         ds: Logical date (the features the teacher was trained on).
@@ -98,10 +146,12 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark:
         spark: The session of the Spark engine; None: it starts (and stops) its own when it runs.
 
     Returns:
-        ``{"path", "teacher_version", "users", "k", "dim", "engine", "seconds"}``.
+        ``{"path", "teacher_version", "users", "k", "dim", "engine", "seconds", "selection"}``;
+        ``selection``: ``{"path", "users", "teacher_weights"}`` of the selection run's set, or None.
 
     Raises:
-        ArtifactNotFound: When the teacher has not been trained.
+        ArtifactNotFound: When the teacher has not been trained, or was refitted without
+            keeping its selection-run weights.
     """
     started = time.perf_counter()
     teacher_dir, features_dir = catalog.teacher(ds, cfg), catalog.features(ds)
@@ -112,20 +162,21 @@ def generate_soft_targets(ds: str, catalog: Catalog, cfg: PipelineConfig, spark:
     log.info("soft targets: %d users with %s interactions, K=%d, engine %s", expected, "+".join(scorer.known_splits),
              scorer.k, engine)
     out = catalog.soft_targets(ds, cfg)
-    with atomic_dir(out) as tmp:
-        if engine == "spark":
-            users = _write_users_on_spark(spark, scorer, teacher_dir, features_dir, cfg.soft_targets, tmp / "users.parquet")
-        else:
-            users = write_users_numpy(scorer, features_dir, cfg.soft_targets, tmp / "users.parquet")
-        pq.write_table(scorer.items_table(), tmp / "items.parquet")
-        logit_scale = 1.0 / float(scorer.meta.config["training"]["retrieval_temperature"])
-        SoftTargetManifest(ds=ds, teacher_version=scorer.meta.version, teacher_dir=str(teacher_dir), k=scorer.k,
-                           dim=scorer.dim, logit_scale=logit_scale, users=users, items=len(scorer.item_ids),
-                           features=str(features_dir), engine=engine).save(tmp)
+    selection_set = SELECTION_SOFT_TARGETS if scorer.meta.refitted else None
+    selection = None
+    with atomic_dir(out) as tmp, _spark_for(engine, spark, cfg.soft_targets) as session:
+        manifest = write_soft_target_set(ds, scorer, teacher_dir, features_dir, cfg.soft_targets, engine, session, tmp,
+                                         selection_set)
+        if selection_set:
+            del scorer  # one teacher in memory at a time
+            chosen = write_soft_target_set(ds, load_scorer(teacher_dir, features_dir, cfg.soft_targets.top_k, selection_run=True),
+                                           teacher_dir, features_dir, cfg.soft_targets, engine, session, tmp / selection_set)
+            selection = {"path": str(out / selection_set), "users": chosen.users, "teacher_weights": chosen.teacher_weights}
     seconds = round(time.perf_counter() - started, 2)
-    log.info("wrote soft targets for %d users (K=%d, %s) to %s in %.1fs", users, scorer.k, engine, out, seconds)
-    return {"path": str(out), "teacher_version": scorer.meta.version, "users": users, "k": scorer.k, "dim": scorer.dim,
-            "engine": engine, "seconds": seconds}
+    log.info("wrote soft targets for %d users (K=%d, %s%s) to %s in %.1fs", manifest.users, manifest.k, engine,
+             ", and the selection run's" if selection else "", out, seconds)
+    return {"path": str(out), "teacher_version": manifest.teacher_version, "users": manifest.users, "k": manifest.k,
+            "dim": manifest.dim, "engine": engine, "seconds": seconds, "selection": selection}
 
 
 def main(argv=None) -> int:

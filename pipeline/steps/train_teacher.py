@@ -2,7 +2,9 @@
 
 Writes the catalogue's teacher directory atomically: ``saved_model/`` (top-K for a batch
 of user ids), ``checkpoint/`` (weights, for soft targets), ``tensorboard/`` (the training's
-per-epoch scalars) and ``metadata.json``. The
+per-epoch scalars) and ``metadata.json``; a teacher refitted on train + validation also
+keeps its selection run's weights (train only) in ``checkpoint_selection/``, named by its
+metadata, for the soft targets a student's own selection run learns from. The
 version is the teacher's identity (features, ``training``, ``teacher`` and ``serving``
 settings), so re-running the same ``ds`` and settings rewrites the same version.
 """
@@ -25,6 +27,9 @@ from pipeline.serving import read_index_record
 
 log = logging.getLogger(__name__)
 
+# A refitted teacher's selection-run weights, beside ``checkpoint/`` (its metadata names the folder).
+SELECTION_CHECKPOINT = "checkpoint_selection"
+
 
 def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = False) -> dict:
     """Train, early-stop on validation Recall@K, export and describe the teacher.
@@ -43,20 +48,25 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
     final = catalog.teacher(ds, cfg)
     if reuse and ModelMetadata.exists(final):
         meta = ModelMetadata.load(final)
-        log.info("reusing teacher %s (validation %s)", final.name, meta.metrics)
-        return {**_summary(meta, final), "reused": True}
+        if not meta.refitted or meta.selection_checkpoint:
+            log.info("reusing teacher %s (validation %s)", final.name, meta.metrics)
+            return {**_summary(meta, final), "reused": True}
+        log.info("not reusing teacher %s: refitted, but exported without its selection run's weights", final.name)
 
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
-        trained = train_two_tower(lambda u: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size, cfg,
-                                  cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
+        trained = train_two_tower(lambda u, phase: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size,
+                                  cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
         model, fit = trained.model, trained.fit
         meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
             "features_manifest": read_manifest(features_dir).counts, "config": cfg.to_dict(),
             "config_hash": cfg.config_hash(), **trained.record(TENSORBOARD),
+            "selection_checkpoint": SELECTION_CHECKPOINT if trained.refit else None,
         })
+        if trained.refit:
+            trained.selection_model.save_weights(str(tmp / SELECTION_CHECKPOINT / "weights"))
         # The faiss index's probe depth is set on the validation users' queries.
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
                          probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
