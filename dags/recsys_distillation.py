@@ -154,6 +154,8 @@ PARAMS = {
                             description="Most teacher epochs (early stopping)."),
     "student_epochs": Param(DEFAULT["student_epochs"], type="integer", minimum=1, title="Student epochs", section="Training",
                             description="Most student epochs (early stopping)."),
+    "warm_start": Param(DEFAULT["warm_start"], type="boolean", title="Warm start", section="Training",
+                        description="Start from the previous night's models of the same settings (cold when there are none)."),
     "reuse_teacher": Param(False, type="boolean", title="Reuse the teacher", section="Training",
                            description="Reuse the teacher already trained on these features and settings."),
     "distill_temperature": Param(DEFAULT["distill_temperature"], type="number", exclusiveMinimum=0, title="Distillation temperature T", section="Distillation",

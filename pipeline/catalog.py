@@ -43,96 +43,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import os
 import re
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig, stable_hash
-from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days, window_partitions
+from pipeline.config import ConfigError, PipelineConfig, load_config, stable_hash
+from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days
+from pipeline.data_root import (DATA_ROOT_ENV, OutsideDataRoot, configured_data_root, confine, confine_raw_window,  # noqa: F401
+                                confine_tree, run_data_root)
 from pipeline.records import (METADATA, MANIFEST, ArtifactNotFound, FeatureManifest, ModelMetadata,  # noqa: F401 (re-exported)
-                              SoftTargetManifest)
+                              RecordError, SoftTargetManifest)
 
-DATA_ROOT_ENV = "RECSYS_DATA_ROOT"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_ROLES = ("student", "student_plain")
 # A model directory's TensorBoard logs, one run per training phase below it (recorded in its metadata).
 TENSORBOARD = "tensorboard"
 # Below a refitted teacher's soft targets: those of its selection run, which never saw validation.
 SELECTION_SOFT_TARGETS = "selection"
-
-
-class OutsideDataRoot(ValueError):
-    """A path the pipeline would use resolves (through a symlink) outside the allowed data root."""
-
-
-def configured_data_root() -> Path:
-    """The data root every run must stay inside: ``$RECSYS_DATA_ROOT`` or ``<repo>/data``."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or REPO_ROOT / "data").resolve()
-
-
-def run_data_root(value: str | None) -> Path:
-    """A run's data root from its ``data_root`` param (None: the configured root; relative:
-    below it), resolved.
-
-    Raises:
-        ConfigError: When it resolves outside :func:`configured_data_root`.
-    """
-    allowed = configured_data_root()
-    data_root = Path(value or allowed)
-    data_root = (data_root if data_root.is_absolute() else allowed / data_root).resolve()
-    if data_root != allowed and allowed not in data_root.parents:
-        raise ConfigError(f"data_root {value!r} resolves to {data_root}, outside the configured data root {allowed} (${DATA_ROOT_ENV})")
-    return data_root
-
-
-def confine(path: str | Path, allowed: str | Path) -> Path:
-    """``path`` itself, once it is known to resolve inside ``allowed``.
-
-    Both are resolved with symlinks followed (so a data root reached through a link is
-    fine, and so is a link that stays inside it); ``path`` need not exist yet: its existing
-    part is resolved and the rest taken as written.
-
-    Raises:
-        OutsideDataRoot: Naming ``path``, where it resolves and the allowed root.
-    """
-    path = Path(path)
-    try:
-        target, root = path.resolve(), Path(allowed).resolve()
-    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
-        raise OutsideDataRoot(f"{path} cannot be resolved inside the data root {allowed}: {err}") from err
-    if target != root and root not in target.parents:
-        raise OutsideDataRoot(f"{path} resolves to {target}, outside the data root {root}: "
-                              "a symlink under the data root must point inside it")
-    return path
-
-
-def confine_tree(directory: str | Path, allowed: str | Path) -> Path:
-    """``directory`` itself, once it and every entry below it resolve inside ``allowed``.
-
-    For inputs read file by file (raw partitions, a SavedModel being copied): a link below
-    ``directory`` is checked, never descended.
-
-    Raises:
-        OutsideDataRoot: For the first entry that leaves ``allowed``.
-    """
-    directory = confine(directory, allowed)
-    for parent, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            confine(Path(parent) / name, allowed)
-    return directory
-
-
-def confine_raw_window(raw_root: str | Path, window_start: dt.date, window_end: dt.date, allowed: str | Path) -> None:
-    """Check that the raw window's event partitions and side tables, and every file in them,
-    resolve inside ``allowed`` (what the pre-flight check and the feature job read).
-
-    Raises:
-        OutsideDataRoot: For the first path that leaves ``allowed``.
-        RawWindowError: When the window holds no partition at all.
-    """
-    for directory in [*window_partitions(raw_root, window_start, window_end),
-                      *(side_table_dir(raw_root, name) for name in SIDE_TABLES)]:
-        confine_tree(directory, allowed)
 
 
 def date_partition(root: str | Path, ds: str) -> Path:
@@ -166,6 +92,11 @@ def features_version(raw_root: str | Path, ds: str, cfg: PipelineConfig) -> str:
 def features_identity(manifest: FeatureManifest) -> str:
     """The identity of a published feature set: a hash of its manifest."""
     return stable_hash(manifest.to_dict())
+
+
+# What "the same settings" means for warm start: every section a model's training depends on.
+WARM_START_SECTIONS = {"teacher": ("features", "training", "teacher", "serving"),
+                       "student": ("features", "training", "teacher", "student", "distill", "soft_targets", "serving")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +191,8 @@ class Catalog:
     # ------------------------------------------------------------------ models and soft targets
     def teacher_version(self, ds: str, cfg: PipelineConfig) -> str:
         """``<ds>-<identity>`` of the teacher that ``cfg`` trains on the features of ``ds``."""
-        features = features_identity(self.feature_manifest(ds))
-        return f"{ds}-{cfg.section_hash('training', 'teacher', 'serving', inputs={'features': features})[:10]}"
+        inputs = {"features": features_identity(self.feature_manifest(ds)), **self._warm_from("teacher", ds, cfg)}
+        return f"{ds}-{cfg.section_hash('training', 'teacher', 'serving', inputs=inputs)[:10]}"
 
     def teacher(self, ds: str, cfg: PipelineConfig) -> Path:
         """The teacher directory for ``ds`` and ``cfg`` (it may not exist yet)."""
@@ -286,9 +217,34 @@ class Catalog:
         if role not in STUDENT_ROLES:
             raise ValueError(f"role must be one of {STUDENT_ROLES}, got {role!r}")
         cfg = cfg.rung(cfg.student.max_param_share)  # a rung's identity: its own budget, not the whole ladder
-        inputs = {"soft_targets": self.soft_targets_version(ds, cfg)}
+        inputs = {"soft_targets": self.soft_targets_version(ds, cfg), **self._warm_from(role, ds, cfg)}
         identity = cfg.section_hash("training", "student", "distill", "serving", inputs=inputs)[:10]
         return self.confine(self.models_root / role / f"{ds}-{identity}")
+
+    # ------------------------------------------------------------------ warm start
+    def previous_model(self, role: str, ds: str, cfg: PipelineConfig) -> Path | None:
+        """The newest model of ``role`` exported for a date before ``ds`` with the same
+        settings as ``cfg`` (every section its training depends on), found by the metadata
+        each export records; None when there is none (the first night, or new settings)."""
+        sections = WARM_START_SECTIONS["teacher" if role == "teacher" else "student"]
+        wanted, found = cfg.section_hash(*sections), None
+        root = self.models_root / role
+        for directory in sorted(root.iterdir()) if root.is_dir() else []:
+            if directory.name.startswith(".") or not ModelMetadata.exists(directory):
+                continue
+            try:
+                meta = ModelMetadata.load(directory)
+                same = load_config(meta.config).section_hash(*sections) == wanted
+            except (RecordError, ConfigError, TypeError, ValueError):  # another code version's record: not ours
+                continue
+            if same and meta.ds < ds and (found is None or meta.ds > found[0]):
+                found = (meta.ds, directory)
+        return self.confine(found[1]) if found else None
+
+    def _warm_from(self, role: str, ds: str, cfg: PipelineConfig) -> dict:
+        """A warm model's identity input: the model it starts from (none for a cold start)."""
+        previous = self.previous_model(role, ds, cfg) if cfg.training.warm_start else None
+        return {"warm_from": previous.name} if previous else {}
 
     def model_metadata(self, model_dir: str | Path) -> ModelMetadata:
         """The metadata of the model exported at ``model_dir`` (inside the data root).

@@ -113,6 +113,7 @@ class ModelMetadata(Record):
     tensorboard: str | None = None  # its TensorBoard logs, relative to the model's directory
     refit: dict | None = None
     teacher_version: str | None = None  # students: the teacher whose soft targets they learnt from
+    warm_start: dict | None = None  # the model it started from ({"from", "version", "ds", counts}) or {"cold": why}
     soft_targets: str | None = None
     # Refitted teachers: their selection run's weights (trained on train only), relative to the model's directory.
     selection_checkpoint: str | None = None

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from pipeline.config import TowerConfig
 from pipeline.data.features import ItemTable, UserTable
 from pipeline.data.synthetic import generate_synthetic_logs
+from pipeline.io import write_json
 
 
 # ---------------------------------------------------------------------- models
@@ -78,3 +79,38 @@ TINY_PARAMS = {
 def generate_tiny_logs(raw: Path) -> None:
     """The synthetic raw logs of the tiny DAG run: 14 days up to :data:`DAG_DS` under ``raw``."""
     generate_synthetic_logs(raw, users=150, items=120, days=14, events=12_000, seed=3, end_date=DAG_DS)
+
+
+# Each user touches 7 items on 7 days: the first 5 train, then one validation and one test item.
+SPLIT_OF_DAY = ["train"] * 5 + ["validation", "test"]
+
+
+def write_hand_features(features_dir: Path, ds: str, users: int = 10, items: int = 30, history_length: int = 3) -> None:
+    """A published feature set by hand: ``users`` users (ids ``u1``...), ``items`` items (``i1``...),
+    7 pairs per user over 7 days: the first 5 train, then one validation and one test item."""
+    day0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    pairs = [(u, (3 * u + day) % items + 1, day) for u in range(1, users + 1) for day in range(len(SPLIT_OF_DAY))]
+    for split in dict.fromkeys(SPLIT_OF_DAY):
+        rows = [p for p in pairs if SPLIT_OF_DAY[p[2]] == split]
+        (features_dir / "interactions" / f"split={split}").mkdir(parents=True)
+        pq.write_table(pa.table({
+            "user_idx": pa.array([u for u, _, _ in rows], pa.int32()), "item_idx": pa.array([i for _, i, _ in rows], pa.int32()),
+            "weight": pa.array([1.0] * len(rows), pa.float64()),
+            "first_ts": pa.array([day0 + dt.timedelta(days=d) for _, _, d in rows], pa.timestamp("us", tz="UTC")),
+        }), features_dir / "interactions" / f"split={split}" / "part-0.parquet")
+    train = {u: [i for v, i, d in pairs if v == u and SPLIT_OF_DAY[d] == "train"] for u in range(1, users + 1)}
+    for table, name in ((pa.table({
+        "user_idx": pa.array(list(train), pa.int32()), "user_id": [f"u{u}" for u in train],
+        "history_item_idx": pa.array([bought[-history_length:] for bought in train.values()], pa.list_(pa.int32())),
+        "age": pa.array([20 + u for u in train], pa.int32()), "gender": ["f" if u % 2 else "m" for u in train],
+        "occupation": ["a" if u % 3 else "b" for u in train],
+    }), "user_features"), (pa.table({
+        "item_idx": pa.array(range(1, items + 1), pa.int32()), "item_id": [f"i{i}" for i in range(1, items + 1)],
+        "year": pa.array([1980 + i for i in range(1, items + 1)], pa.int32()),
+        "categories": [["drama"] if i % 2 else ["comedy"] for i in range(1, items + 1)],
+        "popularity": pa.array([1] * items, pa.int32()),
+    }), "item_features")):
+        (features_dir / name).mkdir()
+        pq.write_table(table, features_dir / name / "part-0.parquet")
+    write_json(features_dir / "manifest.json", {"ds": ds, "config": {"history_length": history_length}, "tables": {},
+                                                "counts": {"users": users, "items": items, "interactions": len(pairs)}})

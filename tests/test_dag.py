@@ -164,7 +164,7 @@ def test_every_task_fails_a_deterministic_error_at_once_and_retries_a_transient_
 
 PARAM_SECTIONS = {
     "Data": ["ds", "window_days", "data_root"],
-    "Training": ["teacher_epochs", "student_epochs", "reuse_teacher"],
+    "Training": ["teacher_epochs", "student_epochs", "warm_start", "reuse_teacher"],
     "Distillation": ["distill_temperature", "alpha", "beta", "student_ladder"],
     "Gate": ["min_change_vs_teacher", "min_change_vs_champion"],
     "Advanced": ["config_overrides"],

@@ -3,59 +3,24 @@ named in its metadata, equal to the history it records, and handed to the run re
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
 from pipeline.catalog import Catalog, date_partition
 from pipeline.config import load_config
 from pipeline.io import DEBRIS, write_json
+from tests.helpers import write_hand_features
 
 DS = "2024-01-31"
-USERS, ITEMS, HISTORY_LENGTH = 10, 30, 3
-# Each user touches 7 items on 7 days: the first 5 train, then one validation and one test item.
-SPLIT_OF_DAY = ["train"] * 5 + ["validation", "test"]
 # Two epochs in the selection run whatever validation says (patience 2), in seconds.
 TINY = load_config({
     "training": {"batch_size": 16, "patience": 2, "shuffle_buffer": 64, "early_stopping_k": 5},
     "teacher": {"embedding_dim": 4, "hidden_units": [4], "output_dim": 4, "epochs": 2},
     "serving": {"top_k": 5},
 })
-
-
-def write_tiny_features(features_dir: Path) -> None:
-    """A published feature set by hand: :data:`USERS` users, :data:`ITEMS` items, 7 pairs per user."""
-    day0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    pairs = [(u, (3 * u + day) % ITEMS + 1, day) for u in range(1, USERS + 1) for day in range(len(SPLIT_OF_DAY))]
-    for split in dict.fromkeys(SPLIT_OF_DAY):
-        rows = [p for p in pairs if SPLIT_OF_DAY[p[2]] == split]
-        (features_dir / "interactions" / f"split={split}").mkdir(parents=True)
-        pq.write_table(pa.table({
-            "user_idx": pa.array([u for u, _, _ in rows], pa.int32()), "item_idx": pa.array([i for _, i, _ in rows], pa.int32()),
-            "weight": pa.array([1.0] * len(rows), pa.float64()),
-            "first_ts": pa.array([day0 + dt.timedelta(days=d) for _, _, d in rows], pa.timestamp("us", tz="UTC")),
-        }), features_dir / "interactions" / f"split={split}" / "part-0.parquet")
-    train = {u: [i for v, i, d in pairs if v == u and SPLIT_OF_DAY[d] == "train"] for u in range(1, USERS + 1)}
-    for table, name in ((pa.table({
-        "user_idx": pa.array(list(train), pa.int32()), "user_id": [f"u{u}" for u in train],
-        "history_item_idx": pa.array([items[-HISTORY_LENGTH:] for items in train.values()], pa.list_(pa.int32())),
-        "age": pa.array([20 + u for u in train], pa.int32()), "gender": ["f" if u % 2 else "m" for u in train],
-        "occupation": ["a" if u % 3 else "b" for u in train],
-    }), "user_features"), (pa.table({
-        "item_idx": pa.array(range(1, ITEMS + 1), pa.int32()), "item_id": [f"i{i}" for i in range(1, ITEMS + 1)],
-        "year": pa.array([1980 + i for i in range(1, ITEMS + 1)], pa.int32()),
-        "categories": [["drama"] if i % 2 else ["comedy"] for i in range(1, ITEMS + 1)],
-        "popularity": pa.array([1] * ITEMS, pa.int32()),
-    }), "item_features")):
-        (features_dir / name).mkdir()
-        pq.write_table(table, features_dir / name / "part-0.parquet")
-    write_json(features_dir / "manifest.json", {"ds": DS, "config": {"history_length": HISTORY_LENGTH}, "tables": {},
-                                                "counts": {"users": USERS, "items": ITEMS, "interactions": len(pairs)}})
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -75,7 +40,7 @@ def teacher(tmp_path_factory) -> tuple[Path, dict]:
     from pipeline.steps.train_teacher import train_teacher
 
     catalog = Catalog(tmp_path_factory.mktemp("tensorboard") / "data")
-    write_tiny_features(date_partition(catalog.features_home, DS))
+    write_hand_features(date_partition(catalog.features_home, DS), DS)
     result = train_teacher(DS, catalog, TINY)
     path = Path(result["path"])
     return path, json.loads((path / "metadata.json").read_text())

@@ -18,6 +18,7 @@ PARAM_SETTINGS = {
     "window_days": ("features", "window_days"),
     "teacher_epochs": ("teacher", "epochs"),
     "student_epochs": ("student", "epochs"),
+    "warm_start": ("training", "warm_start"),
     "distill_temperature": ("distill", "distill_temperature"),
     "alpha": ("distill", "alpha"),
     "beta": ("distill", "beta"),

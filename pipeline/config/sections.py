@@ -107,6 +107,9 @@ class TrainingConfig:
             fresh model (same seed) on train + validation for that many epochs and export
             it: the exported model knows the newest interactions before the test split.
             Validation metrics in the metadata are the selection run's.
+        warm_start: Start each model (both phases) from the previous night's model of the
+            same settings, its id embeddings matched by id (:mod:`pipeline.modeling.warm_start`);
+            cold when there is none. A warm model's identity includes the model it started from.
     """
 
     batch_size: int = 1024
@@ -120,6 +123,7 @@ class TrainingConfig:
     retrieval_temperature: float = 0.05
     causal_history: bool = True
     refit: bool = True
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, f"training.batch_size must be >= 2, got {self.batch_size!r}")

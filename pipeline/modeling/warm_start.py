@@ -11,10 +11,18 @@ then runs as a cold start does, with the same early stopping and refit rules.
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.data.features import ItemTable, UserTable, load_item_table, load_user_table
+from pipeline.records import FeatureManifest, ModelMetadata
+
+log = logging.getLogger(__name__)
 
 # Id embeddings matched by id: (tower attribute, layer attribute, which vocabulary).
 ID_EMBEDDINGS = (("query", "user_embedding", "users"), ("query", "history_embedding", "items"),
@@ -71,6 +79,13 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
     """
     _build(previous)
     _build(model)
+    # Checked before anything is copied, so a refused model stays as a cold start built it.
+    if len(previous.trainable_variables) != len(model.trainable_variables):
+        raise ValueError("last night's model has another architecture: warm start needs the same settings")
+    for tower, layer, _ in ID_EMBEDDINGS:
+        old, new = (getattr(getattr(m, tower), layer).embeddings for m in (previous, model))
+        if old.shape[1] != new.shape[1]:
+            raise ValueError(f"{layer} widths differ: {old.shape[1]} last night, {new.shape[1]} tonight")
     counts, handled = {}, set()
     for tower, layer, kind in ID_EMBEDDINGS:
         old = getattr(getattr(previous, tower), layer).embeddings
@@ -82,8 +97,6 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
     # The rest pair up by position: one architecture tracks its variables in one order (their
     # names carry per-process layer counters, so they differ between two instances).
     pairs = list(zip(previous.trainable_variables, model.trainable_variables))
-    if len(previous.trainable_variables) != len(model.trainable_variables):
-        raise ValueError("last night's model has another architecture: warm start needs the same settings")
     copied, fresh = 0, []
     for source, variable in pairs:
         if id(variable) in handled:
@@ -94,3 +107,55 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
         else:
             fresh.append(variable.name)
     return {**counts, "copied": copied, "fresh": fresh}
+
+
+class WarmStart:
+    """Tonight's models of one role start from ``previous`` (a model directory), or cold.
+
+    Args:
+        previous: Last night's model of the same settings (:meth:`pipeline.catalog.Catalog.previous_model`),
+            or None for a cold start.
+        build: ``(users, items, cfg)`` -> a two-tower model of the previous night's settings
+            (``build_teacher`` or ``build_student``), to restore its checkpoint into.
+        reason: Why the start is cold, when ``previous`` is None.
+    """
+
+    def __init__(self, previous: Path | None, build: Callable[[UserTable, ItemTable, PipelineConfig], tf.keras.Model],
+                 reason: str = "no previous model of these settings"):
+        self.previous, self.record = None, {"cold": reason}
+        if previous is None:
+            return
+        meta = ModelMetadata.load(previous)
+        features = Path(meta.features) if meta.features else None
+        if features is None or not FeatureManifest.exists(features):
+            self.record = {"cold": f"the features {features} of {previous.name} are gone"}
+            log.warning("cold start: %s", self.record["cold"])
+            return
+        users, items = load_user_table(features), load_item_table(features)
+        model = build(users, items, load_config(meta.config))
+        _build(model)
+        model.load_weights(str(Path(previous) / "checkpoint" / "weights")).expect_partial()
+        self.previous, self.vocab = model, {"users": users.user_ids, "items": items.item_ids}
+        self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds}
+
+    def apply(self, model: tf.keras.Model, users: UserTable, items: ItemTable) -> tf.keras.Model:
+        """``model`` (freshly built for tonight) with last night's weights, or as it is when cold."""
+        if self.previous is not None:
+            try:
+                counts = transfer_weights(self.previous, self.vocab, model, {"users": users.user_ids, "items": items.item_ids})
+            except ValueError as refused:  # e.g. a student sized differently on tonight's catalogue
+                self.previous, self.record = None, {"cold": f"{self.record['version']}: {refused}"}
+                log.warning("cold start: %s", self.record["cold"])
+                return model
+            self.record.update({"users": counts["users"], "items": counts["items"], "fresh_weights": counts["fresh"]})
+            log.info("warm start from %s: users %s, items %s", self.record["version"], counts["users"], counts["items"])
+        return model
+
+
+def warm_start_of(role: str, ds: str, catalog, cfg: PipelineConfig,
+                  build: Callable[[UserTable, ItemTable, PipelineConfig], tf.keras.Model]) -> WarmStart:
+    """Where tonight's model of ``role`` starts: last night's of the same settings (``catalog``
+    finds it by recorded metadata), or cold when ``training.warm_start`` is off or there is none."""
+    if not cfg.training.warm_start:
+        return WarmStart(None, build, reason="warm start is off (training.warm_start)")
+    return WarmStart(catalog.previous_model(role, ds, cfg), build)

@@ -42,6 +42,7 @@ from pipeline.io import atomic_dir, temp_dir
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
 from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN, seed_everything, train_two_tower
+from pipeline.modeling.warm_start import warm_start_of
 from pipeline.records import ModelMetadata, SoftTargetManifest
 from pipeline.serving import read_index_record
 from pipeline.soft_targets.rows import TeacherItems, UserSoftTargets, read_teacher_items
@@ -155,12 +156,13 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     teacher_items = {phase: read_teacher_items(path, items.size) for phase, path in phase_dirs.items()}
     final = catalog.student(ds, cfg, role)
+    warm = warm_start_of(role, ds, catalog, cfg, build_student)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
         with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
             columns = {phase: UserSoftTargets(path, _made(scratch / phase)) for phase, path in phase_dirs.items()}
             trained = train_two_tower(
-                lambda u, phase: DistillationModel(build_student(u, items, cfg), teacher_items[phase], cfg.distill,
-                                                   cfg.training.retrieval_temperature),
+                lambda u, phase: DistillationModel(warm.apply(build_student(u, items, cfg), u, items), teacher_items[phase],
+                                                   cfg.distill, cfg.training.retrieval_temperature),
                 lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
                 user_columns=columns, log_dir=tmp / TENSORBOARD)
         student, fit, params = trained.model.student, trained.fit, trained.params
@@ -170,6 +172,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
             "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
             "soft_targets_by_phase": {phase: {"path": str(phase_dirs[phase]), "teacher_weights": manifest.teacher_weights}
                                       for phase, manifest in manifests.items()},
+            "warm_start": warm.record,
         })
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
                          probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
@@ -180,7 +183,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
              cfg.training.early_stopping_k, fit.best_score)
     return {"path": str(final), "version": final.name, "metrics": meta.metrics, "best_epoch": fit.best_epoch,
             "epochs": len(fit.history), "trainable_params": params, "teacher_version": meta.teacher_version,
-            "soft_targets": str(soft_targets_dir), "seconds": meta.seconds}
+            "soft_targets": str(soft_targets_dir), "seconds": meta.seconds, "warm_start": meta.warm_start}
 
 
 def _made(directory: Path) -> Path:

@@ -247,6 +247,7 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
         # For the report's trend across nights (pipeline.trend).
         "champion_metrics": evaluation["models"].get("champion"), "student_model": gate.get("student_model", "student_kd"),
         "seconds": {"teacher": teacher.get("seconds"), "student": student.get("seconds")},
+        "warm_start": {"teacher": teacher.get("warm_start"), "student": student.get("warm_start")},
     }
 
 
@@ -312,8 +313,16 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
                    for name, meta in metadata.items() if meta.tensorboard}
     info = {"ds": ds, "run_id": run["run_id"], "run_key": run["run_key"], "config_hash": run["config_hash"],
             "teacher_version": teacher["version"], "student": student["path"],
-            "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none"}
+            "settings changed": "; ".join(f"{k} from {v}" for k, v in sorted(run.get("setting_sources", {}).items())) or "none",
+            # Where each model started: last night's model (warm) or random weights (cold, and why).
+            **{f"{name} start": _start(meta.warm_start) for name, meta in metadata.items()}}
     out = write_report(catalog.report(ds, run["run_key"], run["run_id"]), info, dict(evaluation), dict(gate), histories,
                        dict(promotion) if promotion else None, tensorboard=tensorboard, trend=open_registry(catalog).runs())
     log.info("report: %s", out["html"])
     return out
+
+
+def _start(record: Mapping | None) -> str:
+    if not record:
+        return "cold"
+    return f"warm from {record['version']} (ds {record['ds']})" if "version" in record else f"cold: {record.get('cold')}"

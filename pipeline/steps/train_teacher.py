@@ -22,6 +22,7 @@ from pipeline.data.features import load_item_table, load_user_table, read_manife
 from pipeline.io import atomic_dir
 from pipeline.modeling.models import build_teacher, export_retrieval
 from pipeline.modeling.training import seed_everything, train_two_tower
+from pipeline.modeling.warm_start import warm_start_of
 from pipeline.records import ModelMetadata
 from pipeline.serving import read_index_record
 
@@ -55,15 +56,16 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
 
     seed_everything(cfg.training.seed)
     users, items = load_user_table(features_dir), load_item_table(features_dir)
+    warm = warm_start_of("teacher", ds, catalog, cfg, build_teacher)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
-        trained = train_two_tower(lambda u, phase: build_teacher(u, items, cfg), lambda m: m, features_dir, users, items.size,
-                                  cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
+        trained = train_two_tower(lambda u, phase: warm.apply(build_teacher(u, items, cfg), u, items), lambda m: m, features_dir,
+                                  users, items.size, cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
         model, fit = trained.model, trained.fit
         meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
             "features_manifest": read_manifest(features_dir).counts, "config": cfg.to_dict(),
             "config_hash": cfg.config_hash(), **trained.record(TENSORBOARD),
-            "selection_checkpoint": SELECTION_CHECKPOINT if trained.refit else None,
+            "selection_checkpoint": SELECTION_CHECKPOINT if trained.refit else None, "warm_start": warm.record,
         })
         if trained.refit:
             trained.selection_model.save_weights(str(tmp / SELECTION_CHECKPOINT / "weights"))
@@ -81,7 +83,8 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
 
 def _summary(meta: ModelMetadata, path: Path) -> dict:
     return {"version": meta.version, "path": str(path), "metrics": meta.metrics, "best_epoch": meta.best_epoch,
-            "epochs": len(meta.history), "seconds": meta.seconds, "trainable_params": meta.trainable_params}
+            "epochs": len(meta.history), "seconds": meta.seconds, "trainable_params": meta.trainable_params,
+            "warm_start": meta.warm_start}
 
 
 def main(argv=None) -> int:

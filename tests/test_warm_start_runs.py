@@ -1,0 +1,85 @@
+"""Warm start across nights, through the real training step: what it starts from and when it is cold."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pipeline.catalog import Catalog, date_partition
+from pipeline.config import load_config
+from pipeline.records import ModelMetadata
+from tests.helpers import write_hand_features
+
+NIGHT_1, NIGHT_2 = "2024-01-30", "2024-01-31"
+TINY = load_config({
+    "training": {"batch_size": 16, "patience": 1, "shuffle_buffer": 64, "early_stopping_k": 5},
+    "teacher": {"embedding_dim": 4, "hidden_units": [4], "output_dim": 4, "epochs": 1},
+    "serving": {"top_k": 5},
+})
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory):
+    """Two nights of hand-made features (the second with 2 new users and 2 new items) and the
+    first night's teacher, trained cold."""
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog = Catalog(tmp_path_factory.mktemp("warm") / "data")
+    write_hand_features(date_partition(catalog.features_home, NIGHT_1), NIGHT_1)
+    write_hand_features(date_partition(catalog.features_home, NIGHT_2), NIGHT_2, users=12, items=32)
+    first = train_teacher(NIGHT_1, catalog, TINY)
+    return catalog, first
+
+
+def test_the_first_night_is_cold_and_the_next_starts_from_it(nights):
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog, first = nights
+    assert first["warm_start"] == {"cold": "no previous model of these settings"}
+    second = train_teacher(NIGHT_2, catalog, TINY)
+    assert second["warm_start"]["version"] == first["version"] and second["warm_start"]["ds"] == NIGHT_1
+    assert second["warm_start"]["users"] == {"kept": 10, "new": 2, "dropped": 0}
+    assert second["warm_start"]["items"] == {"kept": 30, "new": 2, "dropped": 0}
+    assert ModelMetadata.load(second["path"]).warm_start == second["warm_start"]
+
+
+def test_other_settings_start_cold_and_never_read_another_identitys_model(nights, monkeypatch):
+    from pipeline.modeling import warm_start
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog, first = nights
+    opened = []
+    monkeypatch.setattr(warm_start.WarmStart, "__init__", _spy(warm_start.WarmStart.__init__, opened))
+    wider = dataclasses.replace(TINY, teacher=dataclasses.replace(TINY.teacher, embedding_dim=6))
+    assert catalog.previous_model("teacher", NIGHT_2, wider) is None
+    result = train_teacher(NIGHT_2, catalog, wider)
+    assert result["warm_start"] == {"cold": "no previous model of these settings"} and opened == [None]
+
+
+def test_warm_start_off_is_cold(nights):
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog, _ = nights
+    cold = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, warm_start=False))
+    assert train_teacher(NIGHT_2, catalog, cold)["warm_start"] == {"cold": "warm start is off (training.warm_start)"}
+
+
+def test_the_previous_model_is_the_newest_earlier_night_of_the_same_settings(nights):
+    catalog, first = nights
+    assert catalog.previous_model("teacher", NIGHT_2, TINY).name == first["version"]
+    assert catalog.previous_model("teacher", NIGHT_1, TINY) is None  # never the same night, nor a later one
+    # A record another code version wrote (not a config this one loads) is skipped, not fatal.
+    odd = catalog.models_root / "teacher" / "2024-01-29-odd"
+    odd.mkdir()
+    meta = json.loads((catalog.models_root / "teacher" / first["version"] / "metadata.json").read_text())
+    (odd / "metadata.json").write_text(json.dumps({**meta, "ds": "2024-01-29", "config": {"no_such_section": {}}}))
+    assert catalog.previous_model("teacher", NIGHT_2, TINY).name == first["version"]
+
+
+def _spy(init, opened):
+    def spied(self, previous, *args, **kwargs):
+        opened.append(previous)
+        return init(self, previous, *args, **kwargs)
+    return spied
