@@ -164,6 +164,16 @@ def test_serving_model_returns_the_saved_models_exact_top_k(exported):
     assert served.top_k(["a"], 10)[1].shape == (1, 3)  # k is cut to the 3 items
 
 
+def test_known_users_query_vectors_are_looked_up_and_equal_the_towers(exported):
+    served = ServingModel.load(exported)
+    assert served.users.tolist() == ["a", "b"] and served.record["user_vectors"] == 2
+    ids = np.array(["b", "nobody", "a"])
+    np.testing.assert_allclose(served.query_vectors(ids), served.tower_vectors(ids), rtol=1e-5, atol=1e-6)
+    # A lookup, not the tower: a changed table row changes the answer for that user only.
+    served.user_vectors = np.array(served.user_vectors) * 0.0
+    assert not served.query_vectors(["a"]).any() and served.query_vectors(["nobody"]).any()
+
+
 def test_serving_model_fails_clearly_without_an_index(tmp_path):
     saved_model(tmp_path, "saved_model")
     with pytest.raises(FileNotFoundError, match="has no serving_index/"):

@@ -287,7 +287,10 @@ def export_retrieval(model: TwoTowerModel, users: UserTable, items: ItemTable, p
                                         for start in range(0, len(probes), 4096)])
         saved = save_index(build_index(query, item_vectors, item_ids, serving), users.user_ids[1:2], path)
         index, record = build_serving_index(item_vectors, item_ids, probe_queries, serving)
-        save_serving_index(Path(path).parent / SERVING_INDEX_DIR, index, item_ids, record)
+        # Every known user's query vector, so serving a known user is a lookup and a search.
+        user_vectors = np.concatenate([query(tf.constant(vocabulary[start:start + 4096])).numpy()
+                                       for start in range(0, len(vocabulary), 4096)])
+        save_serving_index(Path(path).parent / SERVING_INDEX_DIR, index, item_ids, record, np.asarray(vocabulary), user_vectors)
         return saved
     finally:
         model.query.history = trained_history

@@ -30,6 +30,10 @@ from pipeline.io import fsync_tree, publish_dir, temp_dir, write_json
 INDEX_FILE = "items.faiss"
 ITEM_IDS_FILE = "item_ids.npy"
 RECORD_FILE = "index.json"
+# Every known user's query vector, computed at export: the exported query tower's answer for a
+# user id is fixed until the next export (its history is baked in), so serving looks it up.
+USER_IDS_FILE = "user_ids.npy"
+USER_VECTORS_FILE = "user_vectors.npy"
 # The serving index's directory inside a model's directory and inside a registry version.
 SERVING_INDEX_DIR = "serving_index"
 # Results per query whose recall the record states (and nprobe is tuned for): what is served.
@@ -42,6 +46,8 @@ class SavedIndex(NamedTuple):
     index: faiss.Index
     item_ids: np.ndarray
     record: dict
+    user_ids: np.ndarray | None = None  # [u] the users whose query vectors were computed at export
+    user_vectors: np.ndarray | None = None  # [u, d] float32, memory-mapped
 
 
 def auto_nlist(num_items: int) -> int:
@@ -149,8 +155,10 @@ def _tune_nprobe(index: faiss.IndexIVF, queries: np.ndarray, exact_rows: np.ndar
         nprobe = min(2 * nprobe, index.nlist)
 
 
-def save_serving_index(directory: str | Path, index: faiss.Index, item_ids: np.ndarray, record: dict) -> Path:
-    """Write ``index``, its ``item_ids`` and ``record`` to ``directory`` atomically (old or new, never a part).
+def save_serving_index(directory: str | Path, index: faiss.Index, item_ids: np.ndarray, record: dict,
+                       user_ids: np.ndarray | None = None, user_vectors: np.ndarray | None = None) -> Path:
+    """Write ``index``, its ``item_ids`` and ``record`` to ``directory`` atomically (old or new, never a part),
+    with the known users' query vectors when given (``user_ids [u]``, ``user_vectors [u, d]``).
 
     Returns:
         ``directory``.
@@ -161,11 +169,18 @@ def save_serving_index(directory: str | Path, index: faiss.Index, item_ids: np.n
     ids = np.asarray(item_ids).astype(str)  # unicode, not object: np.load needs no pickle
     if ids.ndim != 1 or len(ids) != index.ntotal:
         raise ValueError(f"need one item id per indexed row ({index.ntotal}), got shape {ids.shape}")
+    if user_vectors is not None and (user_ids is None or np.shape(user_vectors) != (len(user_ids), index.d)):
+        raise ValueError(f"need one {index.d}-d vector per user id, got {np.shape(user_vectors)} for "
+                         f"{None if user_ids is None else len(user_ids)} ids")
     # atomic_dir without its crash points: an export writes this inside the model's own
     # atomic directory, whose "publish.before" the crash tests mean, not this one's.
     with temp_dir(directory) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         np.save(tmp / ITEM_IDS_FILE, ids, allow_pickle=False)
+        if user_vectors is not None:
+            np.save(tmp / USER_IDS_FILE, np.asarray(user_ids).astype(str), allow_pickle=False)
+            np.save(tmp / USER_VECTORS_FILE, np.ascontiguousarray(user_vectors, dtype=np.float32), allow_pickle=False)
+            record = {**record, "user_vectors": len(user_ids), "user_vectors_bytes": int(np.asarray(user_vectors).size * 4)}
         write_json(tmp / RECORD_FILE, record)
         fsync_tree(tmp)
         publish_dir(tmp, Path(directory))
@@ -183,6 +198,9 @@ def load_serving_index(directory: str | Path) -> SavedIndex:
         raise FileNotFoundError(f"{directory} holds no serving index ({INDEX_FILE})")
     index = faiss.read_index(str(directory / INDEX_FILE))
     item_ids = np.load(directory / ITEM_IDS_FILE, allow_pickle=False)
+    if (directory / USER_VECTORS_FILE).is_file():
+        return SavedIndex(index, item_ids, read_index_record(directory), np.load(directory / USER_IDS_FILE, allow_pickle=False),
+                          np.load(directory / USER_VECTORS_FILE, mmap_mode="r", allow_pickle=False))
     return SavedIndex(index, item_ids, read_index_record(directory))
 
 

@@ -53,7 +53,11 @@ def locate_model(path: str | Path) -> ModelFiles:
 
 
 class ServingModel:
-    """A model as served: user ids -> its query tower -> the faiss serving index -> top K.
+    """A model as served: user ids -> query vectors -> the faiss serving index -> top K.
+
+    A known user's query vector is looked up in the table computed at export (the exported
+    query tower answers the same for a user id until the next export: its history is part of
+    it); an id the table lacks goes through the SavedModel's query tower.
 
     Args:
         saved_model: The loaded SavedModel (kept so its variables stay alive).
@@ -61,9 +65,14 @@ class ServingModel:
         item_ids: ``[n]`` item ids.
         record: What the index is (:func:`pipeline.serving.build_serving_index`).
         files: Where they were loaded from.
+        user_ids: ``[u]`` users whose query vectors were computed at export, or None.
+        user_vectors: ``[u, d]`` those vectors.
     """
 
-    def __init__(self, saved_model: Any, index: faiss.Index, item_ids: np.ndarray, record: dict, files: ModelFiles):
+    def __init__(self, saved_model: Any, index: faiss.Index, item_ids: np.ndarray, record: dict, files: ModelFiles,
+                 user_ids: np.ndarray | None = None, user_vectors: np.ndarray | None = None):
+        import pandas as pd
+
         import tensorflow as tf
 
         self._tf = tf
@@ -72,6 +81,8 @@ class ServingModel:
         self.item_ids = np.asarray(item_ids).astype(str)
         self.record = record
         self.files = files
+        self.users = None if user_ids is None else pd.Index(np.asarray(user_ids).astype(str))
+        self.user_vectors = user_vectors
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 2) -> "ServingModel":
@@ -93,10 +104,25 @@ class ServingModel:
                                     "serve its SavedModel or export it again")
         faiss.omp_set_num_threads(threads)
         saved = load_serving_index(files.serving_index)
-        return cls(tf.saved_model.load(str(files.saved_model)), saved.index, saved.item_ids, saved.record, files)
+        return cls(tf.saved_model.load(str(files.saved_model)), saved.index, saved.item_ids, saved.record, files,
+                   saved.user_ids, saved.user_vectors)
 
     def query_vectors(self, user_ids: list[str] | np.ndarray) -> np.ndarray:
-        """``[B, d]`` float32 query vectors (an unknown user id gets the padding row's)."""
+        """``[B, d]`` float32 query vectors: looked up for users known at export, from the query
+        tower for the others (an id the model never saw gets the padding row's)."""
+        ids = np.asarray(user_ids).astype(str).reshape(-1)
+        if self.users is None:
+            return self.tower_vectors(ids)
+        rows = self.users.get_indexer(ids)
+        known = rows >= 0
+        vectors = np.empty((len(ids), self.index.d), dtype=np.float32)
+        vectors[known] = self.user_vectors[rows[known]]
+        if not known.all():
+            vectors[~known] = self.tower_vectors(ids[~known])
+        return vectors
+
+    def tower_vectors(self, user_ids: np.ndarray) -> np.ndarray:
+        """``[B, d]`` float32 query vectors from the SavedModel's query tower."""
         ids = self._tf.constant(np.asarray(user_ids).astype(str).reshape(-1))
         return np.ascontiguousarray(self.saved_model.query_model(ids).numpy(), dtype=np.float32)
 
