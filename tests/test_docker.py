@@ -452,8 +452,8 @@ def test_images_match_the_pinned_versions():
 
 def test_every_environment_variable_the_code_reads_is_configured():
     reads = code_env_reads()
-    # pipeline/catalog.py reads it through a module constant (DATA_ROOT_ENV): the scan resolves those too.
-    assert any(place.startswith("pipeline/catalog.py:") for place in reads["RECSYS_DATA_ROOT"])
+    # pipeline/data_root.py reads it through a module constant (DATA_ROOT_ENV): the scan resolves those too.
+    assert any(place.startswith("pipeline/data_root.py:") for place in reads["RECSYS_DATA_ROOT"])
     example, image_env = env_example(), dockerfile_env()
     airflow_env = environment(services()["airflow-scheduler"])
     for name, places in reads.items():
