@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             row[f"batch_{batch}"] = {key: statistics.median(m[key] for m in measured)
                                      for key in ("latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")}
         teacher = results["models"]["teacher"][f"batch_{batch}"]["throughput_users_per_s"]
-        for name in ("student_kd", "student_plain"):
+        for name in (n for n in models if n.startswith("student")):  # every rung of the ladder and the plain student
             row = results["models"][name][f"batch_{batch}"]
             row["throughput_vs_teacher"] = row["throughput_users_per_s"] / teacher
     results["stages_ms_batch_1024"] = {name: stage_times(path, users) for name, path in models.items()}
