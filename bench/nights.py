@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from bench.feature_results import machine_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK = REPO_ROOT / "bench" / "work" / "nights"
@@ -38,6 +37,14 @@ log = logging.getLogger("bench.nights")
 # Targets of issue 30, reported as met or not.
 MIN_WARM_QUALITY_SHARE = 0.99
 MAX_WARM_TRAINING_SHARE = 1 / 3
+
+
+def machine_info() -> str:
+    """What the numbers were measured on (the benchmark requirements, e.g. DuckDB, are not needed)."""
+    import platform
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{len(os.sched_getaffinity(0))} cores, {platform.platform()}, Python {platform.python_version()}; load at start {load}"
 
 
 def night(data_root: Path, ds: str, params: dict) -> dict:
