@@ -171,6 +171,11 @@ class RungResult:
     trainable_params: int | None
 
 
+# Rungs serving within this share of the fastest passing rung's users/s count as equally cheap,
+# and the one with fewer parameters wins: repeated measurements differ by a few per cent.
+SPEED_TIE = 0.05
+
+
 def serving_rank(rung: RungResult) -> tuple:
     """Cheapest to serve first: most users/s measured at this catalogue's size (unmeasured
     last), then fewest parameters."""
@@ -182,8 +187,9 @@ def serving_rank(rung: RungResult) -> tuple:
 def choose_rung(rungs: list[RungResult]) -> tuple[RungResult, str]:
     """The rung to promote, and one sentence saying why.
 
-    The cheapest rung that passes the gate (:func:`serving_rank`). When none passes, the
-    largest rung (the one closest to the teacher) stands for the run's rejection.
+    The cheapest rung that passes the gate (:func:`serving_rank`; rungs within
+    :data:`SPEED_TIE` of the fastest passing one are equally cheap, and fewer parameters win).
+    When none passes, the largest rung (the one closest to the teacher) stands for the rejection.
 
     Raises:
         ValueError: For an empty ladder.
@@ -192,11 +198,15 @@ def choose_rung(rungs: list[RungResult]) -> tuple[RungResult, str]:
         raise ValueError("the student ladder is empty")
     passing = sorted((r for r in rungs if r.gate.blessed), key=serving_rank)
     if passing:
-        chosen = passing[0]
-        cheaper = [r.name for r in sorted(rungs, key=serving_rank) if serving_rank(r) < serving_rank(chosen)]
+        fastest = -serving_rank(passing[0])[0]
+        tied = [r for r in passing if -serving_rank(r)[0] >= fastest * (1 - SPEED_TIE)]
+        chosen = min(tied, key=lambda r: (serving_rank(r)[1], serving_rank(r)[0]))
+        cheaper = [r.name for r in sorted(rungs, key=serving_rank) if not r.gate.blessed and serving_rank(r) < serving_rank(chosen)]
+        faster = [r.name for r in tied if serving_rank(r) < serving_rank(chosen)]  # within the tie, more parameters
         speed = (f"{chosen.users_per_s:,.0f} users/s" if chosen.users_per_s
                  else f"{chosen.trainable_params:,} parameters" if chosen.trainable_params is not None else "cost not measured")
         why = (f"{chosen.name} is the cheapest rung to serve that passes the gate ({speed})"
+               + (f"; {', '.join(faster)} serve(s) within {SPEED_TIE:.0%} of it with more parameters" if faster else "")
                + (f"; cheaper {', '.join(cheaper)} failed it" if cheaper else "")
                + f"; {len(passing)} of {len(rungs)} rung(s) passed")
         return chosen, why

@@ -175,3 +175,16 @@ def test_when_no_rung_passes_the_largest_stands_for_the_rejection():
     assert why == "no rung passes the gate; s10, the largest, stands for the rejection"
     with pytest.raises(ValueError, match="empty"):
         choose_rung([])
+
+
+def test_rungs_within_the_speed_tie_count_as_equally_cheap_and_fewer_parameters_win():
+    from pipeline.gate import SPEED_TIE, choose_rung
+
+    # 10%: 30,000 users/s; 5%: 29,000 (3.3% slower, inside the 5% tie) with half the parameters.
+    assert SPEED_TIE == 0.05
+    chosen, why = choose_rung([rung("s5", 0.05, 0.2, 29_000.0, 50), rung("s10", 0.10, 0.2, 30_000.0, 100)])
+    assert chosen.name == "s5"
+    assert why == ("s5 is the cheapest rung to serve that passes the gate (29,000 users/s); s10 serve(s) within 5% of it "
+                   "with more parameters; 2 of 2 rung(s) passed")
+    # 27,000 is 10% slower: outside the tie, the faster rung wins.
+    assert choose_rung([rung("s5", 0.05, 0.2, 27_000.0, 50), rung("s10", 0.10, 0.2, 30_000.0, 100)])[0].name == "s10"
