@@ -85,11 +85,14 @@ def generate_tiny_logs(raw: Path) -> None:
 SPLIT_OF_DAY = ["train"] * 5 + ["validation", "test"]
 
 
-def write_hand_features(features_dir: Path, ds: str, users: int = 10, items: int = 30, history_length: int = 3) -> None:
+def write_hand_features(features_dir: Path, ds: str, users: int = 10, items: int = 30, history_length: int = 3,
+                        item_of=None) -> None:
     """A published feature set by hand: ``users`` users (ids ``u1``...), ``items`` items (``i1``...),
-    7 pairs per user over 7 days: the first 5 train, then one validation and one test item."""
+    7 pairs per user over 7 days: the first 5 train, then one validation and one test item;
+    ``item_of(user, day)`` picks the item (default ``(3 * user + day) % items + 1``)."""
+    item_of = item_of or (lambda user, day: (3 * user + day) % items + 1)
     day0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    pairs = [(u, (3 * u + day) % items + 1, day) for u in range(1, users + 1) for day in range(len(SPLIT_OF_DAY))]
+    pairs = [(u, item_of(u, day), day) for u in range(1, users + 1) for day in range(len(SPLIT_OF_DAY))]
     for split in dict.fromkeys(SPLIT_OF_DAY):
         rows = [p for p in pairs if SPLIT_OF_DAY[p[2]] == split]
         (features_dir / "interactions" / f"split={split}").mkdir(parents=True)
@@ -104,6 +107,7 @@ def write_hand_features(features_dir: Path, ds: str, users: int = 10, items: int
         "history_item_idx": pa.array([bought[-history_length:] for bought in train.values()], pa.list_(pa.int32())),
         "age": pa.array([20 + u for u in train], pa.int32()), "gender": ["f" if u % 2 else "m" for u in train],
         "occupation": ["a" if u % 3 else "b" for u in train],
+        **{f"n_{split}": pa.array([SPLIT_OF_DAY.count(split)] * users, pa.int64()) for split in dict.fromkeys(SPLIT_OF_DAY)},
     }), "user_features"), (pa.table({
         "item_idx": pa.array(range(1, items + 1), pa.int32()), "item_id": [f"i{i}" for i in range(1, items + 1)],
         "year": pa.array([1980 + i for i in range(1, items + 1)], pa.int32()),

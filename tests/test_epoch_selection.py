@@ -5,21 +5,19 @@ the teacher refitted on train + validation; without a refit there is one set."""
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
 from pipeline.catalog import Catalog, date_partition
 from pipeline.config import load_config
-from pipeline.io import write_json
 from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN
 from pipeline.records import ArtifactNotFound, ModelMetadata, SoftTargetManifest
+from tests.helpers import write_hand_features
 
 DS = "2024-01-31"
 USERS, ITEMS, HISTORY_LENGTH = 10, 30, 3
@@ -44,44 +42,13 @@ def item_of(user: int, day: int) -> int:
     return (21 if SPLIT_OF_DAY[day] == "validation" else 26) + user % 5
 
 
-def write_features(features_dir: Path) -> None:
-    """A published feature set by hand: :data:`USERS` users, :data:`ITEMS` items, 7 pairs per user."""
-    day0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    pairs = [(u, item_of(u, d), d) for u in range(1, USERS + 1) for d in range(len(SPLIT_OF_DAY))]
-    for split in dict.fromkeys(SPLIT_OF_DAY):
-        rows = [p for p in pairs if SPLIT_OF_DAY[p[2]] == split]
-        (features_dir / "interactions" / f"split={split}").mkdir(parents=True)
-        pq.write_table(pa.table({
-            "user_idx": pa.array([u for u, _, _ in rows], pa.int32()), "item_idx": pa.array([i for _, i, _ in rows], pa.int32()),
-            "weight": pa.array([1.0] * len(rows), pa.float64()),
-            "first_ts": pa.array([day0 + dt.timedelta(days=d) for _, _, d in rows], pa.timestamp("us", tz="UTC")),
-        }), features_dir / "interactions" / f"split={split}" / "part-0.parquet")
-    train = {u: [item_of(u, d) for d in range(5)] for u in range(1, USERS + 1)}
-    for table, name in ((pa.table({
-        "user_idx": pa.array(list(train), pa.int32()), "user_id": [f"u{u}" for u in train],
-        "history_item_idx": pa.array([items[-HISTORY_LENGTH:] for items in train.values()], pa.list_(pa.int32())),
-        "age": pa.array([20 + u for u in train], pa.int32()), "gender": ["f" if u % 2 else "m" for u in train],
-        "occupation": ["a" if u % 3 else "b" for u in train],
-        **{f"n_{split}": pa.array([SPLIT_OF_DAY.count(split)] * USERS, pa.int64()) for split in dict.fromkeys(SPLIT_OF_DAY)},
-    }), "user_features"), (pa.table({
-        "item_idx": pa.array(range(1, ITEMS + 1), pa.int32()), "item_id": [f"i{i}" for i in range(1, ITEMS + 1)],
-        "year": pa.array([1980 + i for i in range(1, ITEMS + 1)], pa.int32()),
-        "categories": [["drama"] if i % 2 else ["comedy"] for i in range(1, ITEMS + 1)],
-        "popularity": pa.array([1] * ITEMS, pa.int32()),
-    }), "item_features")):
-        (features_dir / name).mkdir()
-        pq.write_table(table, features_dir / name / "part-0.parquet")
-    write_json(features_dir / "manifest.json", {"ds": DS, "config": {"history_length": HISTORY_LENGTH}, "tables": {},
-                                                "counts": {"users": USERS, "items": ITEMS, "interactions": len(pairs)}})
-
-
 def teacher_and_soft_targets(root: Path, cfg) -> Catalog:
     """A catalogue under ``root`` with the hand-made features, the teacher of ``cfg`` and its soft targets."""
     from pipeline.steps.soft_targets import generate_soft_targets
     from pipeline.steps.train_teacher import train_teacher
 
     catalog = Catalog(root)
-    write_features(date_partition(catalog.features_home, DS))
+    write_hand_features(date_partition(catalog.features_home, DS), DS, USERS, ITEMS, HISTORY_LENGTH, item_of)
     train_teacher(DS, catalog, cfg)
     generate_soft_targets(DS, catalog, cfg)
     return catalog
