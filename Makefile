@@ -21,7 +21,8 @@ install: $(STAMP)
 $(STAMP): requirements.txt requirements-bench.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	# --no-compile: Python compiles a module on its first import instead (install 70 s instead of 138 s here).
+	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	# The project itself, editable (its packages and console scripts: pyproject.toml), on the pins
 	# above without re-resolving; built with the venv's setuptools when it has one new enough (>= 64).
 	$(PY) -m pip install --quiet --no-deps \

@@ -37,6 +37,9 @@ COST_COLUMNS = (("trainable_params", "params", ",.0f"), ("saved_model_mb", "Save
                 ("throughput_users_per_s", "users/s", ",.0f"), ("index_mb", "index MB", ".2f"),
                 ("recall_at_100", "recall@100 vs exact", ".3f"), ("batch_size", "batch", ",.0f"))
 COST_KEYS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
+# The quality-vs-cost plot's panels: (cost key of :func:`_costs`, x-axis label).
+COST_AXES = (("throughput_users_per_s", "users/s served (higher: cheaper)"),
+             ("index_mb", "serving index MB (lower: cheaper)"), ("trainable_params", "trainable parameters"))
 LADDER_COLUMNS = ("rung", "budget", "NDCG@10", "Recall@20", "params", "users/s", "gate", "why not")
 _NUMERIC_CELL = re.compile(r"^([+-]?[\d,.]+[×%]?|–|nan|inf|-inf)$")  # right-aligned in HTML tables
 TENSORBOARD_COMMAND = "make tensorboard"
@@ -213,16 +216,15 @@ def _short_number(x: float, _position=None) -> str:
 
 
 def _plot_quality_vs_cost(path: Path, models: dict[str, dict], colors: dict[str, str], promoted: str | None = None) -> None:
-    """NDCG@10 against serving throughput and against trainable parameters (log x); baselines as
-    horizontal lines; the promoted rung ringed."""
+    """NDCG@10 against serving throughput, serving index size and trainable parameters (log x, one
+    panel each: :data:`COST_AXES`); models without that cost as horizontal lines; the promoted rung ringed."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    scored = {name: m for name, m in models.items() if _finite(m.get("ndcg@10"))}
-    for ax, (key, label) in zip(axes, (("throughput_users_per_s", "users/s served (higher: cheaper)"),
-                                       ("trainable_params", "trainable parameters"))):
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(COST_AXES), sharey=True)
+    scored = {name: _costs(m) for name, m in models.items() if _finite(m.get("ndcg@10"))}
+    for ax, (key, label) in zip(axes, COST_AXES):
         points = {name: m for name, m in scored.items() if _finite(m.get(key)) and m[key] > 0}
         for name, m in scored.items():
             if name in points:  # a legend, not text labels: models often share a cost (student and champion)

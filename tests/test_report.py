@@ -88,6 +88,27 @@ def test_figures_are_real_pngs(tmp_path):
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
 
 
+def test_quality_vs_cost_plots_every_cost_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: figures.append((Path(path).name, fig)))
+    models = {**MODELS, "teacher": {**MODELS["teacher"], "index_bytes": 8_000_000},
+              "student_kd": {**MODELS["student_kd"], "index_bytes": 1_000_000}}
+    write_report(tmp_path / "report", RUN, {**EVALUATION, "models": models}, BLESSED_GATE, HISTORIES, None)
+    fig = dict(figures)["quality_vs_cost.png"]
+    axes = {ax.get_xlabel(): ax for ax in fig.axes}
+    assert [label.split(",")[0] for label in axes] == [label for _, label in report.COST_AXES]
+
+    def points(label: str) -> set[tuple[float, float]]:
+        return {tuple(xy) for c in axes[f"{label}, log scale"].collections for xy in c.get_offsets().tolist()}
+
+    # Each panel places teacher and student at their own cost of that kind and their NDCG@10.
+    assert points("serving index MB (lower: cheaper)") == {(8.0, 0.2103), (1.0, 0.2051)}
+    assert points("users/s served (higher: cheaper)") == {(12_000.0, 0.2103), (48_000.0, 0.2051)}
+    assert points("trainable parameters") == {(1_200_000, 0.2103), (120_000, 0.2051)}
+
+
 def test_reasons_are_html_escaped(tmp_path):
     out = write_report(tmp_path / "report", RUN, EVALUATION, REJECTED_GATE, HISTORIES, None)
     page = open(out["html"], encoding="utf-8").read()
