@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, EvalConfig, ServingConfig, load_config
 from pipeline.evaluation import measure_latency
 from pipeline.modeling.models import build_model, export_retrieval
 from pipeline.registry import Registry
-from pipeline.serving import (ServingModel, build_serving_index, load_serving_index, measure_serving, read_index_record,
+from pipeline.serving import (ServingModel, build_serving_index, probe_steps, load_serving_index, measure_serving, read_index_record,
                               save_serving_index)
 from pipeline.serving.__main__ import main as serve_main
 from tests.helpers import ITEMS, TINY_TOWER, USERS, saved_model
@@ -81,8 +81,15 @@ def test_nprobe_is_the_fewest_reaching_the_target_recall_and_its_recall_is_remea
     assert record["recall_at_100"] >= 0.9 and record["recall_k"] == 100 and record["probe_queries"] == 300
     assert index.nprobe == record["nprobe"]
     assert numpy_recall(index, items, queries, 100) == pytest.approx(record["recall_at_100"], abs=1e-9)
-    index.nprobe = record["nprobe"] // 2  # the next-smaller power of two misses the target
+    steps = probe_steps(64)
+    index.nprobe = steps[steps.index(record["nprobe"]) - 1]  # the next-smaller step misses the target
     assert numpy_recall(index, items, queries, 100) < 0.9
+
+
+def test_probe_steps_are_powers_of_two_and_the_points_between_up_to_every_list():
+    assert probe_steps(64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert probe_steps(20) == [1, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert probe_steps(1) == [1] and probe_steps(5) == [1, 2, 3, 4, 5]
 
 
 def test_the_exact_index_equals_brute_force_by_hand():

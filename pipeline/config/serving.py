@@ -28,7 +28,7 @@ class ServingConfig:
         ann_exact_max_items: The faiss serving index is exact (``IndexFlatIP``) up to this
             many items, an IVF index (``IndexIVFFlat``) above; see
             :func:`pipeline.serving.build_serving_index` for the measurement behind the default.
-        ann_target_recall: An IVF serving index probes the fewest lists (1, 2, 4, ...) whose
+        ann_target_recall: An IVF serving index probes the fewest lists (1, 2, 3, 4, 6, 8, ...) whose
             recall@100 against exact search on the probe users' queries reaches this.
         ann_nlist: Lists (k-means cells) of an IVF serving index; 0: ``4 * sqrt(items)``.
         ann_probe_users: Most validation users whose query vectors choose (and measure)

@@ -10,11 +10,11 @@ versioned with it in the registry, and the one way to ask a model for its top K.
 
 from pipeline.serving.cost import WARMUP_CALLS, measure_serving, serving_recall, time_top_k
 from pipeline.serving.index import (RECALL_K, SERVING_INDEX_DIR, SavedIndex, auto_nlist, build_serving_index, exact_top_k,
-                                    load_serving_index, read_index_record, recall_at_k, save_serving_index)
+                                    load_serving_index, probe_steps, read_index_record, recall_at_k, save_serving_index)
 from pipeline.serving.model import ModelFiles, ServingModel, locate_model
 
 __all__ = [
     "RECALL_K", "SERVING_INDEX_DIR", "WARMUP_CALLS", "ModelFiles", "SavedIndex", "ServingModel", "auto_nlist",
-    "build_serving_index", "exact_top_k", "load_serving_index", "locate_model", "measure_serving", "read_index_record",
-    "recall_at_k", "save_serving_index", "serving_recall", "time_top_k",
+    "build_serving_index", "exact_top_k", "load_serving_index", "locate_model", "measure_serving", "probe_steps",
+    "read_index_record", "recall_at_k", "save_serving_index", "serving_recall", "time_top_k",
 ]

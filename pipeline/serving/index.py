@@ -1,7 +1,7 @@
 """The serving index: faiss over a model's exported item vectors, chosen and tuned when it is exported.
 
 Small catalogues get an exact ``IndexFlatIP``; above ``serving.ann_exact_max_items`` items an
-``IndexIVFFlat`` (inner product) whose ``nprobe`` is the fewest lists that reach
+``IndexIVFFlat`` (inner product) whose ``nprobe`` is the fewest lists (of 1, 2, 3, 4, 6, 8, ...) that reach
 ``serving.ann_target_recall`` recall@100 against exact search on the validation users'
 query vectors. The record of what was built (kind, lists, probes, the recall measured, size,
 faiss version) is stored beside the index, so the registry and the model's metadata can say
@@ -94,7 +94,7 @@ def build_serving_index(item_vectors: np.ndarray, item_ids: np.ndarray, probe_qu
     2-20x. (ML-100K's 1,682 items are served exactly.)
 
     Above it, ``IndexIVFFlat`` with ``cfg.ann_nlist`` lists (0: :func:`auto_nlist`), its
-    k-means seeded with ``cfg.seed``; ``nprobe`` is the smallest of 1, 2, 4, ... (at most
+    k-means seeded with ``cfg.seed``; ``nprobe`` is the smallest of :func:`probe_steps` (at most
     every list, which is exact) whose recall@100 against exact search on ``probe_queries``
     reaches ``cfg.ann_target_recall``.
 
@@ -144,15 +144,25 @@ def build_serving_index(item_vectors: np.ndarray, item_ids: np.ndarray, probe_qu
     return index, record
 
 
+def probe_steps(nlist: int) -> list[int]:
+    """The probe depths tried, in order: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and the
+    points half-way between them, so the one chosen probes at most a third more lists than the
+    target needs), then every list."""
+    steps, power = [1, 2], 2
+    while steps[-1] < nlist:
+        steps += [power * 3 // 2, 2 * power]
+        power *= 2
+    return sorted({min(step, nlist) for step in steps})
+
+
 def _tune_nprobe(index: faiss.IndexIVF, queries: np.ndarray, exact_rows: np.ndarray, target: float) -> tuple[int, float]:
-    """The fewest lists (1, 2, 4, ..., then every list) probed whose recall reaches ``target``; sets it on ``index``."""
-    nprobe = 1
-    while True:
+    """The fewest lists of :func:`probe_steps` probed whose recall reaches ``target``; sets it on ``index``."""
+    for nprobe in probe_steps(index.nlist):
         index.nprobe = nprobe
         recall = recall_at_k(index.search(queries, exact_rows.shape[1])[1], exact_rows)
-        if recall >= target or nprobe >= index.nlist:
-            return nprobe, recall
-        nprobe = min(2 * nprobe, index.nlist)
+        if recall >= target:
+            break
+    return nprobe, recall
 
 
 def save_serving_index(directory: str | Path, index: faiss.Index, item_ids: np.ndarray, record: dict,
