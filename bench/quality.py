@@ -37,6 +37,7 @@ from bench.ladder import gate_ladder, plain_at_largest_rung, rungs
 from pipeline import cli
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from pipeline.io import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "hitrate@10", "mrr", 
 COSTS = ("trainable_params", "saved_model_bytes", "latency_ms_p50", "latency_ms_p99", "throughput_users_per_s")
 RETENTION_TARGET = 0.97  # a rung keeps at least this share of the teacher's NDCG@10 and Recall@20
 KD_GAIN_TARGET = 0.05  # distillation beats the plain student by at least this much NDCG@10 ...
-KD_GAIN_SEEDS = 4  # ... positive on at least this many of 5 seeds
+KD_GAIN_SEEDS = 4  # ... on at least this many of 5 seeds
 
 
 def model_names(cfg) -> tuple[str, ...]:
@@ -175,8 +176,8 @@ def targets(dataset: str, summary: dict, runs: list[dict], rows: dict) -> dict:
     largest = list(rows)[-1]  # the plain student has its size
     gain = rows[largest]["kd_over_plain_ndcg@10"]
     checks[f"{largest}_over_plain_ndcg@10"] = {
-        "value": gain["mean"], "target": f">= +{KD_GAIN_TARGET:.0%}, positive on >= {KD_GAIN_SEEDS} of 5 seeds",
-        "met": gain["mean"] >= KD_GAIN_TARGET and gain["positive"] >= KD_GAIN_SEEDS, "paired": gain}
+        "value": gain["mean"], "target": f">= +{KD_GAIN_TARGET:.0%} on >= {KD_GAIN_SEEDS} of 5 seeds ({len(runs)} run)",
+        "met": gain["at_least_5%"] >= KD_GAIN_SEEDS, "paired": gain}
     return checks
 
 
@@ -234,16 +235,33 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", help="default: bench/work/quality (ML-100K) or bench/work/quality_<dataset>")
     parser.add_argument("--out", help="default: bench/results/quality_<dataset> (.json and .md are added)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="train nothing: the tables of the seeds already done (of those asked)")
     args = parser.parse_args(argv)
+    asked = list(args.seeds)
     spec = DATASETS[args.dataset]
     suffix = "" if args.dataset == "ml100k" else f"_{args.dataset}"
     catalog = Catalog(Path(args.data_root or REPO_ROOT / "bench" / "work" / f"quality{suffix}"))
     cfg = plain_at_largest_rung(load_config(cli.overrides(args.set + [f"features.window_days={spec['window_days']}"])))
     prepare_features(catalog, args.dataset)
+    # Each seed's result is kept as soon as it is done: a run stopped half-way resumes there, and
+    # several processes (each with some of the seeds) can share one data root.
+    seed_files = catalog.root / "seeds" / cfg.config_hash()[:12]
+    seed_files.mkdir(parents=True, exist_ok=True)
     started, runs = time.perf_counter(), []
     for seed in args.seeds:
-        runs.append({"seed": seed, **run_seed(catalog, spec["ds"], cfg, seed)})
-        log.info("seed %d done in %.0fs", seed, runs[-1]["seconds"])
+        kept = seed_files / f"{seed}.json"
+        if kept.is_file():
+            runs.append(json.loads(kept.read_text()))
+            log.info("seed %d: kept from %s", seed, kept)
+        elif not args.summarise_only:
+            runs.append({"seed": seed, **run_seed(catalog, spec["ds"], cfg, seed)})
+            write_json(kept, runs[-1])
+            log.info("seed %d done in %.0fs", seed, runs[-1]["seconds"])
+    if not runs:
+        log.error("no seed of %s is done (kept in %s)", args.seeds, seed_files)
+        return 1
+    args.seeds = [run["seed"] for run in runs]
     summary = summarise(runs, model_names(cfg))
     rows = ladder(cfg, summary, runs)
     comparisons = {f"teacher vs {m}": paired(runs, "teacher", m, "ndcg@10")
@@ -251,7 +269,7 @@ def main(argv=None) -> int:
     checks = targets(args.dataset, summary, runs, rows)
     import tensorflow as tf
 
-    payload = {"date": dt.date.today().isoformat(), "dataset": spec["label"], "ds": spec["ds"], "seeds": args.seeds,
+    payload = {"date": dt.date.today().isoformat(), "dataset": spec["label"], "ds": spec["ds"], "seeds": args.seeds, "seeds_asked": asked,
                "overrides": args.set, "config": cfg.to_dict(), "seconds": round(time.perf_counter() - started, 1),
                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
                            "load_average_end": list(os.getloadavg())},
