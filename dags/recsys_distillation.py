@@ -279,17 +279,18 @@ def recsys_distillation():
         ds, catalog, cfg = settings(run)
         name = cfg.rung_name(share)
         get_current_context()["rung_name"] = name  # the mapped task's name in the grid
-        return {**distill(ds, catalog, cfg.rung(share)), "rung": share, "name": name}
+        return {**distill(ds, catalog, cfg.rung(share)), "rung": share, "name": name, "soft_targets_seconds": targets.get("seconds")}
 
     @task
     def evaluate(run: dict, teacher: dict, students: list[dict]) -> dict:
         """Evaluate teacher, every student rung, champion and baselines on the same test split."""
         from pipeline.steps.evaluate import evaluate_run
-        from pipeline.steps.run import champion_dir, settings
+        from pipeline.steps.run import champion_dir, settings, task_seconds
 
         ds, catalog, cfg = settings(run)
         exported = {"teacher": teacher["path"], **{student["name"]: student["path"] for student in students}}
-        return evaluate_run(ds, catalog, cfg, exported, champion_dir=champion_dir(catalog))
+        evaluation = evaluate_run(ds, catalog, cfg, exported, champion_dir=champion_dir(catalog))
+        return {**evaluation, "task_seconds": task_seconds(teacher, students, evaluation)}
 
     @task
     def gate(run: dict, evaluation: dict) -> dict:

@@ -1,8 +1,8 @@
 """The trend across nights: the last runs of this DAG, from the registry's run journal.
 
 Every run attempt is recorded in the registry (``runs.jsonl``) with its date, decision, the
-chosen student's, the teacher's and the champion's metrics and serving cost, and each training
-step's seconds. A run report shows the last :data:`TREND_NIGHTS` dates (the newest attempt of
+chosen student's, the teacher's and the champion's metrics and serving cost, and the seconds of
+the teacher's training, the soft targets, every rung's distillation and the evaluation. A run report shows the last :data:`TREND_NIGHTS` dates (the newest attempt of
 each) as a table and a plot, so a drifting data set, a slowly degrading champion or a gate
 that rejects night after night shows at a glance.
 """
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 TREND_NIGHTS = 14
 TREND_PNG = "trend.png"
 TREND_HEADERS = ["ds", "decision", "rung", "champion NDCG@10", "teacher NDCG@10", "student NDCG@10", "student users/s",
-                 "teacher s", "student s"]
+                 "teacher s", "soft targets s", "students s", "evaluation s"]
 
 
 def nights(records: Sequence[Mapping], n: int = TREND_NIGHTS) -> list[Mapping]:
@@ -38,8 +38,19 @@ def _cell(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _students_seconds(seconds: Mapping) -> float | None:
+    """Every rung's training seconds added up (a record from before the ladder: its one student's)."""
+    rungs = seconds.get("students")
+    if isinstance(rungs, Mapping):
+        values = [v for v in rungs.values() if isinstance(v, (int, float))]
+        return float(sum(values)) if values else None
+    return seconds.get("student")
+
+
 def trend_rows(records: Sequence[Mapping]) -> list[list[str]]:
-    """One row of :data:`TREND_HEADERS` per night of :func:`nights`."""
+    """One row of :data:`TREND_HEADERS` per night of :func:`nights`: the time columns are the
+    wall seconds of the teacher's training (0: reused), the soft targets, every rung's
+    distillation together and the evaluation ("–" where a record does not say)."""
     rows = []
     for record in nights(records):
         student, seconds = record.get("metrics") or {}, record.get("seconds") or {}
@@ -47,7 +58,8 @@ def trend_rows(records: Sequence[Mapping]) -> list[list[str]]:
         rows.append([str(record["ds"]), f"{record['decision']}{promoted}", str(record.get("student_model") or "–"),
                      _cell(_ndcg(record.get("champion_metrics")), ".4f"), _cell(_ndcg(record.get("teacher_metrics")), ".4f"),
                      _cell(_ndcg(student), ".4f"), _cell(student.get("throughput_users_per_s"), ",.0f"),
-                     _cell(seconds.get("teacher"), ".0f"), _cell(seconds.get("student"), ".0f")])
+                     _cell(seconds.get("teacher"), ".0f"), _cell(seconds.get("soft_targets"), ".0f"),
+                     _cell(_students_seconds(seconds), ".0f"), _cell(seconds.get("evaluate"), ".0f")])
     return rows
 
 

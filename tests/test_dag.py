@@ -298,6 +298,10 @@ def check_blessed_then_rejected(env: dict, data_root: Path) -> None:
     registry = Registry(data_root / "registry")
     assert registry.versions() == [1] and registry.champion() == 1
     assert registry.runs()[0]["decision"] == "BLESSED"
+    # The run record keeps each task's seconds for the trend across nights (every rung's too).
+    seconds = registry.runs()[0]["seconds"]
+    assert set(seconds["students"]) == {"student_kd@10%", "student_kd@30%"}, seconds
+    assert all(seconds[k] > 0 for k in ("teacher", "soft_targets", "evaluate")) and all(seconds["students"].values()), seconds
     reports = list((data_root / "reports" / f"ds={DAG_DS}").glob("*/*/report.html"))
     assert len(reports) == 1 and "BLESSED" in reports[0].read_text()
     blessed_report = reports[0].read_text()

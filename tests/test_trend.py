@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.report import write_report
+from pipeline.steps.run import task_seconds
 from pipeline.trend import TREND_PNG, nights, trend_rows
 
 
@@ -24,9 +25,27 @@ def test_a_row_gives_the_decision_the_rung_the_three_ndcgs_the_cost_and_the_seco
     rows = trend_rows([record("2024-01-01", "BLESSED", 0.18, champion=None),
                        record("2024-01-02", "BLESSED", 0.185, promoted=False)])
     assert rows == [
-        ["2024-01-01", "BLESSED", "student_kd@5%", "–", "0.2000", "0.1800", "1,234", "100", "51"],
-        ["2024-01-02", "BLESSED (not promoted)", "student_kd@5%", "0.1900", "0.2000", "0.1850", "1,234", "100", "51"],
+        ["2024-01-01", "BLESSED", "student_kd@5%", "–", "0.2000", "0.1800", "1,234", "100", "–", "51", "–"],
+        ["2024-01-02", "BLESSED (not promoted)", "student_kd@5%", "0.1900", "0.2000", "0.1850", "1,234", "100", "–", "51", "–"],
     ]
+
+
+def test_the_time_columns_give_each_task_and_every_rung_together():
+    seconds = {"teacher": 0.0, "student": 50.6, "soft_targets": 12.3,
+               "students": {"student_kd@5%": 50.6, "student_kd@10%": 70.2}, "evaluate": 30.4}
+    [row] = trend_rows([record("2024-01-01", "BLESSED", 0.18, seconds=seconds)])
+    assert row[-4:] == ["0", "12", "121", "30"]  # a reused teacher took no training; the rungs add up
+
+
+def test_a_run_records_the_seconds_of_each_task():
+    teacher = {"seconds": 100.0, "reused": False}
+    students = [{"name": "student_kd@5%", "seconds": 40.0, "soft_targets_seconds": 9.5},
+                {"name": "student_kd@10%", "seconds": 60.0, "soft_targets_seconds": 9.5}]
+    assert task_seconds(teacher, students, {"seconds": 20.0}) == {
+        "teacher": 100.0, "soft_targets": 9.5, "students": {"student_kd@5%": 40.0, "student_kd@10%": 60.0}, "evaluate": 20.0}
+    assert task_seconds({**teacher, "reused": True}, students[:1], {})["teacher"] == 0.0
+    assert task_seconds(teacher, [{"name": "student_kd", "seconds": 1.0}], {}) == {
+        "teacher": 100.0, "soft_targets": None, "students": {"student_kd": 1.0}, "evaluate": None}
 
 
 def write(tmp_path, trend):

@@ -9,6 +9,7 @@ cost is measured side by side. The pieces live in :mod:`pipeline.evaluation`.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,11 +67,12 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
         latency: Time batched top-K queries of the exported models, side by side.
 
     Returns:
-        ``{"split": "test", "users": n, "models": {name: metrics + costs}}``.
+        ``{"split": "test", "users": n, "models": {name: metrics + costs}, "seconds": its own wall time}``.
 
     Raises:
         OutsideDataRoot: When a model directory resolves outside the allowed root.
     """
+    started = time.perf_counter()
     exported = {name: catalog.confine(directory) for name, directory in exported.items()}
     champion_dir = catalog.confine(champion_dir) if champion_dir else None
     limit_tf_threads()
@@ -106,7 +108,8 @@ def evaluate_run(ds: str, catalog: Catalog, cfg: PipelineConfig, exported: Mappi
             for name, directory in exported.items():
                 models[name].update(measure_latency(directory / "saved_model", sample, cfg.evaluate))
     log.info("test metrics:\n%s", format_table(models))
-    return {"split": "test", "users": int(next(iter(models.values()))["users"]), "models": models}
+    return {"split": "test", "users": int(next(iter(models.values()))["users"]), "models": models,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def format_table(models: dict[str, dict], columns: Sequence[str] = ("ndcg@10", "recall@20", "recall@10", "ndcg@20", "hitrate@10", "mrr", "coverage@10")) -> str:

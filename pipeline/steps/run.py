@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pipeline.catalog import (Catalog, configured_data_root, confine_raw_window, features_version,
                               run_data_root)
@@ -235,6 +235,15 @@ def decide(run: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict:
     return {**chosen.gate.to_dict(), "student_model": chosen.name, "ladder": ladder, "why": why}
 
 
+def task_seconds(teacher: Mapping, students: Sequence[Mapping], evaluation: Mapping) -> dict:
+    """Wall seconds of the run's steps, for the trend across nights: ``teacher`` (0 when an
+    exported one was reused), ``soft_targets``, ``students`` (each rung by name) and ``evaluate``;
+    None where a step did not say."""
+    targets = [s["soft_targets_seconds"] for s in students if s.get("soft_targets_seconds") is not None]
+    return {"teacher": 0.0 if teacher.get("reused") else teacher.get("seconds"), "soft_targets": targets[0] if targets else None,
+            "students": {str(s.get("name")): s.get("seconds") for s in students}, "evaluate": evaluation.get("seconds")}
+
+
 def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluation: Mapping, gate: Mapping) -> dict:
     ds, catalog, _ = settings(run)
     return {
@@ -246,7 +255,7 @@ def _lineage(run: Mapping[str, Any], teacher: Mapping, student: Mapping, evaluat
         "teacher_metrics": evaluation["models"].get("teacher", {}), "decision": gate["decision"], "reasons": gate["reasons"],
         # For the report's trend across nights (pipeline.trend).
         "champion_metrics": evaluation["models"].get("champion"), "student_model": gate.get("student_model", "student_kd"),
-        "seconds": {"teacher": teacher.get("seconds"), "student": student.get("seconds")},
+        "seconds": {"teacher": teacher.get("seconds"), "student": student.get("seconds"), **(evaluation.get("task_seconds") or {})},
         "warm_start": {"teacher": teacher.get("warm_start"), "student": student.get("warm_start")},
     }
 
