@@ -34,7 +34,7 @@ $(STAMP): requirements.txt requirements-bench.txt pyproject.toml
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # Real data end to end: ML-100K -> raw event logs -> the whole DAG under `airflow dags test`,
 # printing each task and the training as they finish. Timings as JSON only where asked:
