@@ -117,10 +117,12 @@ def summarise(results: dict) -> dict:
 def write_results(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    lines = ["# Many nights: cold against warm start", "", f"Command: `{results['command']}`", "",
+    done, asked = len(results["cold"]), results.get("nights_asked", len(results["cold"]))
+    progress = "" if done >= asked else f" ({done} of the {asked} nights asked are done: the run was cut short or is still going)"
+    lines = ["# Many nights: cold against warm start", "", f"Command: `{results['command']}`{progress}", "",
              f"Machine: {results['machine']}", "",
              "| night | mode | decision (rung) | teacher NDCG@10 | student NDCG@10 | champion NDCG@10 | teacher s (epochs) | "
-             "students s | features s | evaluate s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "soft targets s | students s | features s | evaluate s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in range(len(results["cold"])):
         for mode in ("cold", "warm"):
             r = results[mode][i]
@@ -128,7 +130,7 @@ def write_results(out: Path, results: dict) -> None:
             students = sum(v for k, v in r["seconds"].items() if k.startswith("distill"))
             lines.append(f"| {r['ds']} | {mode} | {r['decision']} ({r['student_model']}) | {r['ndcg@10']['teacher']:.4f} | "
                          f"{r['ndcg@10']['student']:.4f} | {'–' if champion is None else f'{champion:.4f}'} | "
-                         f"{r['seconds']['train_teacher']:.0f} ({r['teacher_epochs']}) | {students:.0f} | "
+                         f"{r['seconds']['train_teacher']:.0f} ({r['teacher_epochs']}) | {r['seconds'].get('soft_targets', float('nan')):.0f} | {students:.0f} | "
                          f"{r['seconds']['extract_features']:.0f} | {r['seconds']['evaluate']:.0f} |")
     s = results["summary"]
     lines += ["", "Nights after the first (the first is cold in both modes):", "",
@@ -182,13 +184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in ("cold", "warm"):
         shutil.rmtree(WORK / mode, ignore_errors=True)
         shutil.copytree(raw, WORK / mode / "raw")
+    results["nights_asked"] = args.nights
     for ds in nights_of(args.last_ds, args.nights):
         for mode in ("cold", "warm"):  # interleaved: both modes of a night meet the same machine load
             params = {"window_days": args.window_days, "warm_start": mode == "warm", "student_ladder": args.ladder}
             results[mode].append(night(WORK / mode, ds, params))
             log.info("%s night %s: %s", mode, ds, results[mode][-1])
-    results["summary"] = summarise(results)
-    write_results(args.out, results)
+        # The results so far, after every night: a run cut short still leaves its finished nights.
+        results["summary"] = summarise(results)
+        write_results(args.out, results)
     log.info("wrote %s.{json,md,png}: %s", args.out, results["summary"])
     return 0
 
