@@ -115,7 +115,7 @@ class ModelMetadata(Record):
     teacher_version: str | None = None  # students: the teacher whose soft targets they learnt from
     warm_start: dict | None = None  # the model it started from ({"from", "version", "ds", counts}) or {"cold": why}
     soft_targets: str | None = None
-    # Refitted teachers: their selection run's weights (trained on train only), relative to the model's directory.
+    # Refitted models: their selection run's weights (trained on train only), relative to the model's directory.
     selection_checkpoint: str | None = None
     # Students: ``{phase: {"path", "teacher_weights"}}``, the soft targets each training phase learnt from.
     soft_targets_by_phase: dict | None = None

@@ -186,13 +186,22 @@ def test_student_metadata_names_the_soft_targets_of_each_phase(refitted, student
     assert meta.soft_targets == str(main) and meta.teacher_version == refitted.teacher(DS, TINY).name
 
 
+def test_refitted_student_keeps_its_selection_runs_weights(student):
+    """Tomorrow's warm selection run starts from them: they trained on train only."""
+    path = Path(student["result"]["path"])
+    assert ModelMetadata.load(path).selection_checkpoint == "checkpoint_selection"
+    selection, refit = weights(path / "checkpoint_selection"), weights(path / "checkpoint")
+    assert selection.keys() == refit.keys()
+    assert any(not np.array_equal(selection[name], refit[name]) for name in selection)
+
+
 def test_student_without_refit_learns_from_the_one_set(never_refitted):
     from pipeline.steps.distill import distill_student
 
     meta = ModelMetadata.load(distill_student(DS, never_refitted, NO_REFIT)["path"])
     main = never_refitted.soft_targets(DS, NO_REFIT)
     assert meta.soft_targets_by_phase == {SELECTION_RUN: {"path": str(main), "teacher_weights": "checkpoint"}}
-    assert meta.refit is None
+    assert meta.refit is None and meta.selection_checkpoint is None
 
 
 def test_soft_targets_without_a_selection_set_are_refused(refitted, tmp_path):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.catalog import Catalog, date_partition
 from pipeline.config import load_config
+from pipeline.data.features import load_item_table, load_user_table
 from pipeline.records import ModelMetadata
 from tests.helpers import write_hand_features
 
@@ -76,6 +80,75 @@ def test_the_previous_model_is_the_newest_earlier_night_of_the_same_settings(nig
     meta = json.loads((catalog.models_root / "teacher" / first["version"] / "metadata.json").read_text())
     (odd / "metadata.json").write_text(json.dumps({**meta, "ds": "2024-01-29", "config": {"no_such_section": {}}}))
     assert catalog.previous_model("teacher", NIGHT_2, TINY).name == first["version"]
+
+
+def _item_rows(catalog, ds, model):
+    """``item id -> row`` of ``model``'s candidate item embedding, on night ``ds``'s vocabulary."""
+    table = model.candidate.item_embedding.embeddings.numpy()
+    return {item: table[row] for row, item in enumerate(load_item_table(catalog.features(ds)).item_ids) if row > 0}
+
+
+def _night_models(catalog, ds, cfg, phase, warm):
+    from pipeline.modeling.models import build_teacher
+
+    features = catalog.features(ds)
+    users, items = load_user_table(features), load_item_table(features)
+    return warm.apply(build_teacher(users, items, cfg), users, items, phase)
+
+
+def _restored(catalog, model_dir, folder):
+    from pipeline.modeling.models import build_teacher
+    from pipeline.modeling.warm_start import _build
+
+    features = catalog.features(NIGHT_1)
+    model = build_teacher(load_user_table(features), load_item_table(features), TINY)
+    _build(model)
+    model.load_weights(str(Path(model_dir) / folder / "weights")).expect_partial()
+    return _item_rows(catalog, NIGHT_1, model)
+
+
+def test_each_phase_starts_from_last_nights_weights_of_that_phase(nights):
+    """Last night's refit trained on its validation days, most of which are tonight's validation:
+    tonight's selection run, judged on validation, starts from last night's selection run."""
+    from pipeline.modeling.models import build_teacher
+    from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN
+    from pipeline.modeling.warm_start import WarmStart
+
+    catalog, first = nights
+    warm = WarmStart(Path(first["path"]), build_teacher)
+    selection, refit = (_restored(catalog, first["path"], folder) for folder in ("checkpoint_selection", "checkpoint"))
+    assert any(not np.allclose(selection[item], refit[item]) for item in selection)
+    for phase, expected in ((SELECTION_RUN, selection), (REFIT_RUN, refit)):
+        started = _item_rows(catalog, NIGHT_2, _night_models(catalog, NIGHT_2, TINY, phase, warm))
+        kept = [item for item in started if item in expected]
+        assert len(kept) == 30
+        for item in kept:
+            np.testing.assert_array_equal(started[item], expected[item], err_msg=f"{phase}: item {item}")
+    assert warm.record["phases"] == {SELECTION_RUN: "checkpoint_selection", REFIT_RUN: "checkpoint"}
+
+
+def test_a_refitted_model_without_selection_weights_starts_tonights_selection_run_cold(nights, tmp_path):
+    from pipeline.modeling.models import build_teacher
+    from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN, seed_everything
+    from pipeline.modeling.warm_start import WarmStart, _build
+
+    catalog, first = nights
+    older = tmp_path / first["version"]
+    shutil.copytree(first["path"], older)
+    shutil.rmtree(older / "checkpoint_selection")
+    dataclasses.replace(ModelMetadata.load(older), selection_checkpoint=None).save(older)
+    warm = WarmStart(older, build_teacher)
+    assert warm.record["phases"][SELECTION_RUN].startswith("cold: ")
+    assert warm.record["phases"][REFIT_RUN] == "checkpoint"
+    fresh = []
+    for apply in (False, True):  # the same seed builds the same fresh weights: apply leaves them as built
+        seed_everything(7)
+        model = build_teacher(load_user_table(catalog.features(NIGHT_2)), load_item_table(catalog.features(NIGHT_2)), TINY)
+        _build(model)
+        if apply:
+            warm.apply(model, load_user_table(catalog.features(NIGHT_2)), load_item_table(catalog.features(NIGHT_2)), SELECTION_RUN)
+        fresh.append(_item_rows(catalog, NIGHT_2, model))
+    assert all(np.array_equal(fresh[0][item], fresh[1][item]) for item in fresh[0])
 
 
 def _spy(init, opened):

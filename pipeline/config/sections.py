@@ -107,9 +107,10 @@ class TrainingConfig:
             fresh model (same seed) on train + validation for that many epochs and export
             it: the exported model knows the newest interactions before the test split.
             Validation metrics in the metadata are the selection run's.
-        warm_start: Start each model (both phases) from the previous night's model of the
-            same settings, its id embeddings matched by id (:mod:`pipeline.modeling.warm_start`);
-            cold when there is none. A warm model's identity includes the model it started from.
+        warm_start: Start each model from the previous night's model of the same settings,
+            each phase from that night's weights of the same phase (the selection run from its
+            selection run, trained on train only; the refit from its exported model), id
+            embeddings matched by id (:mod:`pipeline.modeling.warm_start`); cold when there is none. A warm model's identity includes the model it started from.
     """
 
     batch_size: int = 1024

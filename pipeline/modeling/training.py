@@ -29,6 +29,11 @@ _SCALAR = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.Pl
                                       data_class=summary_pb2.DATA_CLASS_SCALAR)
 # The TensorBoard runs of one training, below its log directory.
 SELECTION_RUN, REFIT_RUN = "selection", "refit"
+# Where an exported model keeps its weights (folders beside ``saved_model/``): the exported
+# model's, and a refitted model's selection run's (train only; its metadata's
+# ``selection_checkpoint`` names the folder). Tomorrow's selection run warm-starts from the
+# latter, which never saw a validation interaction.
+CHECKPOINT, SELECTION_CHECKPOINT = "checkpoint", "checkpoint_selection"
 
 
 class UserColumns(Protocol):

@@ -6,7 +6,9 @@ one keeps the fresh initialisation a cold start would give it, a vanished one is
 other weight (side-feature embeddings, the towers' dense layers) is copied when its shape is
 unchanged and left fresh otherwise (a side feature with a new bucket, say). The optimiser
 starts afresh: its moments belong to last night's rows and learning rate schedule. Training
-then runs as a cold start does, with the same early stopping and refit rules.
+then runs as a cold start does, with the same early stopping and refit rules. Each phase
+starts from last night's weights of the same phase (:class:`WarmStart`): the selection run,
+judged on validation, never starts from weights that trained on validation interactions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tensorflow as tf
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data.features import ItemTable, UserTable, load_item_table, load_user_table
+from pipeline.modeling.training import CHECKPOINT, REFIT_RUN, SELECTION_RUN
 from pipeline.records import FeatureManifest, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -112,17 +115,24 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
 class WarmStart:
     """Tonight's models of one role start from ``previous`` (a model directory), or cold.
 
+    Each training phase starts from last night's weights of the same phase: the selection run
+    (judged on validation) from last night's selection run, trained on train only; the refit
+    from last night's exported model. Last night's refit trained on last night's validation
+    interactions, most of which are tonight's validation too: a selection run started from it
+    would be judged on what it has learnt, and pick its epochs blind. When last night's model
+    was refitted but kept no selection weights, the selection run starts cold.
+
     Args:
         previous: Last night's model of the same settings (:meth:`pipeline.catalog.Catalog.previous_model`),
             or None for a cold start.
         build: ``(users, items, cfg)`` -> a two-tower model of the previous night's settings
-            (``build_teacher`` or ``build_student``), to restore its checkpoint into.
+            (``build_teacher`` or ``build_student``), to restore its checkpoints into.
         reason: Why the start is cold, when ``previous`` is None.
     """
 
     def __init__(self, previous: Path | None, build: Callable[[UserTable, ItemTable, PipelineConfig], tf.keras.Model],
                  reason: str = "no previous model of these settings"):
-        self.previous, self.record = None, {"cold": reason}
+        self.previous, self.record = {}, {"cold": reason}
         if previous is None:
             return
         meta = ModelMetadata.load(previous)
@@ -132,23 +142,37 @@ class WarmStart:
             log.warning("cold start: %s", self.record["cold"])
             return
         users, items = load_user_table(features), load_item_table(features)
-        model = build(users, items, load_config(meta.config))
-        _build(model)
-        model.load_weights(str(Path(previous) / "checkpoint" / "weights")).expect_partial()
-        self.previous, self.vocab = model, {"users": users.user_ids, "items": items.item_ids}
-        self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds}
+        cfg = load_config(meta.config)
+        folders = {REFIT_RUN: CHECKPOINT, SELECTION_RUN: CHECKPOINT}
+        if meta.refitted:
+            folders[SELECTION_RUN] = meta.selection_checkpoint
+        phases = {}
+        for phase, folder in folders.items():
+            if folder is None:
+                phases[phase] = f"cold: {previous.name} was refitted without its selection run's weights"
+                continue
+            model = build(users, items, cfg)
+            _build(model)
+            model.load_weights(str(Path(previous) / folder / "weights")).expect_partial()
+            self.previous[phase], phases[phase] = model, folder
+        self.vocab = {"users": users.user_ids, "items": items.item_ids}
+        self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds, "phases": phases}
 
-    def apply(self, model: tf.keras.Model, users: UserTable, items: ItemTable) -> tf.keras.Model:
-        """``model`` (freshly built for tonight) with last night's weights, or as it is when cold."""
-        if self.previous is not None:
-            try:
-                counts = transfer_weights(self.previous, self.vocab, model, {"users": users.user_ids, "items": items.item_ids})
-            except ValueError as refused:  # e.g. a student sized differently on tonight's catalogue
-                self.previous, self.record = None, {"cold": f"{self.record['version']}: {refused}"}
-                log.warning("cold start: %s", self.record["cold"])
-                return model
-            self.record.update({"users": counts["users"], "items": counts["items"], "fresh_weights": counts["fresh"]})
-            log.info("warm start from %s: users %s, items %s", self.record["version"], counts["users"], counts["items"])
+    def apply(self, model: tf.keras.Model, users: UserTable, items: ItemTable, phase: str) -> tf.keras.Model:
+        """``model`` (freshly built for tonight's ``phase``) with last night's weights of that
+        phase, or as it is when that phase starts cold."""
+        previous = self.previous.get(phase)
+        if previous is None:
+            return model
+        try:
+            counts = transfer_weights(previous, self.vocab, model, {"users": users.user_ids, "items": items.item_ids})
+        except ValueError as refused:  # e.g. a student sized differently on tonight's catalogue
+            self.previous, self.record = {}, {"cold": f"{self.record['version']}: {refused}"}
+            log.warning("cold start: %s", self.record["cold"])
+            return model
+        self.record.update({"users": counts["users"], "items": counts["items"], "fresh_weights": counts["fresh"]})
+        log.info("warm start of the %s run from %s/%s: users %s, items %s", phase, self.record["version"],
+                 self.record["phases"][phase], counts["users"], counts["items"])
         return model
 
 

@@ -22,7 +22,9 @@ plain student, the no-distillation baseline.
 With ``training.refit`` the teacher's main soft targets come from its refit on train +
 validation: the student's selection run, judged on validation, learns from the teacher's
 selection-run set instead (``selection/``, :meth:`Catalog.selection_soft_targets`), and only
-its refit from the main set; its metadata names both (``soft_targets_by_phase``).
+its refit from the main set; its metadata names both (``soft_targets_by_phase``). A refitted
+student keeps its selection run's weights in ``checkpoint_selection/`` beside ``checkpoint/``:
+tomorrow's warm-started selection run starts from them (:mod:`pipeline.modeling.warm_start`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pipeline.data.features import load_item_table, load_user_table, users_of_sp
 from pipeline.io import atomic_dir, temp_dir
 from pipeline.modeling.losses import SoftTargetLoss, hint_loss
 from pipeline.modeling.models import TwoTowerModel, build_student, export_retrieval, size_student
-from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN, seed_everything, train_two_tower
+from pipeline.modeling.training import CHECKPOINT, REFIT_RUN, SELECTION_CHECKPOINT, SELECTION_RUN, seed_everything, train_two_tower
 from pipeline.modeling.warm_start import warm_start_of
 from pipeline.records import ModelMetadata, SoftTargetManifest
 from pipeline.serving import read_index_record
@@ -161,7 +163,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
         with temp_dir(final) as scratch:  # the memory-mapped per-user soft targets, deleted after training
             columns = {phase: UserSoftTargets(path, _made(scratch / phase)) for phase, path in phase_dirs.items()}
             trained = train_two_tower(
-                lambda u, phase: DistillationModel(warm.apply(build_student(u, items, cfg), u, items), teacher_items[phase],
+                lambda u, phase: DistillationModel(warm.apply(build_student(u, items, cfg), u, items, phase), teacher_items[phase],
                                                    cfg.distill, cfg.training.retrieval_temperature),
                 lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
                 user_columns=columns, log_dir=tmp / TENSORBOARD)
@@ -172,11 +174,13 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
             "architecture": dataclasses.asdict(size_student(users, items, cfg)), **trained.record(TENSORBOARD),
             "soft_targets_by_phase": {phase: {"path": str(phase_dirs[phase]), "teacher_weights": manifest.teacher_weights}
                                       for phase, manifest in manifests.items()},
-            "warm_start": warm.record,
+            "selection_checkpoint": SELECTION_CHECKPOINT if trained.refit else None, "warm_start": warm.record,
         })
+        if trained.refit:  # tomorrow's warm selection run starts from these (train only)
+            trained.selection_model.student.save_weights(str(tmp / SELECTION_CHECKPOINT / "weights"))
         export_retrieval(student, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
                          probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
-        student.save_weights(str(tmp / "checkpoint" / "weights"))
+        student.save_weights(str(tmp / CHECKPOINT / "weights"))
         meta = dataclasses.replace(meta, extra={**meta.extra, "serving_index": read_index_record(tmp)})
         meta.save(tmp)
     log.info("%s %s: %d params, best epoch %d, validation recall@%d=%.4f", role, final.name, params, fit.best_epoch,

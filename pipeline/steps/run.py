@@ -332,6 +332,11 @@ def write_run_report(run: Mapping[str, Any], teacher: Mapping, student: Mapping,
 
 
 def _start(record: Mapping | None) -> str:
+    """Where a model started, for the report: ``warm from V (ds D)``, with a phase that started
+    cold named (a selection run whose last night kept no selection weights), or ``cold: why``."""
     if not record:
         return "cold"
-    return f"warm from {record['version']} (ds {record['ds']})" if "version" in record else f"cold: {record.get('cold')}"
+    if "version" not in record:
+        return f"cold: {record.get('cold')}"
+    cold = [f"{phase} run {how}" for phase, how in (record.get("phases") or {}).items() if how.startswith("cold")]
+    return f"warm from {record['version']} (ds {record['ds']})" + "".join(f"; {c}" for c in cold)

@@ -4,7 +4,8 @@ Writes the catalogue's teacher directory atomically: ``saved_model/`` (top-K for
 of user ids), ``checkpoint/`` (weights, for soft targets), ``tensorboard/`` (the training's
 per-epoch scalars) and ``metadata.json``; a teacher refitted on train + validation also
 keeps its selection run's weights (train only) in ``checkpoint_selection/``, named by its
-metadata, for the soft targets a student's own selection run learns from. The
+metadata, for the soft targets a student's own selection run learns from and for tomorrow's
+warm-started selection run. The
 version is the teacher's identity (features, ``training``, ``teacher`` and ``serving``
 settings), so re-running the same ``ds`` and settings rewrites the same version.
 """
@@ -21,15 +22,12 @@ from pipeline.config import PipelineConfig
 from pipeline.data.features import load_item_table, load_user_table, read_manifest, users_of_split, with_history_before_test
 from pipeline.io import atomic_dir
 from pipeline.modeling.models import build_teacher, export_retrieval
-from pipeline.modeling.training import seed_everything, train_two_tower
+from pipeline.modeling.training import CHECKPOINT, SELECTION_CHECKPOINT, seed_everything, train_two_tower
 from pipeline.modeling.warm_start import warm_start_of
 from pipeline.records import ModelMetadata
 from pipeline.serving import read_index_record
 
 log = logging.getLogger(__name__)
-
-# A refitted teacher's selection-run weights, beside ``checkpoint/`` (its metadata names the folder).
-SELECTION_CHECKPOINT = "checkpoint_selection"
 
 
 def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = False) -> dict:
@@ -58,7 +56,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
     users, items = load_user_table(features_dir), load_item_table(features_dir)
     warm = warm_start_of("teacher", ds, catalog, cfg, build_teacher)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
-        trained = train_two_tower(lambda u, phase: warm.apply(build_teacher(u, items, cfg), u, items), lambda m: m, features_dir,
+        trained = train_two_tower(lambda u, phase: warm.apply(build_teacher(u, items, cfg), u, items, phase), lambda m: m, features_dir,
                                   users, items.size, cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
         model, fit = trained.model, trained.fit
         meta = ModelMetadata.from_dict({
@@ -72,7 +70,7 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
         # The faiss index's probe depth is set on the validation users' queries.
         export_retrieval(model, with_history_before_test(features_dir, users, items.size), items, tmp / "saved_model", cfg.serving,
                          probe_user_ids=users.user_ids[users_of_split(features_dir, "validation")])
-        model.save_weights(str(tmp / "checkpoint" / "weights"))
+        model.save_weights(str(tmp / CHECKPOINT / "weights"))
         meta = dataclasses.replace(meta, extra={**meta.extra, "serving_index": read_index_record(tmp)})
         meta.save(tmp)
     log.info("teacher %s: %d params, best epoch %d, validation recall@%d=%.4f, %.0fs%s", final.name, trained.params,
