@@ -109,15 +109,16 @@ class _TreeSampler(threading.Thread):
         self.join()
 
 
-def measure_process(command: Sequence[str], log_stem: Path, cwd: Path) -> ProcessMeasurement:
+def measure_process(command: Sequence[str], log_stem: Path, cwd: Path, timeout_s: float = RUN_TIMEOUT_SECONDS) -> ProcessMeasurement:
     """Run ``command``; time it and sample its tree's RSS and CPU every ``POLL_SECONDS``.
 
-    A run over ``RUN_TIMEOUT_SECONDS`` is killed (its own process group only).
+    A run over ``timeout_s`` is killed (its own process group only).
 
     Args:
         command: The program and its arguments.
         log_stem: Output goes to ``<log_stem>.out`` / ``.err`` (kept for inspection).
         cwd: Working directory of the process.
+        timeout_s: Longest run (``RUN_TIMEOUT_SECONDS`` unless given).
 
     Returns:
         The measurement, with the process's output.
@@ -130,7 +131,7 @@ def measure_process(command: Sequence[str], log_stem: Path, cwd: Path) -> Proces
         sampler = _TreeSampler(proc.pid)
         sampler.start()
         try:
-            returncode = proc.wait(timeout=RUN_TIMEOUT_SECONDS)
+            returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             returncode = proc.wait()
