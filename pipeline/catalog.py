@@ -46,7 +46,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig, load_config, stable_hash
+from pipeline.config import ConfigError, PipelineConfig, TrainingConfig, load_config, stable_hash
 from pipeline.data.contract import PARTITION_KEY, SIDE_TABLES, event_partition_dir, side_table_dir, window_days
 from pipeline.data_root import (DATA_ROOT_ENV, OutsideDataRoot, configured_data_root, confine, confine_raw_window,  # noqa: F401
                                 confine_tree, run_data_root)
@@ -94,9 +94,22 @@ def features_identity(manifest: FeatureManifest) -> str:
     return stable_hash(manifest.to_dict())
 
 
-# What "the same settings" means for warm start: every section a model's training depends on.
+# What "the same settings" means for warm start: every section a model's training depends on,
+# but not how a night starts (the warm-start switch and policy): a model trained cold, or under
+# another warm policy, is as good a start as one trained warm under tonight's.
 WARM_START_SECTIONS = {"teacher": ("features", "training", "teacher", "serving"),
                        "student": ("features", "training", "teacher", "student", "distill", "soft_targets", "serving")}
+WARM_START_POLICY = ("warm_start", "warm_learning_rate_scale", "warm_patience")
+
+
+def warm_start_identity(cfg: PipelineConfig, role: str, policy: bool = False) -> str:
+    """The hash two models of ``role`` share when one may warm-start the other; with ``policy``,
+    the warm-start policy counts too."""
+    sections = WARM_START_SECTIONS["teacher" if role == "teacher" else "student"]
+    if policy:
+        return cfg.section_hash(*sections)
+    neutral = dataclasses.replace(cfg.training, **{name: getattr(TrainingConfig, name) for name in WARM_START_POLICY})
+    return dataclasses.replace(cfg, training=neutral).section_hash(*sections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,20 +238,23 @@ class Catalog:
     def previous_model(self, role: str, ds: str, cfg: PipelineConfig) -> Path | None:
         """The newest model of ``role`` exported for a date before ``ds`` with the same
         settings as ``cfg`` (every section its training depends on), found by the metadata
-        each export records; None when there is none (the first night, or new settings)."""
-        sections = WARM_START_SECTIONS["teacher" if role == "teacher" else "student"]
-        wanted, found = cfg.section_hash(*sections), None
+        each export records; None when there is none (the first night, or new settings). How a
+        night starts (:data:`WARM_START_POLICY`) does not count; of two models of the same date,
+        the one whose warm-start policy is tonight's too comes first."""
+        wanted, exact, found = warm_start_identity(cfg, role), warm_start_identity(cfg, role, policy=True), None
         root = self.models_root / role
         for directory in sorted(root.iterdir()) if root.is_dir() else []:
             if directory.name.startswith(".") or not ModelMetadata.exists(directory):
                 continue
             try:
                 meta = ModelMetadata.load(directory)
-                same = load_config(meta.config).section_hash(*sections) == wanted
+                settings = load_config(meta.config)
+                same = warm_start_identity(settings, role) == wanted
+                rank = (meta.ds, warm_start_identity(settings, role, policy=True) == exact)
             except (RecordError, ConfigError, TypeError, ValueError):  # another code version's record: not ours
                 continue
-            if same and meta.ds < ds and (found is None or meta.ds > found[0]):
-                found = (meta.ds, directory)
+            if same and meta.ds < ds and (found is None or rank > found[0]):
+                found = (rank, directory)
         return self.confine(found[1]) if found else None
 
     def _warm_from(self, role: str, ds: str, cfg: PipelineConfig) -> dict:

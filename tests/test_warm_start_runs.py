@@ -156,3 +156,44 @@ def _spy(init, opened):
         opened.append(previous)
         return init(self, previous, *args, **kwargs)
     return spied
+
+
+def test_a_warm_start_trains_at_the_warm_learning_rate_and_patience_and_a_cold_one_does_not(nights, monkeypatch, tmp_path):
+    """Each warm phase trains at ``warm_learning_rate_scale`` x the rate, a warm selection run
+    stops after ``warm_patience`` epochs without gain; another warm policy still finds last night's model."""
+    from pipeline.modeling import training
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog, first = nights
+    rates, patiences = [], []
+    compiled, fit = training._compiled, training.fit_with_early_stopping
+    monkeypatch.setattr(training, "_compiled", lambda model, rate: (rates.append(rate), compiled(model, rate))[1])
+    monkeypatch.setattr(training, "fit_with_early_stopping",
+                        lambda model, data, epochs, patience, *rest, **kw: (patiences.append(patience),
+                                                                            fit(model, data, epochs, patience, *rest, **kw))[1])
+    policy = dataclasses.replace(TINY.training, warm_learning_rate_scale=0.25, warm_patience=3)
+    rate = TINY.training.learning_rate
+    warm_cfg = dataclasses.replace(TINY, training=policy)
+    assert catalog.previous_model("teacher", NIGHT_2, warm_cfg).name == first["version"]
+    result = train_teacher(NIGHT_2, catalog, warm_cfg)
+    assert result["warm_start"]["version"] == first["version"]
+    assert rates == [rate / 4, rate / 4] and patiences == [3]
+    assert ModelMetadata.load(result["path"]).extra["schedule"] == {
+        "selection": {"warm": True, "learning_rate": rate / 4, "patience": 3}, "refit": {"warm": True, "learning_rate": rate / 4}}
+    # The same policy on a night with nothing before it trains as a cold start.
+    rates.clear(), patiences.clear()
+    alone = Catalog(tmp_path / "data")
+    write_hand_features(date_partition(alone.features_home, NIGHT_1), NIGHT_1)
+    cold = train_teacher(NIGHT_1, alone, warm_cfg)
+    assert "cold" in cold["warm_start"] and rates == [rate, rate] and patiences == [1]
+    assert ModelMetadata.load(cold["path"]).extra["schedule"]["selection"] == {"warm": False, "learning_rate": rate, "patience": 1}
+
+
+def test_a_model_trained_cold_or_under_another_warm_policy_is_still_last_nights_model(nights):
+    catalog, first = nights
+    for change in ({"warm_start": False}, {"warm_learning_rate_scale": 0.5}, {"warm_patience": 9}):
+        other = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, **change))
+        assert catalog.previous_model("teacher", NIGHT_2, other).name == first["version"], change
+    # Anything else in the training section is another model: no warm start from it.
+    other = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, learning_rate=0.01))
+    assert catalog.previous_model("teacher", NIGHT_2, other) is None

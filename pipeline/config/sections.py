@@ -111,6 +111,11 @@ class TrainingConfig:
             each phase from that night's weights of the same phase (the selection run from its
             selection run, trained on train only; the refit from its exported model), id
             embeddings matched by id (:mod:`pipeline.modeling.warm_start`); cold when there is none. A warm model's identity includes the model it started from.
+        warm_learning_rate_scale: A phase that starts warm trains at ``learning_rate`` times
+            this (its optimiser starts afresh either way): last night's weights need a
+            correction, not a new start.
+        warm_patience: Early-stopping patience of a selection run that starts warm (it starts
+            near its best epoch); ``patience`` for a cold one.
     """
 
     batch_size: int = 1024
@@ -125,11 +130,16 @@ class TrainingConfig:
     causal_history: bool = True
     refit: bool = True
     warm_start: bool = True
+    warm_learning_rate_scale: float = 1.0
+    warm_patience: int = 4
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, f"training.batch_size must be >= 2, got {self.batch_size!r}")
         _check(self.learning_rate > 0, f"training.learning_rate must be > 0, got {self.learning_rate!r}")
         _check(self.patience >= 1, f"training.patience must be >= 1, got {self.patience!r}")
+        _check(self.warm_learning_rate_scale > 0,
+               f"training.warm_learning_rate_scale must be > 0, got {self.warm_learning_rate_scale!r}")
+        _check(self.warm_patience >= 1, f"training.warm_patience must be >= 1, got {self.warm_patience!r}")
         _check(self.early_stopping_k >= 1, f"training.early_stopping_k must be >= 1, got {self.early_stopping_k!r}")
         _check(self.full_softmax_max_items >= 0, f"training.full_softmax_max_items must be >= 0, got {self.full_softmax_max_items!r}")
         _check(self.retrieval_temperature > 0, f"training.retrieval_temperature must be > 0, got {self.retrieval_temperature!r}")

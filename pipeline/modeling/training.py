@@ -223,6 +223,8 @@ class Trained:
         refit: ``{"epochs", "splits", "history", "seconds"}`` of the refit, or None.
         selection_model: The selection run's model at its best epoch, trained on train only
             (``model`` itself without a refit).
+        schedule: Per phase run, how it trained: ``{"warm", "learning_rate"}`` (and the
+            selection run's ``patience``).
     """
 
     model: tf.keras.Model
@@ -231,19 +233,20 @@ class Trained:
     params: int
     refit: dict | None
     selection_model: tf.keras.Model
+    schedule: dict = dataclasses.field(default_factory=dict)
 
     def record(self, tensorboard: str) -> dict:
         """What a model's ``metadata.json`` says of its training (``tensorboard``: its log folder, relative)."""
         return {"trainable_params": self.params, "metrics": {"validation": self.validation}, "best_epoch": self.fit.best_epoch,
                 "history": self.fit.history, "refit": self.refit,
-                "seconds": round(self.fit.seconds + (self.refit or {}).get("seconds", 0.0), 2),
+                "seconds": round(self.fit.seconds + (self.refit or {}).get("seconds", 0.0), 2), "schedule": self.schedule,
                 "tensorflow": tf.__version__, "runtime": numeric_runtime(), "tensorboard": tensorboard}
 
 
 def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: Callable[[tf.keras.Model], tf.keras.Model],
                     features_dir: str | Path, users: UserTable, num_items: int, cfg: PipelineConfig, epochs: int,
                     label: str, user_columns: Mapping[str, UserColumns] | None = None,
-                    log_dir: str | Path | None = None) -> Trained:
+                    log_dir: str | Path | None = None, warm: Callable[[str], bool] | None = None) -> Trained:
     """Select the epochs on validation, then (``training.refit``) retrain on all that is known.
 
     The selection run fits on the train split and keeps the weights of the best validation
@@ -262,6 +265,10 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
     Each epoch's history row goes to TensorBoard as it ends: the selection run's (with every
     validation metric) under ``log_dir/selection``, the refit's under ``log_dir/refit``.
 
+    A phase whose model ``build`` started from last night's weights (``warm(phase)``) trains at
+    ``training.warm_learning_rate_scale`` times the learning rate; a warm selection run stops
+    after ``training.warm_patience`` epochs without gain (:func:`phase_schedule`).
+
     Args:
         build: ``(users, phase)`` -> the model to train in ``phase`` (:data:`SELECTION_RUN`,
             then :data:`REFIT_RUN`): a two-tower model, or a distillation model around one.
@@ -275,6 +282,8 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
         user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`),
             by phase; None: none in either phase.
         log_dir: The training's TensorBoard log directory; None: no logs.
+        warm: ``phase`` -> whether the model ``build`` just gave for it starts from last night's
+            weights (:meth:`pipeline.modeling.warm_start.WarmStart.started`); None: every phase is cold.
 
     Raises:
         ValueError: When ``user_columns`` lacks a phase that runs.
@@ -294,17 +303,22 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
     columns = user_columns or {}
     eval_cfg = with_k(cfg.evaluate, training.early_stopping_k)
     watch = f"recall@{training.early_stopping_k}"
-    model = _compiled(build(users, SELECTION_RUN), training)
+    started_warm = warm or (lambda phase: False)
+    model = build(users, SELECTION_RUN)
+    schedule = {SELECTION_RUN: phase_schedule(training, started_warm(SELECTION_RUN))}
+    model = _compiled(model, schedule[SELECTION_RUN]["learning_rate"])
     dataset = _dataset(features_dir, ("train",), num_items, users.history.shape[1], training, columns.get(SELECTION_RUN))
-    fit = fit_with_early_stopping(model, dataset, epochs, training.patience, validation, watch, label,
+    fit = fit_with_early_stopping(model, dataset, epochs, schedule[SELECTION_RUN]["patience"], validation, watch, label,
                                   None if log_dir is None else Path(log_dir) / SELECTION_RUN)
-    trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None, model)
+    trained = Trained(model, fit, validation(model), count_trainable_params(towers(model)), None, model, dict(schedule))
     if not training.refit:
         return trained
     started = time.perf_counter()
     seed_everything(training.seed)
     splits = ("train", "validation")
-    model = _compiled(build(with_history_before_test(features_dir, users, num_items), REFIT_RUN), training)
+    model = build(with_history_before_test(features_dir, users, num_items), REFIT_RUN)
+    schedule[REFIT_RUN] = {key: value for key, value in phase_schedule(training, started_warm(REFIT_RUN)).items() if key != "patience"}
+    model = _compiled(model, schedule[REFIT_RUN]["learning_rate"])
     dataset = _dataset(features_dir, splits, num_items, users.history.shape[1], training, columns.get(REFIT_RUN))
     history = []
     with epoch_scalars(None if log_dir is None else Path(log_dir) / REFIT_RUN) as write_scalars:
@@ -317,7 +331,17 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
                      " ".join(f"{k}={v:.4f}" for k, v in losses.items()), history[-1]["seconds"])
     refit = {"epochs": fit.best_epoch, "splits": list(splits), "history": history,
              "seconds": round(time.perf_counter() - started, 2)}
-    return dataclasses.replace(trained, model=model, refit=refit)
+    return dataclasses.replace(trained, model=model, refit=refit, schedule=schedule)
+
+
+def phase_schedule(training: TrainingConfig, warm: bool) -> dict:
+    """How a training phase runs: ``{"warm", "learning_rate", "patience"}``. A warm phase starts
+    near last night's optimum: a smaller step corrects it (a cold step would first undo part of
+    it) and a selection run needs less patience to find its best epoch."""
+    if not warm:
+        return {"warm": False, "learning_rate": training.learning_rate, "patience": training.patience}
+    return {"warm": True, "learning_rate": training.learning_rate * training.warm_learning_rate_scale,
+            "patience": training.warm_patience}
 
 
 def _scalars(row: Mapping[str, float]) -> dict[str, float]:
@@ -325,8 +349,8 @@ def _scalars(row: Mapping[str, float]) -> dict[str, float]:
     return {key: value for key, value in row.items() if key != "epoch"}
 
 
-def _compiled(model: tf.keras.Model, training: TrainingConfig) -> tf.keras.Model:
-    model.compile(optimizer=tf.keras.optimizers.Adam(training.learning_rate))
+def _compiled(model: tf.keras.Model, learning_rate: float) -> tf.keras.Model:
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
     return model
 
 

@@ -6,7 +6,9 @@ one keeps the fresh initialisation a cold start would give it, a vanished one is
 other weight (side-feature embeddings, the towers' dense layers) is copied when its shape is
 unchanged and left fresh otherwise (a side feature with a new bucket, say). The optimiser
 starts afresh: its moments belong to last night's rows and learning rate schedule. Training
-then runs as a cold start does, with the same early stopping and refit rules. Each phase
+then runs as a cold start does, with the same early stopping and refit rules, at the warm
+learning rate and (selection) patience of ``training.warm_learning_rate_scale`` and
+``training.warm_patience``. Each phase
 starts from last night's weights of the same phase (:class:`WarmStart`): the selection run,
 judged on validation, never starts from weights that trained on validation interactions.
 """
@@ -132,7 +134,7 @@ class WarmStart:
 
     def __init__(self, previous: Path | None, build: Callable[[UserTable, ItemTable, PipelineConfig], tf.keras.Model],
                  reason: str = "no previous model of these settings"):
-        self.previous, self.record = {}, {"cold": reason}
+        self.previous, self.record, self.warm_phases = {}, {"cold": reason}, set()
         if previous is None:
             return
         meta = ModelMetadata.load(previous)
@@ -171,9 +173,15 @@ class WarmStart:
             log.warning("cold start: %s", self.record["cold"])
             return model
         self.record.update({"users": counts["users"], "items": counts["items"], "fresh_weights": counts["fresh"]})
+        self.warm_phases.add(phase)
         log.info("warm start of the %s run from %s/%s: users %s, items %s", phase, self.record["version"],
                  self.record["phases"][phase], counts["users"], counts["items"])
         return model
+
+
+    def started(self, phase: str) -> bool:
+        """Whether the model :meth:`apply` gave for ``phase`` starts from last night's weights."""
+        return phase in self.warm_phases
 
 
 def warm_start_of(role: str, ds: str, catalog, cfg: PipelineConfig,

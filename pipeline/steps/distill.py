@@ -166,7 +166,7 @@ def distill_student(ds: str, catalog: Catalog, cfg: PipelineConfig, role: str = 
                 lambda u, phase: DistillationModel(warm.apply(build_student(u, items, cfg), u, items, phase), teacher_items[phase],
                                                    cfg.distill, cfg.training.retrieval_temperature),
                 lambda m: m.student, features_dir, users, items.size, cfg, cfg.student.epochs, role,
-                user_columns=columns, log_dir=tmp / TENSORBOARD)
+                user_columns=columns, log_dir=tmp / TENSORBOARD, warm=warm.started)
         student, fit, params = trained.model.student, trained.fit, trained.params
         meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": role, "features": str(features_dir), "soft_targets": str(soft_targets_dir),

@@ -57,7 +57,8 @@ def train_teacher(ds: str, catalog: Catalog, cfg: PipelineConfig, reuse: bool = 
     warm = warm_start_of("teacher", ds, catalog, cfg, build_teacher)
     with atomic_dir(final) as tmp:  # trains inside it: the TensorBoard logs, written as epochs end, publish with the model
         trained = train_two_tower(lambda u, phase: warm.apply(build_teacher(u, items, cfg), u, items, phase), lambda m: m, features_dir,
-                                  users, items.size, cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD)
+                                  users, items.size, cfg, cfg.teacher.epochs, "teacher", log_dir=tmp / TENSORBOARD,
+                                  warm=warm.started)
         model, fit = trained.model, trained.fit
         meta = ModelMetadata.from_dict({
             "version": final.name, "ds": ds, "role": "teacher", "features": str(features_dir),
