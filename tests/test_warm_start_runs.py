@@ -197,3 +197,29 @@ def test_a_model_trained_cold_or_under_another_warm_policy_is_still_last_nights_
     # Anything else in the training section is another model: no warm start from it.
     other = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, learning_rate=0.01))
     assert catalog.previous_model("teacher", NIGHT_2, other) is None
+
+
+def test_the_reports_start_line_names_a_phase_that_started_cold():
+    from pipeline.steps.run import _start
+
+    assert _start(None) == "cold"
+    assert _start({"cold": "warm start is off (training.warm_start)"}) == "cold: warm start is off (training.warm_start)"
+    warm = {"from": "/m/v1", "version": "v1", "ds": NIGHT_1, "phases": {"selection": "checkpoint_selection", "refit": "checkpoint"}}
+    assert _start(warm) == f"warm from v1 (ds {NIGHT_1})"
+    half = {**warm, "phases": {"selection": "cold: v1 was refitted without its selection run's weights", "refit": "checkpoint"}}
+    assert _start(half) == f"warm from v1 (ds {NIGHT_1}); selection run cold: v1 was refitted without its selection run's weights"
+
+
+def test_a_model_that_was_not_refitted_is_restored_once_for_both_phases(nights):
+    from pipeline.modeling.models import build_teacher
+    from pipeline.modeling.training import REFIT_RUN, SELECTION_RUN
+    from pipeline.modeling.warm_start import WarmStart
+    from pipeline.steps.train_teacher import train_teacher
+
+    catalog, _ = nights
+    single = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, refit=False))
+    previous = train_teacher(NIGHT_1, catalog, single)
+    built = []
+    warm = WarmStart(Path(previous["path"]), lambda *args: built.append(build_teacher(*args)) or built[-1])
+    assert warm.record["phases"] == {SELECTION_RUN: "checkpoint", REFIT_RUN: "checkpoint"}
+    assert len(built) == 1 and warm.previous[SELECTION_RUN] is warm.previous[REFIT_RUN] is built[0]

@@ -148,15 +148,16 @@ class WarmStart:
         folders = {REFIT_RUN: CHECKPOINT, SELECTION_RUN: CHECKPOINT}
         if meta.refitted:
             folders[SELECTION_RUN] = meta.selection_checkpoint
-        phases = {}
+        phases, restored = {}, {}  # restored: folder -> model (both phases read one folder when not refitted)
         for phase, folder in folders.items():
             if folder is None:
                 phases[phase] = f"cold: {previous.name} was refitted without its selection run's weights"
                 continue
-            model = build(users, items, cfg)
-            _build(model)
-            model.load_weights(str(Path(previous) / folder / "weights")).expect_partial()
-            self.previous[phase], phases[phase] = model, folder
+            if folder not in restored:
+                restored[folder] = build(users, items, cfg)
+                _build(restored[folder])
+                restored[folder].load_weights(str(Path(previous) / folder / "weights")).expect_partial()
+            self.previous[phase], phases[phase] = restored[folder], folder
         self.vocab = {"users": users.user_ids, "items": items.item_ids}
         self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds, "phases": phases}
 
