@@ -11,9 +11,9 @@ goes through the DAG's own step functions, in order, exactly as the DAG calls th
 of the ladder, ``evaluate`` (no baselines: they do not depend on the start), the gate,
 promotion or rejection). Several data roots, each with its own registry, run the same nights:
 one with ``training.warm_start`` off (every night from random weights), one per warm policy
-with it on (each night from the previous night's models; ``--warm-policy SCALE PATIENCE``
-sets ``training.warm_learning_rate_scale`` and ``training.warm_patience``, by default the
-product's). Per night: wall time per task, NDCG@10 (test) of teacher, promoted student and
+with it on (each night from the previous night's models; ``--warm-policy SCALE PATIENCE [KEEP]``
+sets ``training.warm_learning_rate_scale``, ``training.warm_patience`` and ``training.warm_keep``,
+by default the product's). Per night: wall time per task, NDCG@10 (test) of teacher, promoted student and
 champion, each model's validation NDCG@10 (its selection run's, on the days before the test
 days) and the gate's decision. The first night is cold in every mode: it runs once and its data
 root is copied into every warm mode's. The summary picks the warm policy with the best validation
@@ -157,8 +157,10 @@ def warm_modes(results: dict) -> list[str]:
 
 
 def mode_name(policy: Sequence[float] | None) -> str:
-    """``warm`` for the product's own warm policy, else ``warm lr×SCALE p=PATIENCE``."""
-    return "warm" if policy is None else f"warm lr×{policy[0]:g} p={int(policy[1])}"
+    """``warm`` for the product's own warm policy, else ``warm lr×SCALE p=PATIENCE[ keep=KEEP]``."""
+    if policy is None:
+        return "warm"
+    return f"warm lr×{policy[0]:g} p={int(policy[1])}" + (f" keep={policy[2]:g}" if len(policy) > 2 else "")
 
 
 def write_results(out: Path, results: dict) -> None:
@@ -233,11 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--last-ds", default="1998-04-22")
     parser.add_argument("--window-days", type=int, default=240)
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.05, 0.10], help="student_ladder of every night")
-    parser.add_argument("--warm-policy", type=float, nargs=2, action="append", metavar=("SCALE", "PATIENCE"),
-                        help="a warm mode with training.warm_learning_rate_scale=SCALE and training.warm_patience="
-                             "PATIENCE (repeatable); none: one warm mode with the product's defaults")
+    parser.add_argument("--warm-policy", type=float, nargs="+", action="append", metavar="SCALE PATIENCE [KEEP]",
+                        help="a warm mode with training.warm_learning_rate_scale=SCALE, training.warm_patience=PATIENCE "
+                             "and training.warm_keep=KEEP (1 if not given); repeatable; none: one warm mode with the product's defaults")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "nights")
     args = parser.parse_args(argv)
+    if any(len(policy) not in (2, 3) for policy in args.warm_policy or []):
+        parser.error("--warm-policy takes SCALE PATIENCE [KEEP]")
     from pipeline.data.movielens import main as movielens
 
     raw = WORK / "raw"
@@ -246,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = {"cold": {"warm_start": False}}
     for policy in args.warm_policy or [None]:
         overrides = {} if policy is None else {"config_overrides": {"training": {
-            "warm_learning_rate_scale": policy[0], "warm_patience": int(policy[1])}}}
+            "warm_learning_rate_scale": policy[0], "warm_patience": int(policy[1]),
+            **({"warm_keep": policy[2]} if len(policy) > 2 else {})}}}
         modes[mode_name(policy)] = {"warm_start": True, **overrides}
     results = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                "machine": machine_info(), "modes": {mode: [] for mode in modes}, "nights_asked": args.nights}

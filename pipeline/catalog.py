@@ -99,7 +99,7 @@ def features_identity(manifest: FeatureManifest) -> str:
 # another warm policy, is as good a start as one trained warm under tonight's.
 WARM_START_SECTIONS = {"teacher": ("features", "training", "teacher", "serving"),
                        "student": ("features", "training", "teacher", "student", "distill", "soft_targets", "serving")}
-WARM_START_POLICY = ("warm_start", "warm_learning_rate_scale", "warm_patience")
+WARM_START_POLICY = ("warm_start", "warm_learning_rate_scale", "warm_patience", "warm_keep")
 
 
 def warm_start_identity(cfg: PipelineConfig, role: str, policy: bool = False) -> str:

@@ -63,6 +63,8 @@ def test_a_string_floor_fails_at_load_not_in_the_gate():
     ({"features": {"window_days": 0}}, "features.window_days must be >= 1, got 0"),
     ({"training": {"warm_learning_rate_scale": 0}}, "training.warm_learning_rate_scale must be > 0, got 0"),
     ({"training": {"warm_patience": 0}}, "training.warm_patience must be >= 1, got 0"),
+    ({"training": {"warm_keep": 0}}, "training.warm_keep must be in (0, 1], got 0"),
+    ({"training": {"warm_keep": 1.5}}, "training.warm_keep must be in (0, 1], got 1.5"),
 ])
 def test_a_bad_value_fails_at_load_naming_the_setting_and_the_value(overrides, message):
     assert message in rejected(overrides)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.modeling.models import build_model
-from pipeline.modeling.warm_start import remap_rows, transfer_weights
+from pipeline.modeling.warm_start import _build, remap_rows, transfer_weights
 from tests.helpers import ITEMS, TINY_TOWER, USERS
 
 
@@ -47,3 +47,25 @@ def test_a_model_is_warm_started_row_by_id_and_weight_by_weight():
     # Every other weight (side embeddings, dense layers) is copied whole: same architecture.
     assert counts["fresh"] == [] and counts["copied"] == len(model.trainable_variables) - 3
     np.testing.assert_array_equal(model.query.mlp.output_layer.kernel.numpy(), previous.query.mlp.output_layer.kernel.numpy())
+
+
+def test_keep_shrinks_each_copied_row_towards_its_fresh_value_and_leaves_new_rows_fresh():
+    previous = np.array([[0, 0], [1, 1], [2, 2]], np.float32)  # rows: padding, "a", "b"
+    fresh = np.array([[9, 9], [8, 8], [7, 7]], np.float32)  # tonight: padding, "b", "c"
+    table, _ = remap_rows(previous, ["", "a", "b"], fresh, ["", "b", "c"], keep=0.75)
+    np.testing.assert_allclose(table, [[9, 9], [0.75 * 2 + 0.25 * 8] * 2, [7, 7]])
+
+
+def test_keep_blends_every_copied_weight_with_tonights_fresh_one():
+    training = load_config().training
+    previous = build_model(USERS, ITEMS, TINY_TOWER, training, "previous")
+    model = build_model(USERS, ITEMS, TINY_TOWER, training, "tonight")
+    _build(model)
+    fresh_kernel, fresh_items = model.query.mlp.output_layer.kernel.numpy(), model.candidate.item_embedding.embeddings.numpy()
+    transfer_weights(previous, {"users": USERS.user_ids, "items": ITEMS.item_ids}, model,
+                     {"users": USERS.user_ids, "items": ITEMS.item_ids}, keep=0.5)
+    old_kernel, old_items = previous.query.mlp.output_layer.kernel.numpy(), previous.candidate.item_embedding.embeddings.numpy()
+    assert not np.allclose(old_kernel, fresh_kernel)
+    np.testing.assert_allclose(model.query.mlp.output_layer.kernel.numpy(), 0.5 * old_kernel + 0.5 * fresh_kernel, rtol=1e-6)
+    np.testing.assert_allclose(model.candidate.item_embedding.embeddings.numpy()[1:], 0.5 * old_items[1:] + 0.5 * fresh_items[1:],
+                               rtol=1e-6)

@@ -116,6 +116,9 @@ class TrainingConfig:
             correction, not a new start.
         warm_patience: Early-stopping patience of a selection run that starts warm (it starts
             near its best epoch); ``patience`` for a cold one.
+        warm_keep: Share of last night's value in each weight a warm start copies, the rest
+            its fresh initial value ("shrink and perturb": a converged model trained on
+            generalises worse than a fresh one); 1: last night's weights as they were.
     """
 
     batch_size: int = 1024
@@ -132,6 +135,7 @@ class TrainingConfig:
     warm_start: bool = True
     warm_learning_rate_scale: float = 1.0
     warm_patience: int = 4
+    warm_keep: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, f"training.batch_size must be >= 2, got {self.batch_size!r}")
@@ -140,6 +144,7 @@ class TrainingConfig:
         _check(self.warm_learning_rate_scale > 0,
                f"training.warm_learning_rate_scale must be > 0, got {self.warm_learning_rate_scale!r}")
         _check(self.warm_patience >= 1, f"training.warm_patience must be >= 1, got {self.warm_patience!r}")
+        _check(0.0 < self.warm_keep <= 1.0, f"training.warm_keep must be in (0, 1], got {self.warm_keep!r}")
         _check(self.early_stopping_k >= 1, f"training.early_stopping_k must be >= 1, got {self.early_stopping_k!r}")
         _check(self.full_softmax_max_items >= 0, f"training.full_softmax_max_items must be >= 0, got {self.full_softmax_max_items!r}")
         _check(self.retrieval_temperature > 0, f"training.retrieval_temperature must be > 0, got {self.retrieval_temperature!r}")

@@ -8,7 +8,8 @@ unchanged and left fresh otherwise (a side feature with a new bucket, say). The 
 starts afresh: its moments belong to last night's rows and learning rate schedule. Training
 then runs as a cold start does, with the same early stopping and refit rules, at the warm
 learning rate and (selection) patience of ``training.warm_learning_rate_scale`` and
-``training.warm_patience``. Each phase
+``training.warm_patience``, from last night's weights shrunk towards a fresh initialisation by
+``training.warm_keep`` (:func:`blend`). Each phase
 starts from last night's weights of the same phase (:class:`WarmStart`): the selection run,
 judged on validation, never starts from weights that trained on validation interactions.
 """
@@ -34,14 +35,17 @@ ID_EMBEDDINGS = (("query", "user_embedding", "users"), ("query", "history_embedd
                  ("candidate", "item_embedding", "items"))
 
 
-def remap_rows(previous: np.ndarray, previous_ids: Sequence, fresh: np.ndarray, ids: Sequence) -> tuple[np.ndarray, dict]:
-    """Tonight's embedding table: the rows of ids known last night copied from ``previous``.
+def remap_rows(previous: np.ndarray, previous_ids: Sequence, fresh: np.ndarray, ids: Sequence,
+               keep: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Tonight's embedding table: the rows of ids known last night copied from ``previous``
+    (``keep`` of them, the rest of the fresh row: :func:`blend`).
 
     Args:
         previous: ``[n_prev, d]`` last night's table, row ``i`` for ``previous_ids[i]``.
         previous_ids: ``[n_prev]`` last night's ids; row 0 is padding (never copied).
         fresh: ``[n, d]`` tonight's freshly initialised table, row ``j`` for ``ids[j]``.
         ids: ``[n]`` tonight's ids; row 0 is padding.
+        keep: Share of last night's row in a copied row.
 
     Returns:
         ``(table [n, d], {"kept", "new", "dropped"})``: counts of real ids known both nights,
@@ -57,9 +61,20 @@ def remap_rows(previous: np.ndarray, previous_ids: Sequence, fresh: np.ndarray, 
     table = np.array(fresh, copy=True)
     if pairs:
         rows, previous_rows = (np.array(side, dtype=np.int64) for side in zip(*pairs))
-        table[rows] = previous[previous_rows]
+        table[rows] = blend(previous[previous_rows], table[rows], keep)
     kept = len(pairs)
     return table, {"kept": kept, "new": len(ids) - 1 - kept, "dropped": len(previous_ids) - 1 - kept}
+
+
+def blend(previous: np.ndarray, fresh: np.ndarray, keep: float) -> np.ndarray:
+    """``keep * previous + (1 - keep) * fresh``: last night's weights shrunk towards a fresh
+    initialisation ("shrink and perturb", Ash & Adams 2020, *On Warm-Starting Neural Network
+    Training*): a model trained to convergence and trained on generalises worse than a fresh
+    one; shrinking it first keeps most of what it knows and lets it fit tonight's data again.
+    ``keep`` 1: last night's weights as they were."""
+    if keep == 1.0:
+        return previous
+    return (keep * previous + (1.0 - keep) * fresh).astype(previous.dtype)
 
 
 def _build(model: tf.keras.Model) -> None:
@@ -69,7 +84,7 @@ def _build(model: tf.keras.Model) -> None:
 
 
 def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequence], model: tf.keras.Model,
-                     vocab: dict[str, Sequence]) -> dict:
+                     vocab: dict[str, Sequence], keep: float = 1.0) -> dict:
     """Copy ``previous`` into ``model`` (both two-tower models of one architecture), id rows by id.
 
     Args:
@@ -77,6 +92,7 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
         previous_vocab: ``{"users": ids by row, "items": ids by row}`` of last night.
         model: Tonight's freshly built model; changed in place.
         vocab: The same for tonight.
+        keep: Share of last night's value in every weight copied (:func:`blend` with the fresh one).
 
     Returns:
         ``{"users": {"kept", "new", "dropped"}, "items": {...}, "copied": n weights copied whole,
@@ -95,7 +111,7 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
     for tower, layer, kind in ID_EMBEDDINGS:
         old = getattr(getattr(previous, tower), layer).embeddings
         new = getattr(getattr(model, tower), layer).embeddings
-        table, count = remap_rows(old.numpy(), previous_vocab[kind], new.numpy(), vocab[kind])
+        table, count = remap_rows(old.numpy(), previous_vocab[kind], new.numpy(), vocab[kind], keep)
         new.assign(table)
         counts.setdefault(kind, count)
         handled.add(id(new))
@@ -107,7 +123,7 @@ def transfer_weights(previous: tf.keras.Model, previous_vocab: dict[str, Sequenc
         if id(variable) in handled:
             continue
         if tuple(source.shape) == tuple(variable.shape):
-            variable.assign(source)
+            variable.assign(blend(source.numpy(), variable.numpy(), keep))
             copied += 1
         else:
             fresh.append(variable.name)
@@ -130,11 +146,12 @@ class WarmStart:
         build: ``(users, items, cfg)`` -> a two-tower model of the previous night's settings
             (``build_teacher`` or ``build_student``), to restore its checkpoints into.
         reason: Why the start is cold, when ``previous`` is None.
+        keep: Share of last night's value in each weight it gives (``training.warm_keep``, :func:`blend`).
     """
 
     def __init__(self, previous: Path | None, build: Callable[[UserTable, ItemTable, PipelineConfig], tf.keras.Model],
-                 reason: str = "no previous model of these settings"):
-        self.previous, self.record, self.warm_phases = {}, {"cold": reason}, set()
+                 reason: str = "no previous model of these settings", keep: float = 1.0):
+        self.previous, self.record, self.warm_phases, self.keep = {}, {"cold": reason}, set(), keep
         if previous is None:
             return
         meta = ModelMetadata.load(previous)
@@ -159,7 +176,8 @@ class WarmStart:
                 restored[folder].load_weights(str(Path(previous) / folder / "weights")).expect_partial()
             self.previous[phase], phases[phase] = restored[folder], folder
         self.vocab = {"users": users.user_ids, "items": items.item_ids}
-        self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds, "phases": phases}
+        self.record = {"from": str(previous), "version": previous.name, "ds": meta.ds, "phases": phases,
+                       **({"keep": keep} if keep != 1.0 else {})}
 
     def apply(self, model: tf.keras.Model, users: UserTable, items: ItemTable, phase: str) -> tf.keras.Model:
         """``model`` (freshly built for tonight's ``phase``) with last night's weights of that
@@ -168,7 +186,7 @@ class WarmStart:
         if previous is None:
             return model
         try:
-            counts = transfer_weights(previous, self.vocab, model, {"users": users.user_ids, "items": items.item_ids})
+            counts = transfer_weights(previous, self.vocab, model, {"users": users.user_ids, "items": items.item_ids}, self.keep)
         except ValueError as refused:  # e.g. a student sized differently on tonight's catalogue
             self.previous, self.record = {}, {"cold": f"{self.record['version']}: {refused}"}
             log.warning("cold start: %s", self.record["cold"])
@@ -191,4 +209,4 @@ def warm_start_of(role: str, ds: str, catalog, cfg: PipelineConfig,
     finds it by recorded metadata), or cold when ``training.warm_start`` is off or there is none."""
     if not cfg.training.warm_start:
         return WarmStart(None, build, reason="warm start is off (training.warm_start)")
-    return WarmStart(catalog.previous_model(role, ds, cfg), build)
+    return WarmStart(catalog.previous_model(role, ds, cfg), build, keep=cfg.training.warm_keep)
