@@ -208,6 +208,7 @@ def test_the_reports_start_line_names_a_phase_that_started_cold():
     assert _start(warm) == f"warm from v1 (ds {NIGHT_1})"
     half = {**warm, "phases": {"selection": "cold: v1 was refitted without its selection run's weights", "refit": "checkpoint"}}
     assert _start(half) == f"warm from v1 (ds {NIGHT_1}); selection run cold: v1 was refitted without its selection run's weights"
+    assert _start({**warm, "keep": 0.5}) == f"warm from v1 (ds {NIGHT_1}), its weights shrunk to keep 0.5"
 
 
 def test_a_model_that_was_not_refitted_is_restored_once_for_both_phases(nights):

@@ -339,4 +339,5 @@ def _start(record: Mapping | None) -> str:
     if "version" not in record:
         return f"cold: {record.get('cold')}"
     cold = [f"{phase} run {how}" for phase, how in (record.get("phases") or {}).items() if how.startswith("cold")]
-    return f"warm from {record['version']} (ds {record['ds']})" + "".join(f"; {c}" for c in cold)
+    shrunk = f", its weights shrunk to keep {record['keep']:g}" if "keep" in record else ""
+    return f"warm from {record['version']} (ds {record['ds']}){shrunk}" + "".join(f"; {c}" for c in cold)
