@@ -191,7 +191,7 @@ def test_a_warm_start_trains_at_the_warm_learning_rate_and_patience_and_a_cold_o
 
 def test_a_model_trained_cold_or_under_another_warm_policy_is_still_last_nights_model(nights):
     catalog, first = nights
-    for change in ({"warm_start": False}, {"warm_learning_rate_scale": 0.5}, {"warm_patience": 9}, {"warm_keep": 0.5}):
+    for change in ({"warm_start": False}, {"warm_learning_rate_scale": 0.5}, {"warm_patience": 9}, {"warm_keep": 0.9}):
         other = dataclasses.replace(TINY, training=dataclasses.replace(TINY.training, **change))
         assert catalog.previous_model("teacher", NIGHT_2, other).name == first["version"], change
     # Anything else in the training section is another model: no warm start from it.

@@ -133,9 +133,10 @@ class TrainingConfig:
     causal_history: bool = True
     refit: bool = True
     warm_start: bool = True
+    # The warm policy chosen on validation by bench/nights.py (2026-12-05: bench/README.md).
     warm_learning_rate_scale: float = 1.0
-    warm_patience: int = 4
-    warm_keep: float = 1.0
+    warm_patience: int = 2
+    warm_keep: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, f"training.batch_size must be >= 2, got {self.batch_size!r}")
