@@ -35,12 +35,10 @@ $(STAMP): requirements.txt requirements-bench.txt pyproject.toml
 
 # Two workers, one test file each at a time (a file's module fixtures, e.g. the services, stay on
 # one worker): much of the suite waits on Airflow, Spark and subprocesses, so the other worker's
-# tests fill the time (548 tests: 11.5 minutes instead of 15.3 on 2 cores). Files go out in
-# collection order, the slowest first (tests/conftest.py), not xdist's most-tests-first, which
-# started the longest file late and left it running alone at the end. `-n 0` runs them in one process.
+# tests fill the time (548 tests: 11.5 minutes instead of 15.3 on 2 cores). `-n 0` runs them in one process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -ra --durations=15 -n $(PYTEST_WORKERS) --dist loadfile tests
 
 # Real data end to end: ML-100K -> raw event logs -> the whole DAG under `airflow dags test`,
 # printing each task and the training as they finish. Timings as JSON only where asked:
