@@ -20,19 +20,17 @@ from pipeline.data.features import Sequences, UserTable, load_sequences, stream_
 from pipeline.evaluation import QueryScorer, evaluate_scorer
 from pipeline.evaluation.serving_cost import count_trainable_params
 from pipeline.modeling.models import embed_all
+from pipeline.modeling.schedule import phase_schedule
 
 log = logging.getLogger(__name__)
 
-# What tensorboard.summary.scalar writes, built from TensorFlow's own protos: TensorFlow alone
-# writes the logs (tf.summary.scalar needs the tensorboard package), TensorBoard shows them as scalars.
+# What tensorboard.summary.scalar writes, from TensorFlow's own protos (no tensorboard package needed).
 _SCALAR = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
                                       data_class=summary_pb2.DATA_CLASS_SCALAR)
 # The TensorBoard runs of one training, below its log directory.
 SELECTION_RUN, REFIT_RUN = "selection", "refit"
-# Where an exported model keeps its weights (folders beside ``saved_model/``): the exported
-# model's, and a refitted model's selection run's (train only; its metadata's
-# ``selection_checkpoint`` names the folder). Tomorrow's selection run warm-starts from the
-# latter, which never saw a validation interaction.
+# An exported model's weights (folders beside ``saved_model/``), and a refitted model's selection run's
+# (train only, never saw validation: tomorrow's selection run warm-starts from it).
 CHECKPOINT, SELECTION_CHECKPOINT = "checkpoint", "checkpoint_selection"
 
 
@@ -221,10 +219,8 @@ class Trained:
         validation: Validation metrics of the selection run's best weights.
         params: Trainable parameters of the two towers.
         refit: ``{"epochs", "splits", "history", "seconds"}`` of the refit, or None.
-        selection_model: The selection run's model at its best epoch, trained on train only
-            (``model`` itself without a refit).
-        schedule: Per phase run, how it trained: ``{"warm", "learning_rate"}`` (and the
-            selection run's ``patience``).
+        selection_model: The selection run's model at its best epoch, train only (``model`` without a refit).
+        schedule: Per phase run, ``{"warm", "learning_rate"}`` (and the selection run's ``patience``).
     """
 
     model: tf.keras.Model
@@ -265,9 +261,7 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
     Each epoch's history row goes to TensorBoard as it ends: the selection run's (with every
     validation metric) under ``log_dir/selection``, the refit's under ``log_dir/refit``.
 
-    A phase whose model ``build`` started from last night's weights (``warm(phase)``) trains at
-    ``training.warm_learning_rate_scale`` times the learning rate; a warm selection run stops
-    after ``training.warm_patience`` epochs without gain (:func:`phase_schedule`).
+    A phase that starts from last night's weights trains under the warm policy (:func:`phase_schedule`).
 
     Args:
         build: ``(users, phase)`` -> the model to train in ``phase`` (:data:`SELECTION_RUN`,
@@ -282,8 +276,7 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
         user_columns: Per-user columns every training batch carries (see :func:`interaction_dataset`),
             by phase; None: none in either phase.
         log_dir: The training's TensorBoard log directory; None: no logs.
-        warm: ``phase`` -> whether the model ``build`` just gave for it starts from last night's
-            weights (:meth:`pipeline.modeling.warm_start.WarmStart.started`); None: every phase is cold.
+        warm: ``phase`` -> whether ``build``'s model for it starts warm (``WarmStart.started``); None: cold.
 
     Raises:
         ValueError: When ``user_columns`` lacks a phase that runs.
@@ -332,16 +325,6 @@ def train_two_tower(build: Callable[[UserTable, str], tf.keras.Model], towers: C
     refit = {"epochs": fit.best_epoch, "splits": list(splits), "history": history,
              "seconds": round(time.perf_counter() - started, 2)}
     return dataclasses.replace(trained, model=model, refit=refit, schedule=schedule)
-
-
-def phase_schedule(training: TrainingConfig, warm: bool) -> dict:
-    """How a training phase runs: ``{"warm", "learning_rate", "patience"}``. A warm phase starts
-    near last night's optimum: a smaller step corrects it (a cold step would first undo part of
-    it) and a selection run needs less patience to find its best epoch."""
-    if not warm:
-        return {"warm": False, "learning_rate": training.learning_rate, "patience": training.patience}
-    return {"warm": True, "learning_rate": training.learning_rate * training.warm_learning_rate_scale,
-            "patience": training.warm_patience}
 
 
 def _scalars(row: Mapping[str, float]) -> dict[str, float]:
