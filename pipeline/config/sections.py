@@ -112,8 +112,8 @@ class TrainingConfig:
             selection run, trained on train only; the refit from its exported model), id
             embeddings matched by id (:mod:`pipeline.modeling.warm_start`); cold when there is none. A warm model's identity includes the model it started from.
         warm_learning_rate_scale: A phase that starts warm trains at ``learning_rate`` times
-            this (its optimiser starts afresh either way): last night's weights need a
-            correction, not a new start.
+            this (its optimiser starts afresh either way); 1, the default: lower rates did not
+            help on validation (bench/nights.py).
         warm_patience: Early-stopping patience of a selection run that starts warm (it starts
             near its best epoch); ``patience`` for a cold one.
         warm_keep: Share of last night's value in each weight a warm start copies, the rest
